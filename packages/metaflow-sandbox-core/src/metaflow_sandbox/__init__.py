@@ -1,0 +1,80 @@
+"""metaflow-sandbox core: the backend contract and the facade. Metaflow-free.
+
+Backend authors import only from here: ``hookimpl``, the model types and the errors.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+from .errors import (
+    AmbiguousBackendError,
+    BackendContractError,
+    BackendLoadError,
+    BackendNotConfiguredError,
+    SandboxError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxTimeoutError,
+    TransientBackendError,
+    UnknownBackendError,
+    UnsupportedOptionError,
+)
+from .hookspecs import PROJECT
+from .model import (
+    FILE_ERROR_CODES,
+    MARKER_LABEL,
+    Bind,
+    Capabilities,
+    DownloadItem,
+    ExecResult,
+    FileResult,
+    OutputCallback,
+    Resources,
+    SandboxHandle,
+    SandboxSpec,
+    UploadItem,
+)
+from .plugins import GROUP, available_backends, describe_backends, get_plugin_manager
+from .session import Backend, Sandbox, line_splitter, open_sandbox
+
+__version__ = "0.2.0"
+
+#: Decorate a backend's hook functions with this.
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = [
+    "AmbiguousBackendError",
+    "Backend",
+    "BackendContractError",
+    "BackendLoadError",
+    "BackendNotConfiguredError",
+    "Bind",
+    "Capabilities",
+    "DownloadItem",
+    "ExecResult",
+    "FILE_ERROR_CODES",
+    "FileResult",
+    "GROUP",
+    "MARKER_LABEL",
+    "OutputCallback",
+    "Resources",
+    "Sandbox",
+    "SandboxError",
+    "SandboxFileError",
+    "SandboxHandle",
+    "SandboxNotFoundError",
+    "SandboxSpec",
+    "SandboxTimeoutError",
+    "TransientBackendError",
+    "UnknownBackendError",
+    "UnsupportedOptionError",
+    "UploadItem",
+    "__version__",
+    "available_backends",
+    "describe_backends",
+    "get_plugin_manager",
+    "hookimpl",
+    "line_splitter",
+    "open_sandbox",
+]

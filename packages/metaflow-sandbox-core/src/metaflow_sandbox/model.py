@@ -1,0 +1,134 @@
+"""Plain data that crosses the plugin contract: frozen, Metaflow-free, easy to test."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping, Optional, Union
+
+#: Receives decoded text in the order the command produced it; a chunk may hold part of a line.
+OutputCallback = Callable[[str], None]
+
+#: The closed vocabulary of per-file errors (deepagents' ``protocol.py`` shape).
+FileErrorCode = Literal["file_not_found", "permission_denied", "is_directory", "invalid_path"]
+FILE_ERROR_CODES: tuple[str, ...] = ("file_not_found", "permission_denied", "is_directory", "invalid_path")
+
+#: Label every sandbox we create carries, so list/gc never touches a user's own sandboxes.
+MARKER_LABEL = "metaflow-sandbox"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a step asks for. ``None`` means "backend default"."""
+
+    cpu: Optional[float] = None
+    memory_mb: Optional[int] = None
+    gpu: Optional[int] = None
+    gpu_type: Optional[str] = None
+    disk_mb: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class Bind:
+    """A host directory made visible inside the sandbox at ``target`` (same path by default)."""
+
+    source: str
+    target: Optional[str] = None
+    read_only: bool = False
+
+    @property
+    def dest(self) -> str:
+        return self.target or self.source
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to provision one sandbox.
+
+    ``ttl_seconds`` is the provider-side lifetime: the sandbox must die on its own after it,
+    even if the launcher is SIGKILLed. ``options`` carries backend-specific settings
+    (credentials, snapshot, template, ...) gathered from Metaflow config by the extension layer.
+    """
+
+    image: Optional[str] = None
+    resources: Resources = field(default_factory=Resources)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    ttl_seconds: Optional[float] = None
+    network: bool = True
+    binds: tuple[Bind, ...] = ()
+    idempotency_key: Optional[str] = None
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+
+@dataclass(frozen=True)
+class SandboxHandle:
+    """Per-sandbox state; travels between hooks so a backend can be five plain functions.
+
+    ``native`` is whatever the backend needs (an SDK object, a process group, ...).
+    ``workdir`` is the writable directory commands start in when no ``cwd`` is given.
+    """
+
+    backend: str
+    sandbox_id: str
+    workdir: str = "/tmp"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    native: Any = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How a command ended. A non-zero ``exit_code`` is a result, not an error.
+
+    ``oom_killed`` says the sandbox's memory limit was hit.
+    """
+
+    exit_code: int
+    oom_killed: bool = False
+
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+@dataclass(frozen=True)
+class UploadItem:
+    """Put ``content`` (bytes) or the local file ``source`` at absolute ``path`` in the sandbox."""
+
+    path: str
+    content: Optional[bytes] = field(default=None, repr=False)
+    source: Optional[PathLike] = None
+
+
+@dataclass(frozen=True)
+class DownloadItem:
+    """Fetch absolute ``path``; into local file ``destination`` if given, else into memory."""
+
+    path: str
+    destination: Optional[PathLike] = None
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """Per-file outcome, in the order of the request. ``error`` is one of FILE_ERROR_CODES."""
+
+    path: str
+    error: Optional[FileErrorCode] = None
+    content: Optional[bytes] = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend can honour; the facade refuses a spec that asks for more."""
+
+    gpu: bool = False
+    max_cpu: Optional[float] = None
+    max_memory_mb: Optional[int] = None
+    max_ttl_seconds: Optional[float] = None
+    network_toggle: bool = False
+    binds: bool = False
+    images: bool = True
+    #: True when the sandbox shares the launcher's filesystem (only then a local datastore works).
+    shares_host_filesystem: bool = False
+    #: Environment variables that configure the backend (shown by ``metaflow-sandbox backends``).
+    config_env: tuple[str, ...] = ()
