@@ -1,0 +1,12 @@
+"""Metaflow config for metaflow-sandbox: each value reads METAFLOW_<NAME> or ~/.metaflowconfig."""
+
+from metaflow.metaflow_config_funcs import from_conf
+
+# Backend used when @sandbox has no backend= attribute (default: the embedded "local" backend).
+SANDBOX_BACKEND = from_conf("SANDBOX_BACKEND")
+# Seconds added to a step's time limit for the sandbox's provider-side lifetime.
+SANDBOX_TTL_MARGIN = from_conf("SANDBOX_TTL_MARGIN", 600)
+# Extra environment variable names (comma separated) forwarded into every sandbox.
+SANDBOX_FORWARD_ENV = from_conf("SANDBOX_FORWARD_ENV", "")
+# Directory on the launcher caching pip requirements installed into local sandboxes.
+SANDBOX_PIP_CACHE = from_conf("SANDBOX_PIP_CACHE")

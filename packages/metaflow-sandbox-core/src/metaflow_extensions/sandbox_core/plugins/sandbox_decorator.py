@@ -1,0 +1,315 @@
+"""@sandbox, @daytona and @e2b: one step decorator, three names (backend preset differs).
+
+Imported by every `import metaflow` (launcher, trampoline, the task inside the sandbox, client
+scripts), so nothing here imports a backend SDK or even `metaflow_sandbox` at module level.
+The shape follows @batch: the decorator redirects the task to `python flow.py sandbox step`
+(the trampoline, sandbox_cli.py), which runs the unchanged Metaflow task inside a sandbox.
+"""
+
+import json
+import os
+import sys
+
+from metaflow.decorators import StepDecorator
+from metaflow.exception import MetaflowException
+from metaflow.metadata_provider import MetaDatum
+from metaflow.metadata_provider.util import sync_local_metadata_to_datastore
+from metaflow.metaflow_config import DATASTORE_LOCAL_DIR, FEAT_ALWAYS_UPLOAD_CODE_PACKAGE
+from metaflow.plugins.aws.aws_utils import compute_resource_attributes
+from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
+
+# Compute decorators that cannot share a step with ours (Metaflow's own remote list + ours).
+OTHER_COMPUTE = {"batch", "kubernetes", "nvidia", "snowpark", "slurm", "nvct", "skypilot_step"}
+SANDBOX_NAMES = {"sandbox", "daytona", "e2b"}
+# Set inside every sandbox by the trampoline: "this task really runs in a sandbox".
+WORKLOAD_ENV = "METAFLOW_SANDBOX_WORKLOAD"
+
+
+class SandboxException(MetaflowException):
+    headline = "Sandbox error"
+
+
+def as_bool(value):
+    """Attributes round-trip through `--with` as strings ("True", "false", ...)."""
+    if isinstance(value, str):
+        return value.strip().lower() not in ("false", "0", "no", "off", "")
+    return bool(value)
+
+
+def as_json(value, what):
+    """Dict/list attributes may arrive as JSON strings from `--with sandbox:env={...}`."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            raise SandboxException("@sandbox attribute %s is not valid JSON: %r" % (what, value))
+    return value
+
+
+class SandboxDecorator(StepDecorator):
+    """
+    Runs this step in an isolated sandbox (like @batch, with sub-second starts).
+
+    Parameters
+    ----------
+    backend : str, optional
+        Sandbox backend ("local", "daytona", "e2b" or any installed third-party backend).
+        Default: METAFLOW_SANDBOX_BACKEND, else "local".
+    cpu : int, default 1
+        CPUs for the step; with @resources the larger value wins.
+    memory : int, default 4096
+        Memory in MB (a hard limit); with @resources the larger value wins.
+    gpu : int, default 0
+        GPUs; refused by backends without GPUs.
+    disk : int, optional
+        Disk in MB, where the backend supports it.
+    image : str, optional
+        Image / template / snapshot base, where the backend supports it.
+    env : dict, optional
+        Extra (non-secret) environment variables for the task.
+    network : bool, default True
+        False cuts the sandbox's network (backends that can).
+    packages : list, optional
+        pip requirements installed inside the sandbox before the step runs.
+    requirements_file : str, optional
+        A requirements file (relative to the flow's directory) installed the same way.
+    options : dict, optional
+        Backend-specific, non-secret options (e.g. {"snapshot": "..."}).
+    executable : str, optional
+        Python interpreter inside the sandbox (default: the launcher's for "local", else "python").
+    """
+
+    name = "sandbox"
+    preset_backend = None
+    defaults = {
+        "backend": None,
+        "cpu": None,
+        "memory": None,
+        "gpu": None,
+        "disk": None,
+        "image": None,
+        "env": None,
+        "network": True,
+        "packages": None,
+        "requirements_file": None,
+        "options": None,
+        "executable": None,
+    }
+    resource_defaults = {"cpu": "1", "memory": "4096", "gpu": "0"}
+
+    # @pypi/@conda: solve for the sandbox's platform, not the launcher's (metaflow-internals 2.9).
+    supports_conda_environment = True
+    target_platform = "linux-64"
+
+    package_url = None
+    package_sha = None
+    package_metadata = None
+
+    def init(self):
+        preset = self.preset_backend
+        if preset:
+            if self.attributes["backend"] not in (None, "", preset):
+                raise SandboxException(
+                    "@%s always runs on backend '%s', but backend=%r was given. "
+                    "Use @sandbox(backend=%r) instead." % (self.name, preset, self.attributes["backend"], self.attributes["backend"])
+                )
+            self.attributes["backend"] = preset
+        self.attributes["network"] = as_bool(self.attributes["network"])
+        for key in ("env", "options"):
+            value = as_json(self.attributes[key], key)
+            if value is not None and not isinstance(value, dict):
+                raise SandboxException("@%s(%s=...) must be a dict, got %r" % (self.name, key, value))
+            self.attributes[key] = value
+        packages = as_json(self.attributes["packages"], "packages")
+        if isinstance(packages, str):
+            packages = [packages]
+        if packages is not None and not isinstance(packages, list):
+            raise SandboxException("@%s(packages=...) must be a list of pip requirements" % self.name)
+        self.attributes["packages"] = packages
+
+    def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
+        for deco in decorators:
+            if deco is self:
+                continue
+            if deco.name in OTHER_COMPUTE or deco.name in SANDBOX_NAMES:
+                raise SandboxException(
+                    "Step *%s* has both @%s and @%s. A step runs on one compute backend: remove one of them."
+                    % (step_name, self.name, deco.name)
+                )
+            if deco.name == "parallel":
+                raise SandboxException(
+                    "Step *%s* uses @parallel, which @%s does not support (no multi-node sandboxes). "
+                    "Remove @%s from this step, or run it with @kubernetes/@batch." % (step_name, self.name, self.name)
+                )
+        self.step = step_name
+        self.logger = logger
+        self.environment = environment
+        self.flow_datastore = flow_datastore
+        self.backend_name, self.backend_source = resolve_backend(self.attributes["backend"])
+        if flow_datastore.TYPE == "local" and not backend_shares_filesystem(self.backend_name):
+            raise SandboxException(
+                "Step *%s* runs on backend '%s', which cannot see this machine's files, but the datastore is "
+                "local. Use a datastore the sandbox can reach: run with --datastore=s3 and set "
+                "METAFLOW_DATASTORE_SYSROOT_S3 (plus METAFLOW_S3_ENDPOINT_URL for S3-compatible stores), "
+                "or --datastore=azure / --datastore=gs. The local datastore works only with the 'local' backend."
+                % (step_name, self.backend_name)
+            )
+        self.attributes.update(compute_resource_attributes(decorators, self, self.resource_defaults))
+        self.run_time_limit = get_run_time_limit_for_task(decorators)
+        _validate_resources(self.name, self.attributes)
+
+    def runtime_init(self, flow, graph, package, run_id):
+        """Launcher only: load the backend and check credentials before any upload."""
+        self.flow = flow
+        self.graph = graph
+        self.package = package
+        self.run_id = run_id
+        backend = load_backend(self.backend_name, backend_options(self.backend_name, self.attributes["options"]))
+        try:
+            backend.check_config()
+        except Exception as err:
+            raise SandboxException(str(err))
+        self.logger(
+            "Step *%s* runs in a '%s' sandbox (%s)." % (self.step, self.backend_name, self.backend_source),
+            system_msg=True,
+        )
+
+    def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context):
+        if not is_cloned:
+            self._save_package_once(self.flow_datastore, self.package)
+
+    def runtime_step_cli(self, cli_args, retry_count, max_user_code_retries, ubf_context):
+        # Past the user-code retries comes the @catch fallback: it runs locally, like @batch.
+        if retry_count <= max_user_code_retries:
+            cli_args.commands = ["sandbox", "step"]
+            cli_args.command_args.append(self.package_metadata)
+            cli_args.command_args.append(self.package_sha)
+            cli_args.command_args.append(self.package_url)
+            # The trampoline needs our SDKs: run it with the launcher's interpreter, even if
+            # @pypi/@conda pointed the entrypoint at the step's environment (sandbox_cli re-execs).
+            cli_args.entrypoint[0] = sys.executable
+            cli_args.env["METAFLOW_SANDBOX_LAUNCHER_PYTHON"] = sys.executable
+            cli_args.env.pop("PYTHONNOUSERSITE", None)
+
+    def task_pre_step(
+        self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count, max_retries, ubf_context, inputs
+    ):
+        self.metadata = metadata
+        self.task_datastore = task_datastore
+        self._save_logs_sidecar = None
+        if os.environ.get(WORKLOAD_ENV):
+            entries = {
+                "sandbox-backend": os.environ.get("METAFLOW_SANDBOX_BACKEND_NAME", ""),
+                "sandbox-id": os.environ.get("METAFLOW_SANDBOX_ID", ""),
+            }
+            metadata.register_metadata(
+                run_id,
+                step_name,
+                task_id,
+                [MetaDatum(field=k, value=v, type=k, tags=["attempt_id:%d" % retry_count]) for k, v in entries.items()],
+            )
+            from metaflow.sidecar import Sidecar
+
+            # Persist logs while the task runs, so `logs` and the UI see them before it ends.
+            self._save_logs_sidecar = Sidecar("save_logs_periodically")
+            self._save_logs_sidecar.start()
+
+    def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_retries):
+        if os.environ.get(WORKLOAD_ENV):
+            if getattr(self, "metadata", None) is not None and self.metadata.TYPE == "local":
+                if self.task_datastore.TYPE != "local":
+                    sync_local_metadata_to_datastore(DATASTORE_LOCAL_DIR, self.task_datastore)
+        sidecar = getattr(self, "_save_logs_sidecar", None)
+        if sidecar is not None:
+            try:
+                sidecar.terminate()
+            except Exception:
+                pass
+
+    @classmethod
+    def _save_package_once(cls, flow_datastore, package):
+        if cls.package_url is None:
+            if FEAT_ALWAYS_UPLOAD_CODE_PACKAGE:
+                cls.package_url = package.package_url()
+                cls.package_sha = package.package_sha()
+            else:
+                cls.package_url, cls.package_sha = flow_datastore.save_data([package.blob], len_hint=1)[0]
+            cls.package_metadata = package.package_metadata
+
+
+class DaytonaDecorator(SandboxDecorator):
+    """Runs this step in a Daytona sandbox; same attributes as @sandbox."""
+
+    name = "daytona"
+    preset_backend = "daytona"
+
+
+class E2BDecorator(SandboxDecorator):
+    """Runs this step in an E2B sandbox; same attributes as @sandbox."""
+
+    name = "e2b"
+    preset_backend = "e2b"
+
+
+def _validate_resources(deco_name, attrs):
+    for key in ("cpu", "memory", "gpu", "disk"):
+        value = attrs.get(key)
+        if value in (None, ""):
+            continue
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise SandboxException("@%s(%s=%r) must be a number" % (deco_name, key, value))
+        if number < 0 or (key != "gpu" and key in ("cpu", "memory") and number == 0):
+            raise SandboxException("@%s(%s=%r) must be positive" % (deco_name, key, value))
+
+
+def resolve_backend(attribute):
+    """(name, where it came from): the attribute, else METAFLOW_SANDBOX_BACKEND, else local."""
+    if attribute:
+        return attribute, "set by the decorator"
+    from metaflow.metaflow_config import SANDBOX_BACKEND
+
+    if SANDBOX_BACKEND:
+        return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
+    return "local", "the default; choose another with METAFLOW_SANDBOX_BACKEND or @sandbox(backend=...)"
+
+
+def backend_options(name, attribute_options=None):
+    """Backend settings from Metaflow config: METAFLOW_SANDBOX_<NAME>_<KEY> -> options["<key>"].
+
+    Read from ~/.metaflowconfig and the environment (environment wins), then the decorator's
+    non-secret `options` attribute on top.
+    """
+    from metaflow import metaflow_config_funcs
+
+    prefix = "METAFLOW_SANDBOX_%s_" % name.upper().replace("-", "_")
+    options = {}
+    for source in (metaflow_config_funcs.METAFLOW_CONFIG or {}, os.environ):
+        for key, value in source.items():
+            if key.startswith(prefix) and len(key) > len(prefix):
+                options[key[len(prefix):].lower()] = value
+    options.update(attribute_options or {})
+    return options
+
+
+def load_backend(name, options=None):
+    """The core's Backend facade, with core errors turned into Metaflow errors."""
+    try:
+        from metaflow_sandbox import Backend, SandboxError
+    except ImportError as err:
+        raise SandboxException(
+            "metaflow-sandbox is not importable by %s (%s). Install it in the environment that "
+            "launches the flow: pip install metaflow-sandbox" % (sys.executable, err)
+        )
+    try:
+        return Backend(name, options=options)
+    except SandboxError as err:
+        raise SandboxException(str(err))
+
+
+def backend_shares_filesystem(name):
+    """Whether a sandbox of this backend sees the launcher's files (only then a local datastore works)."""
+    if name == "local":
+        return True
+    return load_backend(name).capabilities().shares_host_filesystem

@@ -1,0 +1,201 @@
+"""What runs inside the sandbox for one task: its environment, its bash command, its spec.
+
+Kept apart from the click wiring so each piece is small and testable. The command has the
+@batch shape (metaflow-internals 2.5): mflog env, code package, bootstrap, the step with its
+output tee'd into mflog files, and a final save_logs that persists them from inside.
+"""
+
+import hashlib
+import json
+import os
+import shlex
+import sys
+
+from metaflow import metaflow_config as mfconf
+from metaflow.metaflow_config_funcs import config_values
+from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG, BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
+from metaflow.package import MetaflowPackage
+
+from .sandbox_decorator import WORKLOAD_ENV, SandboxException
+
+LOGS_DIR = "$PWD/.logs"
+
+# Datastore credentials forwarded into sandboxes: an explicit allowlist, sent through the
+# backend's API (never on a command line). Backend API keys are never forwarded.
+CREDENTIAL_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CA_BUNDLE",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "GOOGLE_CLOUD_PROJECT",
+    "STORAGE_EMULATOR_HOST",
+)
+NEVER_FORWARD_PREFIXES = ("DAYTONA_", "E2B_", "METAFLOW_SANDBOX_DAYTONA_", "METAFLOW_SANDBOX_E2B_")
+
+# Metaflow settings the task needs (the same set @batch/@kubernetes forward).
+METAFLOW_SETTINGS = (
+    "DEFAULT_METADATA",
+    "SERVICE_HEADERS",
+    "DATASTORE_SYSROOT_S3",
+    "DATATOOLS_S3ROOT",
+    "CARD_S3ROOT",
+    "DATASTORE_SYSROOT_AZURE",
+    "CARD_AZUREROOT",
+    "AZURE_STORAGE_BLOB_SERVICE_ENDPOINT",
+    "DATASTORE_SYSROOT_GS",
+    "CARD_GSROOT",
+    "S3_ENDPOINT_URL",
+    "S3_VERIFY_CERTIFICATE",
+    "S3_SERVER_SIDE_ENCRYPTION",
+    "DEFAULT_SECRETS_BACKEND_TYPE",
+    "AWS_SECRETS_MANAGER_DEFAULT_REGION",
+    "DEFAULT_AWS_CLIENT_PROVIDER",
+    "DEFAULT_GCP_CLIENT_PROVIDER",
+    "OTEL_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+)
+
+
+def _setting(name):
+    value = getattr(mfconf, name, None)
+    if value is None or value == "" or value == {}:
+        return None
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def forwarded_env(extra_names=""):
+    """Credentials and chosen variables from the launcher's environment (allowlist only)."""
+    names = list(CREDENTIAL_ENV) + [n.strip() for n in (extra_names or "").split(",") if n.strip()]
+    return {
+        name: os.environ[name]
+        for name in names
+        if name in os.environ and not name.startswith(NEVER_FORWARD_PREFIXES)
+    }
+
+
+def task_env(ctx_obj, deco, run_id, datastore_type, code, user, backend_name):
+    """The sandbox's environment for one task. Travels through the backend API, never argv."""
+    env = {
+        "METAFLOW_FLOW_FILENAME": os.path.basename(sys.argv[0]),
+        "METAFLOW_RUN_ID": str(run_id),
+        "METAFLOW_CODE_METADATA": code["metadata"],
+        "METAFLOW_CODE_SHA": code["sha"],
+        "METAFLOW_CODE_URL": code["url"],
+        "METAFLOW_CODE_DS": datastore_type,
+        "METAFLOW_USER": user,
+        "METAFLOW_DEFAULT_DATASTORE": datastore_type,
+        "METAFLOW_RUNTIME_ENVIRONMENT": "sandbox",
+        "METAFLOW_SANDBOX_BACKEND_NAME": backend_name,
+        WORKLOAD_ENV: "1",
+    }
+    if getattr(mfconf, "SERVICE_INTERNAL_URL", None):
+        env["METAFLOW_SERVICE_URL"] = mfconf.SERVICE_INTERNAL_URL
+    for name in METAFLOW_SETTINGS:
+        value = _setting(name)
+        if value is not None:
+            env["METAFLOW_" + name] = value
+    for name, value in config_values():
+        if name.startswith(("METAFLOW_CONDA_", "METAFLOW_DEBUG_")):
+            env[name] = value
+    if os.environ.get("METAFLOW_SKIP_INSTALL_DEPENDENCIES"):
+        env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = os.environ["METAFLOW_SKIP_INSTALL_DEPENDENCIES"]
+    env.update(forwarded_env(getattr(mfconf, "SANDBOX_FORWARD_ENV", "")))
+    env.update({k: str(v) for k, v in (deco.attributes.get("env") or {}).items()})
+    node = ctx_obj.graph[deco.step]
+    for env_deco in [d for d in node.decorators if d.name == "environment"]:
+        env.update({k: str(v) for k, v in env_deco.attributes["vars"].items()})
+    return env
+
+
+def requirements(deco, flow_dir):
+    """pip requirement lines from `packages=` and `requirements_file=` (read on the launcher)."""
+    lines = list(deco.attributes.get("packages") or [])
+    path = deco.attributes.get("requirements_file")
+    if path:
+        full = path if os.path.isabs(path) else os.path.join(flow_dir, path)
+        if not os.path.isfile(full):
+            raise SandboxException(
+                "@%s(requirements_file=%r): no such file (looked at %s). Give a path relative to the flow's directory."
+                % (deco.name, path, full)
+            )
+        with open(full) as f:
+            lines += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    return lines
+
+
+def pip_install_commands(reqs, cache_dir):
+    """Install `reqs` into a target dir appended to PYTHONPATH; uv when present, else pip.
+
+    With a cache dir (local backend) the target is content-addressed and reused across tasks.
+    """
+    if not reqs:
+        return []
+    key = hashlib.sha256(("\n".join(sorted(reqs)) + sys.version).encode()).hexdigest()[:16]
+    base = cache_dir or "$HOME/.mf_sandbox_pip"
+    target = "%s/%s" % (base, key)
+    req_args = " ".join(shlex.quote(r) for r in reqs)
+    install = (
+        "if command -v uv >/dev/null 2>&1; then uv pip install -q --python \\\"$(command -v python)\\\" --target $T.tmp.$$ %s; "
+        "else python -m pip install -q --disable-pip-version-check --no-input --target $T.tmp.$$ %s; fi"
+    ) % (req_args, req_args)
+    return [
+        "T=%s" % target,
+        "mflog 'Installing %d pip requirement(s) in the sandbox...'" % len(reqs),
+        "if [ ! -f $T/.complete ]; then mkdir -p %s && %s && touch $T.tmp.$$/.complete && "
+        "(mv -T $T.tmp.$$ $T 2>/dev/null || rm -rf $T.tmp.$$); fi" % (base, install),
+        "export PYTHONPATH=$(printenv PYTHONPATH):$T",
+    ]
+
+
+def local_package_commands(code_url, code_metadata, datastore_root):
+    """Code package setup for the local datastore shared with the sandbox (metaflow-internals 4.3)."""
+    extract = MetaflowPackage.get_extract_commands(code_metadata, code_url, dest_dir=".")
+    exports = []
+    for key, value in MetaflowPackage.get_post_extract_env_vars(code_metadata, dest_dir="$(pwd)").items():
+        if key.endswith(":"):
+            exports.append("export %s=%s" % (key[:-1], value))
+        else:
+            exports.append("export %s=%s:$(printenv %s)" % (key, value, key))
+    return (
+        [
+            BASH_MFLOG,
+            BASH_FLUSH_LOGS,
+            "mflog 'Setting up task environment.'",
+            "mkdir metaflow",
+            "cd metaflow",
+            # Code that looks for .metaflow from the cwd upward must find the shared root.
+            "ln -s %s .metaflow" % shlex.quote(datastore_root),
+            "export METAFLOW_DATASTORE_SYSROOT_LOCAL=%s" % shlex.quote(os.path.dirname(datastore_root)),
+        ]
+        + extract
+        + exports
+        + ["mflog 'Task is starting.'", "flush_mflogs"]
+    )
+
+
+def task_command(environment, step_name, step_cli, code, datastore_type, task_spec, datastore_root, pip_cmds):
+    """argv for the sandbox: bash -c "<@batch-shaped script>"."""
+    mflog_expr = export_mflog_env_vars(
+        datastore_type=datastore_type,
+        stdout_path="%s/mflog_stdout" % LOGS_DIR,
+        stderr_path="%s/mflog_stderr" % LOGS_DIR,
+        datastore_root=datastore_root if datastore_type == "local" else None,
+        **task_spec,
+    )
+    if datastore_type == "local":
+        init_cmds = local_package_commands(code["url"], code["metadata"], datastore_root)
+    else:
+        init_cmds = environment.get_package_commands(code["url"], datastore_type, code["metadata"])
+    step_expr = bash_capture_logs(" && ".join(pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]))
+    cmd_str = "true && mkdir -p %s && %s && %s && %s; " % (LOGS_DIR, mflog_expr, " && ".join(init_cmds), step_expr)
+    cmd_str += "c=$?; %s; exit $c" % BASH_SAVE_LOGS
+    # get_package_commands' quoting assumes exactly this shlex pass (as in @batch).
+    return shlex.split('bash -c "%s"' % cmd_str)

@@ -1,0 +1,1 @@
+toplevel = "sandbox_toplevel"

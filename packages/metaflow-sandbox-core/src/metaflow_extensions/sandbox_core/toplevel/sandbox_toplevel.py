@@ -1,0 +1,2 @@
+__mf_extensions__ = "sandbox"
+__version__ = "0.2.0"
