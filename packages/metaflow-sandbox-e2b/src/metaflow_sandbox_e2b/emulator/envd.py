@@ -1,0 +1,319 @@
+"""envd, the in-sandbox agent: Connect-JSON process RPCs and the /files HTTP API.
+
+One port serves every sandbox; requests are routed by the ``E2b-Sandbox-Id`` header (as the real
+``sandbox.e2b.app`` proxy does) and authenticated by ``X-Access-Token``. Commands run in the
+sandbox's `local` backend sandbox, wrapped so SendSignal/kill can reach their process group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import tempfile
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from metaflow_sandbox import DownloadItem, SandboxNotFoundError, SandboxTimeoutError, UploadItem
+
+from .state import EmuSandbox, Proc, World
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CHUNK = 1 << 20
+
+#: $0 = kill file, $1 = the sandbox workdir, then the command. The watcher kills the command's
+#: process group when the kill file appears (SendSignal) or the sandbox's workdir vanishes (kill).
+WRAPPER = r"""w=$1; shift
+setsid "$@" &
+c=$!
+( while :; do
+    if [ -e "$0" ] || [ ! -d "$w" ]; then kill -KILL -- -"$c" 2>/dev/null; rm -f "$0"; exit 0; fi
+    kill -0 "$c" 2>/dev/null || exit 0
+    sleep 0.2
+  done ) >/dev/null 2>&1 </dev/null &
+wait "$c" 2>/dev/null
+"""
+
+_CONNECT_STATUS = {"not_found": 404, "invalid_argument": 400, "unimplemented": 501, "unavailable": 503, "internal": 500}
+
+
+def envelope(obj: Any, flags: int = 0) -> bytes:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    return bytes([flags]) + len(data).to_bytes(4, "big") + data
+
+
+def connect_error(code: str, message: str) -> web.Response:
+    return web.json_response({"code": code, "message": message}, status=_CONNECT_STATUS.get(code, 500))
+
+
+def not_found(sid: str) -> web.Response:
+    # The exact text matters: the SDK turns "... was not found" into SandboxNotRunningException.
+    return web.json_response({"code": 502, "message": "The sandbox %s was not found" % sid}, status=502)
+
+
+def e2b_path(path: str) -> str:
+    return path if path.startswith("/") else "/home/user/" + path.lstrip("~/")
+
+
+def make_envd_app(world: World) -> web.Application:
+    @web.middleware
+    async def route_sandbox(request: web.Request, handler: Handler) -> web.StreamResponse:
+        world.count("envd_requests")
+        if world.faults.latency:
+            await asyncio.sleep(world.faults.latency)
+        sid = request.headers.get("E2b-Sandbox-Id", "")
+        sb = world.sandboxes.get(sid)
+        if sb is None or not sb.alive:
+            return not_found(sid)
+        if request.headers.get("X-Access-Token") != sb.token:
+            return web.json_response({"code": 401, "message": "invalid access token"}, status=401)
+        request["sandbox"] = sb
+        return await handler(request)
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204)
+
+    # -- files ------------------------------------------------------------------------------
+    async def upload(request: web.Request) -> web.StreamResponse:
+        sb: EmuSandbox = request["sandbox"]
+        written = []
+        ctype = request.headers.get("Content-Type", "")
+        if ctype.startswith("multipart/"):
+            reader = await request.multipart()
+            while True:
+                part = await reader.next()
+                if part is None:
+                    break
+                if part.name != "file":
+                    continue
+                path = request.query.get("path") or part.filename or ""
+                written.append((path, await _spool(part.read_chunk)))
+        else:
+            written.append((request.query.get("path", ""), await _spool(request.content.read)))
+        out = []
+        try:
+            for path, tmp in written:
+                if not path:
+                    return web.json_response({"code": 400, "message": "path is required"}, status=400)
+                (res,) = await world.run_blocking(sb.local.upload, [UploadItem(world.map_path(sb, path), source=tmp)])
+                if res.error:
+                    return _file_error(res.error, path)
+                out.append({"name": os.path.basename(path.rstrip("/")), "type": "file", "path": e2b_path(path)})
+        finally:
+            for _, tmp in written:
+                os.unlink(tmp)
+        return web.json_response(out)
+
+    async def download(request: web.Request) -> web.StreamResponse:
+        sb: EmuSandbox = request["sandbox"]
+        path = request.query.get("path", "")
+        fd, tmp = tempfile.mkstemp(prefix="e2b-emu-dl-")
+        os.close(fd)
+        try:
+            (res,) = await world.run_blocking(sb.local.download, [DownloadItem(world.map_path(sb, path), destination=tmp)])
+            if res.error:
+                return _file_error(res.error, path)
+            resp = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
+            resp.content_length = os.path.getsize(tmp)
+            await resp.prepare(request)
+            with open(tmp, "rb") as f:
+                while True:
+                    chunk = await world.run_blocking(f.read, CHUNK)
+                    if not chunk:
+                        break
+                    await resp.write(chunk)
+            await resp.write_eof()
+            return resp
+        finally:
+            os.unlink(tmp)
+
+    # -- process RPCs -----------------------------------------------------------------------
+    async def start(request: web.Request) -> web.StreamResponse:
+        sb: EmuSandbox = request["sandbox"]
+        body = await request.read()  # aiohttp de-chunks the request body
+        if len(body) < 5:
+            return connect_error("invalid_argument", "empty request")
+        msg = json.loads(body[5 : 5 + int.from_bytes(body[1:5], "big")])
+        process = msg.get("process") or {}
+        argv = [process.get("cmd") or "/bin/bash"] + list(process.get("args") or [])
+        if not world.login_shell and len(argv) > 1 and argv[0].endswith("bash") and argv[1] == "-l":
+            del argv[1]  # the host's /etc/profile would reset PATH; see docs/backends/e2b.md
+        env = {"HOME": sb.workdir, "USER": "user", "LOGNAME": "user"}
+        env.update({str(k): str(v) for k, v in (process.get("envs") or {}).items()})
+        deadline_ms = request.headers.get("connect-timeout-ms")
+        keepalive = float(request.headers.get("keepalive-ping-interval") or 50)
+
+        pid = sb.next_pid
+        sb.next_pid += 1
+        proc = Proc(pid, kill_file="%s/.e2b-envd-kill-%d" % (sb.workdir.rstrip("/"), pid))
+        sb.procs[pid] = proc
+        sb.execs += 1
+        world.count("process_start")
+
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/connect+json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def emit(kind: str) -> Callable[[str], None]:
+            return lambda text: loop.call_soon_threadsafe(queue.put_nowait, (kind, text.encode("utf-8")))
+
+        def run() -> Any:
+            return sb.local.exec(
+                ["bash", "-c", WRAPPER, proc.kill_file, sb.workdir] + argv,
+                env=env,
+                cwd=world.map_path(sb, process.get("cwd")),
+                timeout=int(deadline_ms) / 1000.0 if deadline_ms else None,
+                on_stdout=emit("stdout"),
+                on_stderr=emit("stderr"),
+            )
+
+        fut = loop.run_in_executor(world.pool, run)
+        fut.add_done_callback(lambda _f: queue.put_nowait(("done", None)))
+        timers = _schedule_faults(world, sb, request)
+        alive = await _write(resp, envelope({"event": {"start": {"pid": pid}}}))
+        try:
+            while True:
+                try:
+                    kind, data = await asyncio.wait_for(queue.get(), keepalive)
+                except asyncio.TimeoutError:
+                    alive = alive and await _write(resp, envelope({"event": {"keepalive": {}}}))
+                    continue
+                if kind == "done":
+                    break
+                event = {"event": {"data": {kind: base64.b64encode(data).decode()}}}
+                alive = alive and await _write(resp, envelope(event))
+        finally:
+            for t in timers:
+                t.cancel()
+            proc.done = True
+        if alive:
+            for chunk in _ending(sb, proc, fut):
+                if not await _write(resp, chunk):
+                    break
+            try:
+                await resp.write_eof()
+            except (ConnectionError, RuntimeError):
+                pass
+        return resp
+
+    async def send_signal(request: web.Request) -> web.StreamResponse:
+        sb: EmuSandbox = request["sandbox"]
+        msg = await request.json()
+        pid = int((msg.get("process") or {}).get("pid") or 0)
+        proc = sb.procs.get(pid)
+        if proc is None or proc.done:
+            return connect_error("not_found", "process with pid %d not found" % pid)
+        proc.killed = True
+        await world.run_blocking(sb.local.write_file, proc.kill_file, b"")
+        return web.json_response({})
+
+    async def list_procs(request: web.Request) -> web.StreamResponse:
+        sb: EmuSandbox = request["sandbox"]
+        procs = [{"pid": p.pid, "config": {"cmd": "/bin/bash"}} for p in sb.procs.values() if not p.done]
+        return web.json_response({"processes": procs})
+
+    async def stat(request: web.Request) -> web.StreamResponse:
+        sb: EmuSandbox = request["sandbox"]
+        path = (await request.json()).get("path", "")
+        local = world.map_path(sb, path)
+        kind = "dir" if local == sb.workdir else await _kind(world, sb, local)
+        if kind == "none":
+            return connect_error("not_found", "path '%s' does not exist" % path)
+        ftype = "FILE_TYPE_DIRECTORY" if kind == "dir" else "FILE_TYPE_FILE"
+        return web.json_response({"entry": {"name": os.path.basename(local.rstrip("/")) or "/", "type": ftype, "path": local}})
+
+    async def unimplemented(request: web.Request) -> web.StreamResponse:
+        return connect_error("unimplemented", "%s is not implemented by the emulator" % request.path)
+
+    app = web.Application(middlewares=[route_sandbox], client_max_size=1 << 40)
+    app.add_routes(
+        [
+            web.get("/health", health),
+            web.post("/files", upload),
+            web.get("/files", download),
+            web.post("/process.Process/Start", start),
+            web.post("/process.Process/SendSignal", send_signal),
+            web.post("/process.Process/List", list_procs),
+            web.post("/filesystem.Filesystem/Stat", stat),
+            web.post("/{rpc:.*}", unimplemented),
+        ]
+    )
+    return app
+
+
+async def _spool(read: Callable[..., Awaitable[bytes]]) -> str:
+    """Stream a request body to a temp file (never hold a large upload in memory)."""
+    fd, tmp = tempfile.mkstemp(prefix="e2b-emu-ul-")
+    with os.fdopen(fd, "wb") as f:
+        while True:
+            chunk = await read(CHUNK)
+            if not chunk:
+                break
+            f.write(chunk)
+    return tmp
+
+
+def _file_error(code: str, path: str) -> web.Response:
+    status, text = {
+        "file_not_found": (404, "path '%s' does not exist"),
+        "is_directory": (400, "path '%s' is a directory"),
+        "permission_denied": (403, "permission denied: '%s'"),
+    }.get(code, (400, "invalid path '%s'"))
+    return web.json_response({"code": status, "message": text % path}, status=status)
+
+
+async def _write(resp: web.StreamResponse, data: bytes) -> bool:
+    """Write and flush; False once the client is gone (the command keeps running, like envd)."""
+    try:
+        await resp.write(data)
+        return True
+    except (ConnectionError, RuntimeError):
+        return False
+
+
+def _ending(sb: EmuSandbox, proc: Proc, fut: "asyncio.Future[Any]") -> list[bytes]:
+    if not sb.alive:
+        err = {"code": "unavailable", "message": "the connection to sandbox %s ended before the stream completed" % sb.sandbox_id}
+        return [envelope({"error": err}, flags=2)]
+    exc = fut.exception()
+    if isinstance(exc, SandboxNotFoundError):
+        return [envelope({"error": {"code": "unavailable", "message": "The sandbox %s was not found" % sb.sandbox_id}}, 2)]
+    if exc is not None and not isinstance(exc, SandboxTimeoutError):
+        return [envelope({"error": {"code": "internal", "message": str(exc)}}, flags=2)]
+    if proc.killed or isinstance(exc, SandboxTimeoutError):
+        end = {"exitCode": -1, "exited": False, "status": "signal: killed", "error": "signal: killed"}
+    else:
+        code = fut.result().exit_code
+        end = {"exitCode": code, "exited": True, "status": "exit status %d" % code}
+        if code:
+            end["error"] = "exit status %d" % code
+    return [envelope({"event": {"end": end}}), envelope({}, flags=2)]
+
+
+def _schedule_faults(world: World, sb: EmuSandbox, request: web.Request) -> list[asyncio.TimerHandle]:
+    loop = asyncio.get_running_loop()
+    timers = []
+    f = world.faults
+    if f.drop_stream_after is not None:
+        transport = request.transport
+
+        def drop() -> None:
+            world.count("stream_dropped")
+            if transport is not None:
+                transport.abort()
+
+        timers.append(loop.call_later(f.drop_stream_after, drop))
+    if f.vanish_after is not None:
+        timers.append(loop.call_later(f.vanish_after, lambda: asyncio.ensure_future(world.kill(sb.sandbox_id, "vanished"))))
+    return timers
+
+
+async def _kind(world: World, sb: EmuSandbox, path: str) -> str:
+    script = 'if [ -d "$1" ]; then echo dir; elif [ -e "$1" ]; then echo file; else echo none; fi'
+    out: list[str] = []
+    await world.run_blocking(sb.local.exec, ["sh", "-c", script, "sh", path], on_stdout=out.append)
+    return "".join(out).strip() or "none"
