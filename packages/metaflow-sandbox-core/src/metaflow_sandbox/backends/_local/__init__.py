@@ -1,0 +1,1 @@
+"""Helpers of the ``local`` backend: bubblewrap probing, mount layout, limits, process streaming."""

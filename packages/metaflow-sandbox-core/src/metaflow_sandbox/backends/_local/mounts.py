@@ -1,0 +1,162 @@
+"""The sandbox's filesystem: the bwrap arguments that build it, and inside->host path translation.
+
+The host is visible read-only; homes are hidden (except the Python installation, re-exposed read-only);
+/tmp and the work dir are private and writable; binds are added as asked.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import pwd
+import sys
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+from metaflow_sandbox import Bind
+
+RW, RO, HIDDEN = "rw", "ro", "hidden"
+
+
+class PathError(Exception):
+    """A file operation failed; ``code`` is one of the contract's FILE_ERROR_CODES."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Mount:
+    inside: str
+    host: Optional[str]  # None for hidden paths
+    kind: str
+
+
+def _under(path: str, prefix: str) -> bool:
+    return prefix == "/" or path == prefix or path.startswith(prefix.rstrip("/") + "/")
+
+
+def _outermost(paths: Iterable[str]) -> list[str]:
+    """Drop paths nested in another one of the list."""
+    result: list[str] = []
+    for p in sorted(set(paths), key=len):
+        if not any(_under(p, q) for q in result):
+            result.append(p)
+    return result
+
+
+@functools.lru_cache(maxsize=1)
+def hidden_dirs() -> tuple[str, ...]:
+    """Home directories: invisible inside the sandbox unless a bind covers part of them."""
+    candidates = ["/home", "/root", os.environ.get("HOME", "")]
+    try:
+        candidates.append(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:
+        pass
+    real = [os.path.realpath(c) for c in candidates if c and os.path.isabs(c) and os.path.isdir(c)]
+    return tuple(_outermost(p for p in real if p != "/"))
+
+
+@functools.lru_cache(maxsize=1)
+def python_dirs() -> tuple[str, ...]:
+    """The running Python's prefixes and import paths that a hidden dir or the private /tmp would cover."""
+    covered = hidden_dirs() + ("/tmp",)
+    found = []
+    for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]:
+        if not p or not os.path.isabs(p) or not os.path.isdir(p):
+            continue
+        for q in {os.path.normpath(p), os.path.realpath(p)}:
+            if any(_under(q, c) and q != c for c in covered):
+                found.append(q)
+    return tuple(_outermost(found))
+
+
+def default_workdir() -> str:
+    """Where commands start inside the sandbox (also their HOME), like a cloud sandbox's /home/user."""
+    for parent in ("/home", "/root"):
+        if os.path.isdir(parent) and os.path.realpath(parent) in hidden_dirs():
+            return os.path.join(os.path.realpath(parent), "sandbox")
+    return "/tmp/sandbox"
+
+
+class Layout:
+    """One sandbox's mounts. ``isolated=False`` means paths are host paths (fallback mode)."""
+
+    def __init__(self, root: str, binds: Sequence[Bind], isolated: bool):
+        self.root = root
+        self.isolated = isolated
+        self.host_work = os.path.join(root, "work")
+        self.host_tmp = os.path.join(root, "tmp")
+        self.workdir = default_workdir() if isolated else self.host_work
+        self.tmpdir = "/tmp" if isolated else self.host_tmp
+        self.binds = tuple(binds)
+        mounts = [Mount("/", "/", RO), Mount("/proc", None, HIDDEN), Mount("/dev", None, HIDDEN)]
+        mounts += [Mount(d, None, HIDDEN) for d in hidden_dirs()]
+        mounts += [Mount(d, d, RO) for d in python_dirs()]
+        mounts += [Mount("/tmp", self.host_tmp, RW), Mount(self.workdir, self.host_work, RW)]
+        mounts += [Mount(b.dest, b.source, RO if b.read_only else RW) for b in self.binds]
+        # Later mounts shadow earlier ones at the same path, as in bwrap.
+        self.mounts = {m.inside: m for m in mounts}
+
+    def bwrap_args(self) -> list[str]:
+        args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        for d in hidden_dirs():
+            args += ["--tmpfs", d]
+        args += ["--bind", self.host_tmp, "/tmp"]
+        for d in python_dirs():
+            args += ["--ro-bind", d, d]
+        args += ["--bind", self.host_work, self.workdir]
+        for b in self.binds:
+            args += ["--ro-bind" if b.read_only else "--bind", b.source, b.dest]
+        for d in hidden_dirs():
+            args += ["--remount-ro", d]
+        return args
+
+    def _mount_for(self, path: str) -> Mount:
+        best = self.mounts["/"]
+        for m in self.mounts.values():
+            if _under(path, m.inside) and len(m.inside) > len(best.inside):
+                best = m
+        return best
+
+    def _host(self, path: str) -> tuple[Optional[str], Mount]:
+        m = self._mount_for(path)
+        if m.host is None:
+            return None, m
+        rest = path[len(m.inside) :].lstrip("/") if m.inside != "/" else path.lstrip("/")
+        return (os.path.join(m.host, rest) if rest else m.host), m
+
+    def resolve(self, path: str) -> tuple[str, Optional[str], str]:
+        """Inside path -> (resolved inside path, host path or None, mount kind), following symlinks
+        the way the sandbox sees them, so a link in the work dir can never reach outside its mounts."""
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise PathError("invalid_path")
+        parts = [p for p in path.split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise PathError("invalid_path")
+        if not self.isolated:
+            host = os.path.normpath(path)
+            return host, host, RW
+        resolved, hops = "/", 0
+        while parts:
+            name = parts.pop(0)
+            if name in ("", "."):
+                continue
+            if name == "..":
+                resolved = os.path.dirname(resolved)
+                continue
+            candidate = os.path.join(resolved, name)
+            host, _ = self._host(candidate)
+            if host is not None and os.path.islink(host):
+                hops += 1
+                if hops > 40:
+                    raise PathError("invalid_path")
+                target = os.readlink(host)
+                if target.startswith("/"):
+                    resolved = "/"
+                parts = target.split("/") + parts
+            else:
+                resolved = candidate
+        host, mount = self._host(resolved)
+        return resolved, host, mount.kind
