@@ -1,0 +1,239 @@
+"""Run one command in its own Daytona session, streaming its logs while it runs.
+
+Why a session per command: deleting the session is Daytona's only way to kill a command, so our
+timeout kills exactly this command and nothing else. The command runs as ``bash -c '...'`` in a
+child of the session shell, so ``exit``/``set -e`` never kill the session shell itself.
+
+Logs arrive over the SDK's WebSocket stream (``get_session_command_logs_async``). If that stream
+fails or closes early (seen with real daemons), we fall back to polling the plain logs endpoint,
+and we always reconcile with the final logs, so output is complete or the call raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import threading
+import time
+import uuid
+from typing import Any, Mapping, Optional, Sequence
+
+from metaflow_sandbox import (
+    ExecResult,
+    SandboxError,
+    SandboxHandle,
+    SandboxNotFoundError,
+    SandboxTimeoutError,
+)
+
+from . import _client
+from ._client import NAME, translate
+
+POLL_MIN = 0.05
+POLL_MAX = 1.0
+KILL_GRACE = 5.0
+
+
+def wrap(command: Sequence[str], env: Mapping[str, str], cwd: Optional[str]) -> str:
+    """The shell line for the session: a quoted ``bash -c`` child with its own env and cwd."""
+    inner = ""
+    if cwd:
+        inner += "cd %s && " % shlex.quote(cwd)
+    inner += "exec "
+    if env:
+        inner += "env %s " % " ".join(shlex.quote("%s=%s" % (k, v)) for k, v in env.items())
+    inner += shlex.join(list(command))
+    return "bash -c %s" % shlex.quote(inner)
+
+
+class _Sink:
+    """Delivers text to the caller's callbacks exactly once, whichever path (stream or poll) saw it."""
+
+    def __init__(self, on_stdout: Any, on_stderr: Any):
+        self.callbacks = {"stdout": on_stdout, "stderr": on_stderr}
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.lock = threading.Lock()
+        self.closed = False
+        self.killed = False
+
+    def stream(self, kind: str, text: str) -> None:
+        with self.lock:
+            if self.closed or not text:
+                return
+            self.sent[kind] += len(text)
+            callback = self.callbacks[kind]
+        if callback:
+            callback(text)
+
+    def catch_up(self, kind: str, full: Optional[str]) -> None:
+        """Emit the part of the full log the caller has not seen yet."""
+        with self.lock:
+            rest = (full or "")[self.sent[kind] :]
+            self.sent[kind] += len(rest)
+            callback = self.callbacks[kind]
+        if rest and callback:
+            callback(rest)
+
+
+class _Stream(threading.Thread):
+    """The SDK's log WebSocket, in its own thread so our deadline never waits on it."""
+
+    def __init__(self, process: Any, session: str, cmd_id: str, sink: _Sink):
+        super().__init__(daemon=True, name="daytona-logs-%s" % cmd_id[:8])
+        self.process, self.session, self.cmd_id, self.sink = process, session, cmd_id, sink
+        self.error: Optional[BaseException] = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(
+                self.process.get_session_command_logs_async(
+                    self.session,
+                    self.cmd_id,
+                    lambda text: self.sink.stream("stdout", text),
+                    lambda text: self.sink.stream("stderr", text),
+                )
+            )
+        except BaseException as exc:  # reported through .error; the poll fallback takes over
+            self.error = exc
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def run(
+    handle: SandboxHandle,
+    sandbox: Any,
+    command: Sequence[str],
+    env: Mapping[str, str],
+    cwd: Optional[str],
+    timeout: Optional[float],
+    on_stdout: Any,
+    on_stderr: Any,
+) -> ExecResult:
+    from daytona import SessionExecuteRequest
+
+    sid = handle.sandbox_id
+    process = sandbox.process
+    session = "mf-" + uuid.uuid4().hex[:16]
+    deadline = time.monotonic() + timeout if timeout else None
+    _call(handle, "create session", lambda: process.create_session(session))
+    sink = _Sink(on_stdout, on_stderr)
+    try:
+        request = SessionExecuteRequest(command=wrap(command, env, cwd), run_async=True)
+        response = _call(handle, "start command", lambda: process.execute_session_command(session, request))
+        cmd_id = response.cmd_id
+        stream = _Stream(process, session, cmd_id, sink)
+        stream.start()
+        stream.join(_remaining(deadline))
+        if stream.is_alive():
+            _kill(handle, process, session, stream, sink)
+            raise SandboxTimeoutError(
+                "command timed out after %ss and was killed" % timeout,
+                hint="raise the timeout (@timeout) or make the step faster",
+                backend=NAME,
+                sandbox_id=sid,
+            )
+        exit_code = _wait_exit(handle, process, session, cmd_id, sink, deadline, stream, timeout)
+        logs = _call(handle, "read logs", lambda: process.get_session_command_logs(session, cmd_id))
+        sink.catch_up("stdout", logs.stdout)
+        sink.catch_up("stderr", logs.stderr)
+        sink.closed = True
+        if exit_code is None or exit_code < 0:
+            raise SandboxError(
+                "Daytona reported exit code %s for the command: the sandbox failed to run it" % exit_code,
+                hint="an infrastructure failure, not your code's exit status; it was not re-run. Retry the task "
+                "(@retry) or check the sandbox in the Daytona dashboard",
+                backend=NAME,
+                sandbox_id=sid,
+            )
+        return ExecResult(exit_code=int(exit_code))
+    finally:
+        if not sink.killed:
+            _delete_session(process, session)
+
+
+def _wait_exit(
+    handle: SandboxHandle,
+    process: Any,
+    session: str,
+    cmd_id: str,
+    sink: _Sink,
+    deadline: Optional[float],
+    stream: _Stream,
+    timeout: Optional[float],
+) -> Optional[int]:
+    """Exit code once known; while the command still runs (the stream died), poll its logs."""
+    delay = POLL_MIN
+    while True:
+        cmd = _call(handle, "read exit code", lambda: process.get_session_command(session, cmd_id))
+        if cmd.exit_code is not None:
+            return cmd.exit_code
+        logs = _call(handle, "read logs", lambda: process.get_session_command_logs(session, cmd_id))
+        sink.catch_up("stdout", logs.stdout)
+        sink.catch_up("stderr", logs.stderr)
+        left = _remaining(deadline)
+        if left is not None and left <= 0:
+            _kill(handle, process, session, stream, sink)
+            raise SandboxTimeoutError(
+                "command timed out after %ss and was killed" % timeout,
+                hint="raise the timeout (@timeout) or make the step faster",
+                backend=NAME,
+                sandbox_id=handle.sandbox_id,
+            )
+        time.sleep(min(delay, left) if left is not None else delay)
+        delay = min(POLL_MAX, delay * 1.5)
+
+
+def _kill(handle: SandboxHandle, process: Any, session: str, stream: _Stream, sink: _Sink) -> None:
+    """Deleting the session kills every process it started; then stop delivering output."""
+    sink.closed = sink.killed = True
+    try:
+        process.delete_session(session)
+    except Exception as exc:
+        from daytona.common.errors import DaytonaNotFoundError
+
+        if not isinstance(exc, DaytonaNotFoundError):
+            translate(exc, op="sandbox_exec (kill after timeout)", sandbox_id=handle.sandbox_id, retry_safe=False)
+    stream.join(KILL_GRACE)
+
+
+def _delete_session(process: Any, session: str) -> None:
+    try:
+        process.delete_session(session)
+    except Exception:  # already gone (killed, or the sandbox vanished): nothing left to clean
+        pass
+
+
+def _call(handle: SandboxHandle, what: str, fn: Any) -> Any:
+    """Run one toolbox call; a 404 means the sandbox (or our session in it) is gone."""
+    try:
+        return fn()
+    except Exception as exc:
+        from daytona.common.errors import DaytonaNotFoundError
+
+        if isinstance(exc, DaytonaNotFoundError):
+            _raise_gone(handle, what, exc)
+        translate(exc, op="sandbox_exec (%s)" % what, sandbox_id=handle.sandbox_id, retry_safe=False)
+
+
+def _raise_gone(handle: SandboxHandle, what: str, exc: Exception) -> None:
+    gone = True
+    try:
+        state = str(_client.client(handle.options).get(handle.sandbox_id).state).lower()
+        gone = state.endswith(("destroyed", "destroying", "error"))
+    except Exception:
+        gone = True
+    if gone:
+        raise SandboxNotFoundError(
+            "the Daytona sandbox disappeared while trying to %s" % what,
+            hint="it was deleted or expired (ttl/auto-delete); the command's outcome is unknown and it was not re-run",
+            backend=NAME,
+            sandbox_id=handle.sandbox_id,
+        ) from exc
+    raise SandboxError(
+        "Daytona lost the command session while trying to %s: %s" % (what, exc),
+        hint="the command's outcome is unknown and it was not re-run; retry the task (@retry)",
+        backend=NAME,
+        sandbox_id=handle.sandbox_id,
+    ) from exc

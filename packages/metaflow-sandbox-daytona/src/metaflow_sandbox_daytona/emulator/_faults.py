@@ -1,0 +1,77 @@
+"""Fault injection switches, shared by the constructor, the CLI and the admin endpoint."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+#: Endpoint names faults can target (see server.endpoint_name).
+ENDPOINTS = (
+    "create", "get", "list", "delete", "lifecycle", "snapshot",
+    "session", "exec", "command", "logs", "upload", "download", "info",
+)
+
+
+@dataclass
+class Faults:
+    latency_ms: float = 0.0
+    #: Share (0..1) of requests to ``error_endpoints`` answered with ``error_status``; seeded, so repeatable.
+    error_rate: float = 0.0
+    #: The next N requests to ``error_endpoints`` are answered with ``error_status`` (fully deterministic).
+    error_next: int = 0
+    error_status: int = 503
+    error_endpoints: tuple[str, ...] = ("list", "get")
+    seed: int = 0
+    #: Close the next N log WebSockets early (True: all of them), with ``drop_close_code``.
+    drop_log_stream: Any = 0
+    drop_close_code: int = 1000
+    #: The next N session commands lose their sandbox ``vanish_delay_ms`` after they start.
+    vanish_next_exec: int = 0
+    vanish_delay_ms: float = 300.0
+    #: The next N session commands report exit code -1 (Daytona's "could not run it").
+    exit_minus_one_next: int = 0
+    #: Real seconds in one emulated minute (TTL, auto-stop and auto-delete are given in minutes).
+    minute_seconds: float = 60.0
+    #: Polls an image create stays in "creating" before "started" (simulates the server-side build).
+    image_build_polls: int = 1
+    _rng: random.Random = field(default_factory=random.Random, repr=False)
+
+    def __post_init__(self) -> None:
+        self._rng = random.Random(self.seed)
+
+    def update(self, changes: Mapping[str, Any]) -> None:
+        names = {f.name for f in fields(self) if not f.name.startswith("_")}
+        unknown = set(changes) - names
+        if unknown:
+            raise ValueError("unknown fault(s) %s; known: %s" % (sorted(unknown), sorted(names)))
+        for key, value in changes.items():
+            if key == "error_endpoints":
+                value = tuple([value] if isinstance(value, str) else value)
+            setattr(self, key, value)
+        if "seed" in changes:
+            self._rng = random.Random(self.seed)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+    def error_for(self, endpoint: str) -> Optional[int]:
+        """Status to answer instead of serving ``endpoint``, or None."""
+        if endpoint not in self.error_endpoints:
+            return None
+        if self.error_next > 0:
+            self.error_next -= 1
+            return self.error_status
+        if self.error_rate and self._rng.random() < self.error_rate:
+            return self.error_status
+        return None
+
+    def take(self, name: str) -> bool:
+        """Consume one unit of a countdown switch (True means: inject now)."""
+        value = getattr(self, name)
+        if value is True:
+            return True
+        if isinstance(value, (int, float)) and value > 0:
+            setattr(self, name, value - 1)
+            return True
+        return False
