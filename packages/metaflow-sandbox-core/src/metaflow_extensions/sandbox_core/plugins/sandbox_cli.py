@@ -119,14 +119,7 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
     cache_dir = _pip_cache_dir() if local else None
     pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), cache_dir)
-    task_spec = {
-        "flow_name": obj.flow.name,
-        "step_name": step_name,
-        "run_id": run_id,
-        "task_id": task_id,
-        "retry_count": str(retry_count),
-    }
-    command = task_command(obj.environment, step_name, step_cli, code, datastore_type, task_spec, datastore_root, pip_cmds)
+    command = task_command(obj.environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds)
     labels = {
         "metaflow-sandbox": "1",
         "metaflow.flow": obj.flow.name,
@@ -172,7 +165,9 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
     from metaflow_sandbox import SandboxError, SandboxNotFoundError, SandboxTimeoutError
 
     backend = load_backend(backend_name, backend_options(backend_name, attrs.get("options")))
-    relay = LogRelay()
+    relay = LogRelay(
+        obj.flow_datastore.get_task_datastore(run_id, step_name, task_id, attempt=retry_count, mode="w", allow_not_done=True)
+    )
     sbx = None
     exit_code = 1
     try:
@@ -184,6 +179,7 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
             _sync_metadata()
             sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
         relay.system("Task is starting in %s sandbox %s." % (backend_name, sbx.id))
+        relay.start_saving()
         try:
             result = sbx.exec(
                 command,
@@ -192,7 +188,6 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
                 on_stdout=relay.stdout,
                 on_stderr=relay.stderr,
             )
-            relay.flush()
             exit_code = result.exit_code
             if result.oom_killed:
                 relay.system(
@@ -201,7 +196,6 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
                     err=True,
                 )
         except SandboxTimeoutError:
-            relay.flush(persist=True)
             relay.system(
                 "Step *%s* ran past its time limit of %ss (@timeout) and its sandbox was stopped."
                 % (step_name, deco.run_time_limit),
@@ -209,15 +203,12 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
             )
             exit_code = 1
         except SandboxNotFoundError as err:
-            relay.flush(persist=True)
             relay.system("Sandbox %s disappeared while the task ran: %s" % (sbx.id, err), err=True)
             exit_code = 1
         except SandboxError as err:
-            relay.flush(persist=True)
             relay.system("Sandbox %s failed while the task ran: %s" % (sbx.id, err), err=True)
             exit_code = 1
     except (KeyboardInterrupt, _Terminated):
-        relay.flush(persist=True)
         obj.echo_always("Interrupted: destroying the sandbox of step *%s*." % step_name, err=True)
         exit_code = METAFLOW_EXIT_DISALLOW_RETRY
     except SystemExit:
@@ -226,6 +217,7 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         traceback.print_exc()
         exit_code = METAFLOW_EXIT_DISALLOW_RETRY
     finally:
+        relay.close()
         if sbx is not None:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the teardown finish
             try:

@@ -196,7 +196,6 @@ class SandboxDecorator(StepDecorator):
     ):
         self.metadata = metadata
         self.task_datastore = task_datastore
-        self._save_logs_sidecar = None
         if os.environ.get(WORKLOAD_ENV):
             entries = {
                 "sandbox-backend": os.environ.get("METAFLOW_SANDBOX_BACKEND_NAME", ""),
@@ -208,23 +207,12 @@ class SandboxDecorator(StepDecorator):
                 task_id,
                 [MetaDatum(field=k, value=v, type=k, tags=["attempt_id:%d" % retry_count]) for k, v in entries.items()],
             )
-            from metaflow.sidecar import Sidecar
-
-            # Persist logs while the task runs, so `logs` and the UI see them before it ends.
-            self._save_logs_sidecar = Sidecar("save_logs_periodically")
-            self._save_logs_sidecar.start()
 
     def task_finished(self, step_name, flow, graph, is_task_ok, retry_count, max_retries):
-        if os.environ.get(WORKLOAD_ENV):
-            if getattr(self, "metadata", None) is not None and self.metadata.TYPE == "local":
-                if self.task_datastore.TYPE != "local":
-                    sync_local_metadata_to_datastore(DATASTORE_LOCAL_DIR, self.task_datastore)
-        sidecar = getattr(self, "_save_logs_sidecar", None)
-        if sidecar is not None:
-            try:
-                sidecar.terminate()
-            except Exception:
-                pass
+        # Local metadata with a remote datastore travels back through the datastore.
+        if os.environ.get(WORKLOAD_ENV) and getattr(self, "metadata", None) is not None:
+            if self.metadata.TYPE == "local" and self.task_datastore.TYPE != "local":
+                sync_local_metadata_to_datastore(DATASTORE_LOCAL_DIR, self.task_datastore)
 
     @classmethod
     def _save_package_once(cls, flow_datastore, package):

@@ -1,24 +1,30 @@
-"""Relays a sandbox's output to the runtime, live, as mflog-structured lines.
+"""Live logs: the trampoline relays a sandbox's output to the runtime and persists it once.
 
-The task inside the sandbox persists its own logs (mflog tee + save_logs), so lines are echoed
-as structured lines, which the runtime displays but does not store again (metaflow-internals 2.6).
-If the sandbox dies before it saved them, ``flush(persist=True)`` re-emits what was streamed
-marked for persistence, so nothing already shown is lost.
+Every line the task prints arrives here while it runs (the backend streams it). Each line is
+echoed as an mflog-structured line, which the runtime displays but does not store again
+(metaflow-internals 2.6), and kept for the task's own log files (`<attempt>.task_stdout.log`),
+which are saved to the datastore periodically and at the end. So `python flow.py logs` and the
+UI see the logs while the task runs, nothing is stored twice, and what was streamed before a
+sandbox died is kept. No tee, save_logs or sidecar process runs inside the sandbox.
 """
 
 import sys
+import threading
+import time
 
-from metaflow.mflog import TASK_LOG_SOURCE
-from metaflow.mflog.mflog import decorate, set_should_persist
-
-MAX_KEPT_BYTES = 64 * 1024 * 1024
+from metaflow.mflog import TASK_LOG_SOURCE, update_delay
+from metaflow.mflog.mflog import decorate
 
 
 class LogRelay:
-    def __init__(self):
+    def __init__(self, task_datastore=None):
+        self._datastore = task_datastore
+        self._lock = threading.Lock()
         self._pending = {"stdout": "", "stderr": ""}
-        self._kept = []
-        self._kept_bytes = 0
+        self._lines = {"stdout": [], "stderr": []}
+        self._dirty = False
+        self._stop = threading.Event()
+        self._saver = None
 
     def stdout(self, chunk):
         self._feed("stdout", chunk)
@@ -27,39 +33,57 @@ class LogRelay:
         self._feed("stderr", chunk)
 
     def _feed(self, stream, chunk):
-        text = self._pending[stream] + chunk
-        *lines, self._pending[stream] = text.split("\n")
-        for line in lines:
-            self._emit(stream, line)
+        with self._lock:
+            text = self._pending[stream] + chunk
+            *lines, self._pending[stream] = text.split("\n")
+            for line in lines:
+                self._emit(stream, line)
 
     def _emit(self, stream, line):
-        line = line.rstrip("\r")
-        if line.startswith("[save_logs]"):
-            return  # save_logs' own diagnostics are not task output
-        structured = decorate(TASK_LOG_SOURCE, line)
-        if self._kept_bytes < MAX_KEPT_BYTES:
-            self._kept.append((stream, structured))
-            self._kept_bytes += len(structured)
+        structured = decorate(TASK_LOG_SOURCE, line.rstrip("\r"))
+        self._lines[stream].append(structured)
+        self._dirty = True
         out = sys.stdout if stream == "stdout" else sys.stderr
         out.buffer.write(structured + b"\n")
         out.flush()
 
-    def flush(self, persist=False):
-        """Emit partial last lines; with ``persist`` re-emit everything for the runtime to store."""
-        for stream in ("stdout", "stderr"):
-            if self._pending[stream]:
-                self._emit(stream, self._pending[stream])
-                self._pending[stream] = ""
-        if persist:
-            for stream, line in self._kept:
-                out = sys.stdout if stream == "stdout" else sys.stderr
-                out.buffer.write(set_should_persist(line) + b"\n")
-            sys.stdout.flush()
-            sys.stderr.flush()
-            self._kept = []
+    def start_saving(self):
+        """Save the logs to the datastore while the task runs (mflog's sigmoid schedule)."""
+        if self._datastore is None:
+            return
+        started = time.time()
+
+        def loop():
+            while not self._stop.wait(update_delay(time.time() - started)):
+                self.save()
+
+        self._saver = threading.Thread(target=loop, name="sandbox-log-saver", daemon=True)
+        self._saver.start()
+
+    def save(self):
+        if self._datastore is None:
+            return
+        with self._lock:
+            if not self._dirty:
+                return
+            data = {s: b"".join(line + b"\n" for line in lines) for s, lines in self._lines.items()}
+            self._dirty = False
+        self._datastore.save_logs(TASK_LOG_SOURCE, data)
+
+    def close(self):
+        """Emit partial last lines, stop the periodic saver and save a final time."""
+        with self._lock:
+            for stream in ("stdout", "stderr"):
+                if self._pending[stream]:
+                    self._emit(stream, self._pending[stream])
+                    self._pending[stream] = ""
+        self._stop.set()
+        if self._saver is not None:
+            self._saver.join()
+        self.save()
 
     def system(self, message, err=False):
-        """A message from the trampoline itself; persisted by the runtime as a runtime log line."""
+        """A message from the trampoline itself; the runtime stores it as a runtime log line."""
         out = sys.stderr if err else sys.stdout
         out.write(message + "\n")
         out.flush()

@@ -1,8 +1,8 @@
 """What runs inside the sandbox for one task: its environment, its bash command, its spec.
 
 Kept apart from the click wiring so each piece is small and testable. The command has the
-@batch shape (metaflow-internals 2.5): mflog env, code package, bootstrap, the step with its
-output tee'd into mflog files, and a final save_logs that persists them from inside.
+@batch shape (metaflow-internals 2.5) minus the log plumbing: code package, pip requirements,
+bootstrap, step. Logs are persisted by the trampoline from the live stream (sandbox_logs.py).
 """
 
 import hashlib
@@ -13,12 +13,10 @@ import sys
 
 from metaflow import metaflow_config as mfconf
 from metaflow.metaflow_config_funcs import config_values
-from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG, BASH_SAVE_LOGS, bash_capture_logs, export_mflog_env_vars
+from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
 from metaflow.package import MetaflowPackage
 
 from .sandbox_decorator import WORKLOAD_ENV, SandboxException
-
-LOGS_DIR = "$PWD/.logs"
 
 # Datastore credentials forwarded into sandboxes: an explicit allowlist, sent through the
 # backend's API (never on a command line). Backend API keys are never forwarded.
@@ -155,6 +153,12 @@ def pip_install_commands(reqs, cache_dir):
     ]
 
 
+# Inside the sandbox, `mflog` only prints: the trampoline receives every line live and persists
+# the task's logs itself, so no tee, save_logs or sidecar process runs per task.
+ECHO_MFLOG = "mflog(){ echo $1; }"
+NO_FLUSH = "flush_mflogs(){ :; }"
+
+
 def local_package_commands(code_url, code_metadata, datastore_root):
     """Code package setup for the local datastore shared with the sandbox (metaflow-internals 4.3)."""
     extract = MetaflowPackage.get_extract_commands(code_metadata, code_url, dest_dir=".")
@@ -166,9 +170,6 @@ def local_package_commands(code_url, code_metadata, datastore_root):
             exports.append("export %s=%s:$(printenv %s)" % (key, value, key))
     return (
         [
-            BASH_MFLOG,
-            BASH_FLUSH_LOGS,
-            "mflog 'Setting up task environment.'",
             "mkdir metaflow",
             "cd metaflow",
             # Code that looks for .metaflow from the cwd upward must find the shared root.
@@ -177,25 +178,17 @@ def local_package_commands(code_url, code_metadata, datastore_root):
         ]
         + extract
         + exports
-        + ["mflog 'Task is starting.'", "flush_mflogs"]
     )
 
 
-def task_command(environment, step_name, step_cli, code, datastore_type, task_spec, datastore_root, pip_cmds):
-    """argv for the sandbox: bash -c "<@batch-shaped script>"."""
-    mflog_expr = export_mflog_env_vars(
-        datastore_type=datastore_type,
-        stdout_path="%s/mflog_stdout" % LOGS_DIR,
-        stderr_path="%s/mflog_stderr" % LOGS_DIR,
-        datastore_root=datastore_root if datastore_type == "local" else None,
-        **task_spec,
-    )
+def task_command(environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds):
+    """argv for the sandbox: bash -c "<code package> && <pip> && <bootstrap> && <step>"."""
     if datastore_type == "local":
         init_cmds = local_package_commands(code["url"], code["metadata"], datastore_root)
     else:
         init_cmds = environment.get_package_commands(code["url"], datastore_type, code["metadata"])
-    step_expr = bash_capture_logs(" && ".join(pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]))
-    cmd_str = "true && mkdir -p %s && %s && %s && %s; " % (LOGS_DIR, mflog_expr, " && ".join(init_cmds), step_expr)
-    cmd_str += "c=$?; %s; exit $c" % BASH_SAVE_LOGS
+        init_cmds = [c for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
+    cmds = [ECHO_MFLOG, NO_FLUSH, "mflog 'Setting up task environment.'"] + init_cmds
+    cmds += pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]
     # get_package_commands' quoting assumes exactly this shlex pass (as in @batch).
-    return shlex.split('bash -c "%s"' % cmd_str)
+    return shlex.split('bash -c "true && %s"' % " && ".join(cmds))

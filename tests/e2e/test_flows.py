@@ -1,0 +1,119 @@
+"""Real flows, real sandboxes, once per backend x datastore target (see conftest.TARGETS).
+
+Each test asserts on artifacts, exit codes, logs and metadata; the `target` fixture also
+asserts that no sandbox is left alive afterwards.
+"""
+
+from __future__ import annotations
+
+
+def _ok(run):
+    assert run.returncode == 0, run.output[-6000:]
+
+
+def test_features_artifacts_env_resources_logs_metadata(target):
+    run = target.flow("features_flow.py")
+    _ok(run)
+    rid = run.run_id()
+    data = target.client(
+        """
+        t = Run('FeaturesFlow/%s')['work'].task
+        emit({k: getattr(t.data, k) for k in ('y', 'cpus', 'env_deco', 'sandbox_env', 'in_sandbox', 'backend_keys_seen')}
+             | {'meta': t.metadata_dict, 'stdout': t.stdout, 'stderr': t.stderr})
+        """ % rid,
+        run,
+    )
+    assert data["y"] == 42
+    assert data["env_deco"] == "env-ok" and data["sandbox_env"] == "sandbox-ok"
+    assert data["in_sandbox"] == "1"
+    assert data["backend_keys_seen"] == [], "backend API keys must not reach the sandbox"
+    # @resources(cpu=2) beats @sandbox(cpu=1): the task sees 2 CPUs.
+    assert data["cpus"] == 2
+    assert data["meta"]["sandbox-backend"] == target.backend
+    assert data["meta"]["sandbox-id"]
+    # Logs: every line once, in order, stdout and stderr apart.
+    out = [ln for ln in data["stdout"].splitlines() if ln.startswith("out-line")]
+    err = [ln for ln in data["stderr"].splitlines() if ln.startswith("err-line")]
+    assert out == ["out-line-%d" % i for i in range(5)]
+    assert err == ["err-line-%d" % i for i in range(5)]
+    assert "err-line" not in data["stdout"] and "out-line" not in data["stderr"]
+    # ... and the same through `python flow.py logs`.
+    logs = target.flow("features_flow.py", "logs", "%s/work" % rid)
+    assert logs.returncode == 0, logs.output
+    assert [ln for ln in logs.stdout.splitlines() if "out-line" in ln] == ["out-line-%d" % i for i in range(5)]
+    logs_err = target.flow("features_flow.py", "logs", "--stderr", "%s/work" % rid)
+    assert [ln for ln in logs_err.stdout.splitlines() if "err-line" in ln] == ["err-line-%d" % i for i in range(5)]
+    # Live echo on the terminal: each line once.
+    assert sum("out-line-3" in ln for ln in run.output.splitlines()) == 1
+
+
+def test_branches_join_and_16_way_foreach(target):
+    run = target.flow("fanout_flow.py")
+    _ok(run)
+    data = target.client(
+        """
+        r = Run('FanoutFlow/%s')
+        emit({'total': r['meet'].task.data.total, 'squares': r['gather'].task.data.squares,
+              'ids': sorted({t.metadata_dict.get('sandbox-id') for t in r['square']}),
+              'left': r['left'].task.metadata_dict.get('sandbox-id'), 'right': r['right'].task.metadata_dict.get('sandbox-id')})
+        """ % run.run_id(),
+        run,
+    )
+    assert data["total"] == 23
+    assert data["squares"] == sorted(i * i + 23 for i in range(16))
+    assert len(data["ids"]) == 16 and None not in data["ids"], "each foreach task runs in its own sandbox"
+    assert data["left"] and data["right"] is None
+
+
+def test_retry_then_catch(target):
+    run = target.flow("failures_flow.py")
+    _ok(run)
+    data = target.client(
+        """
+        r = Run('FailuresFlow/%s')
+        emit({'attempt_ok': r['flaky'].task.data.attempt_ok, 'caught': r['end'].task.data.caught})
+        """ % run.run_id(),
+        run,
+    )
+    assert data["attempt_ok"] == 1
+    assert "boom from the sandbox" in data["caught"]
+    assert "first attempt fails on purpose" in run.output
+
+
+def test_timeout_fails_the_step_with_a_timeout_message(target):
+    run = target.flow("timeout_flow.py", timeout=240)
+    assert run.returncode != 0
+    assert "going to sleep" in run.output
+    assert "timed out" in run.output.lower()
+
+
+def test_resume_clones_and_reruns_in_a_sandbox(target):
+    failed = target.flow("resume_flow.py", env={"FAIL_B": "1"})
+    assert failed.returncode != 0 and "b fails on purpose" in failed.output
+    resumed = target.flow("resume_flow.py", "resume")
+    _ok(resumed)
+    assert "Cloning" in resumed.output or "cloned" in resumed.output.lower()
+    data = target.client(
+        """
+        r = Flow('ResumeFlow').latest_run
+        emit({'b': r['b'].task.data.b_value, 'b_sandbox': r['b'].task.metadata_dict.get('sandbox-id'),
+              'origin': r.data.__class__.__name__})
+        """,
+        resumed,
+    )
+    assert data["b"] == "from-a+b"
+    assert data["b_sandbox"]
+
+
+def test_with_sandbox_runs_every_step_in_a_sandbox(target):
+    run = target.flow("plain_flow.py", "run", "--with", "sandbox:cpu=1,memory=1024")
+    _ok(run)
+    data = target.client(
+        """
+        r = Run('PlainFlow/%s')
+        emit({'where': r['end'].task.data.where, 'ids': [s.task.metadata_dict.get('sandbox-id') for s in r]})
+        """ % run.run_id(),
+        run,
+    )
+    assert data["where"] == ["1", "1"]
+    assert all(data["ids"])
