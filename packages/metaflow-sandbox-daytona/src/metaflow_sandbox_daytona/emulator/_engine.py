@@ -22,26 +22,26 @@ STDOUT = b"\x01\x01\x01"
 STDERR = b"\x02\x02\x02"
 STATE_DIR = ".daytona-emu"
 
-# Runs one session command: restore the session's cwd/exports, run the command in its own process
-# group (set -m), save cwd/exports on exit, and kill the group when the session's kill flag appears.
-WRAPPER = r"""
+# A session command runs in its own session/process group (setsid): it restores the session's cwd
+# and exports, runs the command, and saves cwd/exports on exit (persistent-shell semantics).
+INNER = r"""
 d="$1"; cmd="$2"; wd="$3"
+if [ -f "$d/env" ]; then . "$d/env" 2>/dev/null; fi
+if [ -f "$d/cwd" ]; then cd "$(cat "$d/cwd")" 2>/dev/null || cd "$wd"; else cd "$wd"; fi
+trap 'export -p | grep -Ev "^declare -x (PWD|OLDPWD|SHLVL|_)=" > "$d/env.tmp"; mv -f "$d/env.tmp" "$d/env"; pwd > "$d/cwd"' EXIT
+eval "$cmd"
+"""
+
+# The supervisor: start the command, and kill its whole group when the session's kill flag appears.
+WRAPPER = r"""
+d="$1"; cmd="$2"; wd="$3"; inner="$4"
 mkdir -p "$d" || exit 255
-set -m
-(
-  if [ -f "$d/env" ]; then . "$d/env" 2>/dev/null; fi
-  if [ -f "$d/cwd" ]; then cd "$(cat "$d/cwd")" 2>/dev/null || cd "$wd"; else cd "$wd"; fi
-  trap 'export -p | grep -Ev "^declare -x (PWD|OLDPWD|SHLVL|_)=" > "$d/env.tmp"; mv -f "$d/env.tmp" "$d/env"; pwd > "$d/cwd"' EXIT
-  eval "$cmd"
-) &
+setsid bash -c "$inner" daytona-cmd "$d" "$cmd" "$wd" &
 pid=$!
-(
-  while [ ! -e "$d/kill" ]; do sleep 0.1; done
-  kill -KILL -- "-$pid" 2>/dev/null
-) </dev/null >/dev/null 2>&1 &
+( while [ ! -e "$d/kill" ]; do sleep 0.1; done; kill -KILL -- "-$pid" 2>/dev/null ) </dev/null >/dev/null 2>&1 &
 w=$!
 wait "$pid"; rc=$?
-kill -KILL -- "-$w" 2>/dev/null
+kill "$w" 2>/dev/null
 exit $rc
 """
 
@@ -122,7 +122,7 @@ class Engine:
     def run_session_command(
         self, sb: EmuSandbox, session: str, cmd: Command, emit: Callable[[str, str], None]
     ) -> int:
-        argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_dir(session), cmd.command, sb.workdir]
+        argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_dir(session), cmd.command, sb.workdir, INNER]
         result = sb.local.exec(argv, on_stdout=lambda t: emit("stdout", t), on_stderr=lambda t: emit("stderr", t))
         return int(result.exit_code)
 

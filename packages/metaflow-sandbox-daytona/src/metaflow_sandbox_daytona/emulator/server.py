@@ -57,6 +57,8 @@ def _error(status: int, message: str, code: str = "", source: str = "api", path:
 
 def endpoint_name(method: str, path: str) -> str:
     parts = [p for p in path.split("/") if p]
+    if parts[1:2] == ["socket.io"]:
+        return "socketio"
     if parts[:1] == ["api"]:
         if parts[1:2] == ["snapshots"]:
             return "snapshot"
