@@ -53,7 +53,7 @@ def make_api_app(world: World) -> web.Application:
     async def kill(request: web.Request) -> web.StreamResponse:
         if await world.kill(request.match_info["sid"]):
             return web.Response(status=204)
-        return error(404, "sandbox \"%s\" not found" % request.match_info["sid"])
+        return error(404, 'sandbox "%s" not found' % request.match_info["sid"])
 
     async def set_timeout(request: web.Request) -> web.StreamResponse:
         body = await request.json()

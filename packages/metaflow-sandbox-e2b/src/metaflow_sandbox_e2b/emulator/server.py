@@ -92,7 +92,9 @@ async def serve(args: argparse.Namespace) -> None:
     if args.ready_json:
         print(json.dumps(info), flush=True)
     else:
-        print("E2B emulator: E2B_API_URL=%(api_url)s E2B_SANDBOX_URL=%(sandbox_url)s" % info, file=sys.stderr, flush=True)
+        print(
+            "E2B emulator: E2B_API_URL=%(api_url)s E2B_SANDBOX_URL=%(sandbox_url)s" % info, file=sys.stderr, flush=True
+        )
     reaper = asyncio.ensure_future(_reap(world))
     await stop.wait()
     reaper.cancel()

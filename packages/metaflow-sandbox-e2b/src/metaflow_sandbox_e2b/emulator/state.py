@@ -208,7 +208,9 @@ class World:
         if timeout > self.max_timeout():
             raise ApiError(400, "Timeout cannot be greater than %d hours" % (self.max_timeout() // 3600))
         if self.max_sandboxes is not None and len(self.live()) >= self.max_sandboxes:
-            raise ApiError(429, "you have reached the maximum number of concurrent E2B sandboxes (%d)" % self.max_sandboxes)
+            raise ApiError(
+                429, "you have reached the maximum number of concurrent E2B sandboxes (%d)" % self.max_sandboxes
+            )
         allow = body.get("allow_internet_access")
         envs = {str(k): str(v) for k, v in (body.get("envVars") or {}).items()}
         sid = "i" + secrets.token_hex(10)

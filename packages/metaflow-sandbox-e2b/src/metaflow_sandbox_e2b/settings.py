@@ -1,0 +1,110 @@
+"""Backend options (``METAFLOW_SANDBOX_E2B_<KEY>`` -> ``options[key]``), E2B's env vars and plan limits.
+
+No SDK import and no network: ``check_config`` and ``capabilities`` are built from this alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Optional
+
+from metaflow_sandbox import BackendNotConfiguredError, UnsupportedOptionError
+
+NAME = "e2b"
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """E2B plan limits (docs: sandbox/rate-limits, the SDK's create() docstring)."""
+
+    max_ttl_seconds: int
+    max_cpu: int
+    max_memory_mb: int
+
+
+PLANS = {
+    "hobby": Plan(max_ttl_seconds=3600, max_cpu=8, max_memory_mb=8192),
+    "pro": Plan(max_ttl_seconds=86400, max_cpu=8, max_memory_mb=16384),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    api_key: Optional[str]
+    api_url: Optional[str]
+    sandbox_url: Optional[str]
+    domain: Optional[str]
+    plan_name: str
+    plan: Plan
+    template: Optional[str]
+    #: The sandbox is created with (and renewed to) at most this TTL while a command runs,
+    #: so a dead launcher leaves an orphan for minutes, not for the whole step budget.
+    lease_seconds: int
+    default_ttl_seconds: int
+    request_timeout: float
+    workdir: Optional[str]
+
+    def api_params(self) -> dict[str, Any]:
+        """Keyword arguments every SDK call gets (classmethods do not inherit them)."""
+        params: dict[str, Any] = {"api_key": self.api_key, "request_timeout": self.request_timeout}
+        for key in ("api_url", "sandbox_url", "domain"):
+            if getattr(self, key):
+                params[key] = getattr(self, key)
+        return params
+
+
+def _opt(options: Mapping[str, Any], key: str, env: Optional[str] = None) -> Optional[str]:
+    value = options.get(key)
+    if value in (None, "") and env:
+        value = os.environ.get(env)
+    return None if value in (None, "") else str(value)
+
+
+def _int(options: Mapping[str, Any], key: str, default: int) -> int:
+    raw = _opt(options, key)
+    if raw is None:
+        return default
+    try:
+        return int(float(raw))
+    except ValueError:
+        raise UnsupportedOptionError(
+            "option '%s' must be a number, got %r" % (key, raw),
+            hint="fix METAFLOW_SANDBOX_E2B_%s" % key.upper(),
+            backend=NAME,
+        ) from None
+
+
+def settings(options: Mapping[str, Any]) -> Settings:
+    plan_name = (_opt(options, "plan", "METAFLOW_SANDBOX_E2B_PLAN") or "hobby").lower()
+    if plan_name not in PLANS:
+        raise UnsupportedOptionError(
+            "unknown E2B plan %r" % plan_name,
+            hint="set METAFLOW_SANDBOX_E2B_PLAN to one of %s" % ", ".join(sorted(PLANS)),
+            backend=NAME,
+        )
+    base = PLANS[plan_name]
+    plan = Plan(
+        max_ttl_seconds=_int(options, "max_ttl_seconds", base.max_ttl_seconds),
+        max_cpu=_int(options, "max_cpu", base.max_cpu),
+        max_memory_mb=_int(options, "max_memory_mb", base.max_memory_mb),
+    )
+    return Settings(
+        api_key=_opt(options, "api_key", "E2B_API_KEY"),
+        api_url=_opt(options, "api_url", "E2B_API_URL"),
+        sandbox_url=_opt(options, "sandbox_url", "E2B_SANDBOX_URL"),
+        domain=_opt(options, "domain", "E2B_DOMAIN"),
+        plan_name=plan_name,
+        plan=plan,
+        template=_opt(options, "template"),
+        lease_seconds=max(30, _int(options, "lease_seconds", 900)),
+        default_ttl_seconds=_int(options, "default_ttl_seconds", plan.max_ttl_seconds),
+        request_timeout=float(_opt(options, "request_timeout") or 60),
+        workdir=_opt(options, "workdir"),
+    )
+
+
+def require_key(s: Settings) -> str:
+    if not s.api_key:
+        raise BackendNotConfiguredError(NAME, "E2B_API_KEY")
+    return s.api_key
