@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from metaflow_sandbox import (
     SandboxError,
@@ -26,16 +26,12 @@ def sdk() -> Any:
     return e2b
 
 
-def idempotency_key(key: Optional[str]) -> Optional[str]:
+def idempotency_key(key: str | None) -> str | None:
     """E2B accepts ``[a-z0-9-]{1,255}``; other keys are folded to that, deterministically and collision-safe."""
     if not key or _KEY_OK.match(key):
         return key
     readable = re.sub(r"[^a-z0-9-]+", "-", key.lower()).strip("-")[:180]
-    return (
-        "%s-%s" % (readable, hashlib.sha256(key.encode()).hexdigest()[:32])
-        if readable
-        else hashlib.sha256(key.encode()).hexdigest()
-    )
+    return "%s-%s" % (readable, hashlib.sha256(key.encode()).hexdigest()[:32]) if readable else hashlib.sha256(key.encode()).hexdigest()
 
 
 def is_gone(exc: BaseException) -> bool:
@@ -44,7 +40,7 @@ def is_gone(exc: BaseException) -> bool:
     return isinstance(exc, gone) or "was not found" in str(exc)
 
 
-def translate(exc: BaseException, op: str, sandbox_id: Optional[str] = None, retry_safe: bool = False) -> SandboxError:
+def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_safe: bool = False) -> SandboxError:
     """Map an SDK exception to our error tree. Transient only where a retry cannot re-run user code."""
     e2b = sdk()
     text = str(exc).strip() or type(exc).__name__
@@ -53,9 +49,7 @@ def translate(exc: BaseException, op: str, sandbox_id: Optional[str] = None, ret
     if is_gone(exc) or (isinstance(exc, e2b.NotFoundException) and op != "create"):
         return SandboxNotFoundError("E2B sandbox is gone (killed, or it reached its timeout): %s" % text, **kw)
     if isinstance(exc, e2b.AuthenticationException):
-        return SandboxError(
-            "E2B rejected the credentials: %s" % text, hint="check E2B_API_KEY (or METAFLOW_SANDBOX_E2B_API_KEY)", **kw
-        )
+        return SandboxError("E2B rejected the credentials: %s" % text, hint="check E2B_API_KEY (or METAFLOW_SANDBOX_E2B_API_KEY)", **kw)
     busy = (e2b.RateLimitException, e2b.ServiceBusyException, e2b.SandboxUnreachableException)
     if isinstance(exc, busy) or (isinstance(status, int) and status >= 500):
         cls = TransientBackendError if retry_safe else SandboxError
@@ -83,7 +77,7 @@ def translate(exc: BaseException, op: str, sandbox_id: Optional[str] = None, ret
 
 
 @contextlib.contextmanager
-def translated(op: str, sandbox_id: Optional[str] = None, retry_safe: bool = False) -> Iterator[None]:
+def translated(op: str, sandbox_id: str | None = None, retry_safe: bool = False) -> Iterator[None]:
     try:
         yield
     except SandboxError:

@@ -7,7 +7,7 @@ import math
 import shlex
 import threading
 import time
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
     Capabilities,
@@ -87,14 +87,11 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     s = settings(spec.options)
     require_key(s)
     if spec.resources.gpu or spec.resources.gpu_type:
-        raise UnsupportedOptionError(
-            "E2B sandboxes have no GPUs", hint="remove gpu=... or use another backend", backend=NAME
-        )
+        raise UnsupportedOptionError("E2B sandboxes have no GPUs", hint="remove gpu=... or use another backend", backend=NAME)
     ttl = float(spec.ttl_seconds or s.default_ttl_seconds)
     if ttl > s.plan.max_ttl_seconds:
         raise UnsupportedOptionError(
-            "E2B's '%s' plan keeps a sandbox at most %ds, but the step needs %ds"
-            % (s.plan_name, s.plan.max_ttl_seconds, ttl),
+            "E2B's '%s' plan keeps a sandbox at most %ds, but the step needs %ds" % (s.plan_name, s.plan.max_ttl_seconds, ttl),
             hint="lower @timeout, or set METAFLOW_SANDBOX_E2B_PLAN=pro (24 h) if your account has it",
             backend=NAME,
             op="sandbox_create",
@@ -119,9 +116,7 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
         _kill_quietly(sbx.sandbox_id, s)
         raise
     live = _Live(sbx, s, deadline=now + ttl, lease_until=now + lease)
-    return SandboxHandle(
-        NAME, sbx.sandbox_id, workdir=workdir, labels=dict(spec.labels), options=spec.options, native=live
-    )
+    return SandboxHandle(NAME, sbx.sandbox_id, workdir=workdir, labels=dict(spec.labels), options=spec.options, native=live)
 
 
 def _home(sbx: Any) -> str:
@@ -161,8 +156,8 @@ def sandbox_exec(
     handle: SandboxHandle,
     command: Sequence[str],
     env: Mapping[str, str],
-    cwd: Optional[str],
-    timeout: Optional[float],
+    cwd: str | None,
+    timeout: float | None,
     on_stdout: Any,
     on_stderr: Any,
 ) -> ExecResult:
@@ -204,9 +199,7 @@ def sandbox_exec(
         raise
     except Exception as exc:
         if timed_out.is_set():
-            raise SandboxTimeoutError(
-                "command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid
-            ) from exc
+            raise SandboxTimeoutError("command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid) from exc
         if is_gone(exc):
             raise SandboxNotFoundError(
                 "E2B sandbox is gone (killed, or it reached its timeout): %s" % exc, backend=NAME, sandbox_id=sid
@@ -216,8 +209,7 @@ def sandbox_exec(
         except Exception:
             pass
         raise SandboxError(
-            "lost the command's output stream (%s: %s); the command was killed and NOT retried"
-            % (type(exc).__name__, exc),
+            "lost the command's output stream (%s: %s); the command was killed and NOT retried" % (type(exc).__name__, exc),
             hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
             backend=NAME,
             op="sandbox_exec",
@@ -228,9 +220,7 @@ def sandbox_exec(
             watchdog.cancel()
         stop_heartbeat.set()
     if timed_out.is_set():
-        raise SandboxTimeoutError(
-            "command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid
-        )
+        raise SandboxTimeoutError("command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid)
     return ExecResult(exit_code=code)
 
 
@@ -258,7 +248,7 @@ def _bad_path(path: str) -> bool:
     return not path.startswith("/") or ".." in path.split("/")
 
 
-def _file_code(exc: BaseException) -> Optional[str]:
+def _file_code(exc: BaseException) -> str | None:
     """Per-file error code for an SDK file exception, or None if it is not a per-file problem."""
     from ._client import is_gone, sdk
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from metaflow_sandbox import BackendNotConfiguredError, UnsupportedOptionError
 
@@ -31,19 +31,19 @@ PLANS = {
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    api_key: Optional[str]
-    api_url: Optional[str]
-    sandbox_url: Optional[str]
-    domain: Optional[str]
+    api_key: str | None
+    api_url: str | None
+    sandbox_url: str | None
+    domain: str | None
     plan_name: str
     plan: Plan
-    template: Optional[str]
+    template: str | None
     #: The sandbox is created with (and renewed to) at most this TTL while a command runs,
     #: so a dead launcher leaves an orphan for minutes, not for the whole step budget.
     lease_seconds: int
     default_ttl_seconds: int
     request_timeout: float
-    workdir: Optional[str]
+    workdir: str | None
 
     def api_params(self) -> dict[str, Any]:
         """Keyword arguments every SDK call gets (classmethods do not inherit them)."""
@@ -54,7 +54,7 @@ class Settings:
         return params
 
 
-def _opt(options: Mapping[str, Any], key: str, env: Optional[str] = None) -> Optional[str]:
+def _opt(options: Mapping[str, Any], key: str, env: str | None = None) -> str | None:
     value = options.get(key)
     if value in (None, "") and env:
         value = os.environ.get(env)

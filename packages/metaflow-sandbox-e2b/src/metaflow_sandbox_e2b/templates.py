@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from metaflow_sandbox import Resources, UnsupportedOptionError
 
@@ -25,7 +25,7 @@ PREFIX = "metaflow-sandbox"
 DEFAULT_BASE = "base"
 
 
-def base_slug(image: Optional[str]) -> str:
+def base_slug(image: str | None) -> str:
     """``python:3.11-slim`` -> ``python-3-11-slim`` (template names allow [a-z0-9-])."""
     if not image:
         return DEFAULT_BASE
@@ -33,7 +33,7 @@ def base_slug(image: Optional[str]) -> str:
     return slug[:40].strip("-") or DEFAULT_BASE
 
 
-def template_name(image: Optional[str], cpu: int, memory_mb: int) -> str:
+def template_name(image: str | None, cpu: int, memory_mb: int) -> str:
     return "%s-%s-c%d-m%d" % (PREFIX, base_slug(image), cpu, memory_mb)
 
 
@@ -47,7 +47,7 @@ def largest(plan: Plan) -> tuple[int, int]:
     return max(c for c, _ in classes), max(m for _, m in classes)
 
 
-def pick_template(resources: Resources, image: Optional[str], options: Mapping[str, Any]) -> str:
+def pick_template(resources: Resources, image: str | None, options: Mapping[str, Any]) -> str:
     """The smallest template of the ladder that fits; option ``template`` overrides the mapping."""
     s = settings(options)
     if s.template:
@@ -70,10 +70,8 @@ def pick_template(resources: Resources, image: Optional[str], options: Mapping[s
     )
 
 
-def build_plan(image: Optional[str], plan: Plan) -> list[dict[str, Any]]:
-    return [
-        {"name": template_name(image, c, m), "image": image, "cpu_count": c, "memory_mb": m} for c, m in ladder(plan)
-    ]
+def build_plan(image: str | None, plan: Plan) -> list[dict[str, Any]]:
+    return [{"name": template_name(image, c, m), "image": image, "cpu_count": c, "memory_mb": m} for c, m in ladder(plan)]
 
 
 def build(entry: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
@@ -95,7 +93,7 @@ def build(entry: Mapping[str, Any], options: Mapping[str, Any]) -> Any:
         )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m metaflow_sandbox_e2b.templates", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="build the template ladder for one base image in your E2B account")
@@ -106,9 +104,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         default=None,
         help="cap the ladder (default: METAFLOW_SANDBOX_E2B_PLAN or hobby)",
     )
-    b.add_argument(
-        "--only", action="append", default=[], metavar="cCPU-mMEM", help="build only these classes, e.g. c4-m8192"
-    )
+    b.add_argument("--only", action="append", default=[], metavar="cCPU-mMEM", help="build only these classes, e.g. c4-m8192")
     b.add_argument("--dry-run", action="store_true", help="print the plan; build nothing")
     args = p.parse_args(argv)
     options: dict[str, Any] = {"plan": args.plan} if args.plan else {}
@@ -117,9 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.only:
         entries = [e for e in entries if "c%d-m%d" % (e["cpu_count"], e["memory_mb"]) in args.only]
     for e in entries:
-        print(
-            "%s\tcpu=%d\tmemory_mb=%d\tbase=%s" % (e["name"], e["cpu_count"], e["memory_mb"], e["image"] or "e2b base")
-        )
+        print("%s\tcpu=%d\tmemory_mb=%d\tbase=%s" % (e["name"], e["cpu_count"], e["memory_mb"], e["image"] or "e2b base"))
     if args.dry_run:
         print("dry run: %d template(s) for plan '%s'; nothing built" % (len(entries), s.plan_name))
         return 0

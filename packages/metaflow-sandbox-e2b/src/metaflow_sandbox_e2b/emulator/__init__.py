@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
-from typing import Any, Optional
+from typing import Any
 
 API_KEY = "emulator-key"
 
@@ -45,7 +45,7 @@ class Emulator:
             "no_proxy": no_proxy,
         }
 
-    def _admin(self, path: str, body: Optional[dict[str, Any]] = None) -> Any:
+    def _admin(self, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method="POST" if data is not None else "GET")
         req.add_header("Content-Type", "application/json")
@@ -76,7 +76,7 @@ class Emulator:
         if self.proc.stdin:
             self.proc.stdin.close()
 
-    def __enter__(self) -> "Emulator":
+    def __enter__(self) -> Emulator:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -89,8 +89,8 @@ def start_emulator(
     envd_port: int = 0,
     api_key: str = API_KEY,
     plan: str = "hobby",
-    max_sandboxes: Optional[int] = None,
-    templates: Optional[dict[str, tuple[int, int]]] = None,
+    max_sandboxes: int | None = None,
+    templates: dict[str, tuple[int, int]] | None = None,
     ready_timeout: float = 30.0,
     **faults: Any,
 ) -> Emulator:

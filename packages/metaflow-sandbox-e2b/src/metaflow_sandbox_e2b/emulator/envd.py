@@ -111,9 +111,7 @@ def make_envd_app(world: World) -> web.Application:
         fd, tmp = tempfile.mkstemp(prefix="e2b-emu-dl-")
         os.close(fd)
         try:
-            (res,) = await world.run_blocking(
-                sb.local.download, [DownloadItem(world.map_path(sb, path), destination=tmp)]
-            )
+            (res,) = await world.run_blocking(sb.local.download, [DownloadItem(world.map_path(sb, path), destination=tmp)])
             if res.error:
                 return _file_error(res.error, path)
             resp = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream"})
@@ -225,9 +223,7 @@ def make_envd_app(world: World) -> web.Application:
         if kind == "none":
             return connect_error("not_found", "path '%s' does not exist" % path)
         ftype = "FILE_TYPE_DIRECTORY" if kind == "dir" else "FILE_TYPE_FILE"
-        return web.json_response(
-            {"entry": {"name": os.path.basename(local.rstrip("/")) or "/", "type": ftype, "path": local}}
-        )
+        return web.json_response({"entry": {"name": os.path.basename(local.rstrip("/")) or "/", "type": ftype, "path": local}})
 
     async def unimplemented(request: web.Request) -> web.StreamResponse:
         return connect_error("unimplemented", "%s is not implemented by the emulator" % request.path)
@@ -278,7 +274,7 @@ async def _write(resp: web.StreamResponse, data: bytes) -> bool:
         return False
 
 
-def _ending(sb: EmuSandbox, proc: Proc, fut: "asyncio.Future[Any]") -> list[bytes]:
+def _ending(sb: EmuSandbox, proc: Proc, fut: asyncio.Future[Any]) -> list[bytes]:
     if not sb.alive:
         err = {
             "code": "unavailable",
@@ -287,9 +283,7 @@ def _ending(sb: EmuSandbox, proc: Proc, fut: "asyncio.Future[Any]") -> list[byte
         return [envelope({"error": err}, flags=2)]
     exc = fut.exception()
     if isinstance(exc, SandboxNotFoundError):
-        return [
-            envelope({"error": {"code": "unavailable", "message": "The sandbox %s was not found" % sb.sandbox_id}}, 2)
-        ]
+        return [envelope({"error": {"code": "unavailable", "message": "The sandbox %s was not found" % sb.sandbox_id}}, 2)]
     if exc is not None and not isinstance(exc, SandboxTimeoutError):
         return [envelope({"error": {"code": "internal", "message": str(exc)}}, flags=2)]
     if proc.killed or isinstance(exc, SandboxTimeoutError):
@@ -316,9 +310,7 @@ def _schedule_faults(world: World, sb: EmuSandbox, request: web.Request) -> list
 
         timers.append(loop.call_later(f.drop_stream_after, drop))
     if f.vanish_after is not None:
-        timers.append(
-            loop.call_later(f.vanish_after, lambda: asyncio.ensure_future(world.kill(sb.sandbox_id, "vanished")))
-        )
+        timers.append(loop.call_later(f.vanish_after, lambda: asyncio.ensure_future(world.kill(sb.sandbox_id, "vanished"))))
     return timers
 
 

@@ -7,7 +7,7 @@ import asyncio
 import json
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from aiohttp import web
 
@@ -16,7 +16,7 @@ from .envd import make_envd_app
 from .state import Faults, World
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m metaflow_sandbox_e2b.emulator", description="Offline E2B emulator.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3999, help="REST API port (0 = any free port)")
@@ -92,9 +92,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.ready_json:
         print(json.dumps(info), flush=True)
     else:
-        print(
-            "E2B emulator: E2B_API_URL=%(api_url)s E2B_SANDBOX_URL=%(sandbox_url)s" % info, file=sys.stderr, flush=True
-        )
+        print("E2B emulator: E2B_API_URL=%(api_url)s E2B_SANDBOX_URL=%(sandbox_url)s" % info, file=sys.stderr, flush=True)
     reaper = asyncio.ensure_future(_reap(world))
     await stop.wait()
     reaper.cancel()
@@ -119,5 +117,5 @@ async def _reap(world: World) -> None:
         await world.reap_expired()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     asyncio.run(serve(parse_args(argv)))

@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from metaflow_sandbox import Backend, SandboxSpec
 
@@ -33,13 +33,13 @@ class Faults:
     error_rate: float = 0.0  # share of REST requests answered with one of error_statuses
     error_statuses: tuple[int, ...] = (429, 503)
     error_after_create: bool = False  # an injected error on create hits AFTER the sandbox was made
-    retry_after: Optional[int] = None  # Retry-After header value on injected errors
+    retry_after: int | None = None  # Retry-After header value on injected errors
     seed: int = 0
-    drop_stream_after: Optional[float] = None  # abort Process/Start connections after N seconds
-    vanish_after: Optional[float] = None  # the sandbox running a command dies N seconds after it starts
+    drop_stream_after: float | None = None  # abort Process/Start connections after N seconds
+    vanish_after: float | None = None  # the sandbox running a command dies N seconds after it starts
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Faults":
+    def from_dict(cls, values: dict[str, Any]) -> Faults:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -127,9 +127,9 @@ class World:
         self,
         api_key: str = "emulator-key",
         plan: str = "hobby",
-        templates: Optional[dict[str, tuple[int, int]]] = None,
-        max_sandboxes: Optional[int] = None,
-        faults: Optional[Faults] = None,
+        templates: dict[str, tuple[int, int]] | None = None,
+        max_sandboxes: int | None = None,
+        faults: Faults | None = None,
         login_shell: bool = False,
     ):
         self.api_key = api_key
@@ -142,7 +142,7 @@ class World:
         self.idempotent: dict[str, asyncio.Future] = {}
         self.stats: dict[str, int] = {}
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="e2b-emu")
-        self._local: Optional[Backend] = None
+        self._local: Backend | None = None
         self.set_faults(faults or Faults())
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -163,7 +163,7 @@ class World:
             self._local = Backend("local", retries=0)
         return self._local
 
-    def injected_error(self) -> Optional[int]:
+    def injected_error(self) -> int | None:
         f = self.faults
         if f.error_rate and self.rng.random() < f.error_rate:
             return self.rng.choice(f.error_statuses)
@@ -182,7 +182,7 @@ class World:
     def max_timeout(self) -> int:
         return PLAN_MAX_TIMEOUT.get(self.plan, PLAN_MAX_TIMEOUT["hobby"])
 
-    async def create(self, body: dict[str, Any], idempotency_key: Optional[str]) -> EmuSandbox:
+    async def create(self, body: dict[str, Any], idempotency_key: str | None) -> EmuSandbox:
         if idempotency_key:
             pending = self.idempotent.get(idempotency_key)
             if pending is not None:
@@ -208,9 +208,7 @@ class World:
         if timeout > self.max_timeout():
             raise ApiError(400, "Timeout cannot be greater than %d hours" % (self.max_timeout() // 3600))
         if self.max_sandboxes is not None and len(self.live()) >= self.max_sandboxes:
-            raise ApiError(
-                429, "you have reached the maximum number of concurrent E2B sandboxes (%d)" % self.max_sandboxes
-            )
+            raise ApiError(429, "you have reached the maximum number of concurrent E2B sandboxes (%d)" % self.max_sandboxes)
         allow = body.get("allow_internet_access")
         envs = {str(k): str(v) for k, v in (body.get("envVars") or {}).items()}
         sid = "i" + secrets.token_hex(10)
@@ -278,7 +276,7 @@ class World:
 
     # -- paths ------------------------------------------------------------------------------
     @staticmethod
-    def map_path(sb: EmuSandbox, path: Optional[str]) -> str:
+    def map_path(sb: EmuSandbox, path: str | None) -> str:
         """E2B path -> path in the local sandbox: /home/user (and relative paths) live in its workdir."""
         if not path or path in ("~", ".", "/home/user"):
             return sb.workdir
