@@ -55,7 +55,9 @@ def hidden_dirs() -> tuple[str, ...]:
     except KeyError:
         pass
     real = [os.path.realpath(c) for c in candidates if c and os.path.isabs(c) and os.path.isdir(c)]
-    return tuple(_outermost(p for p in real if p != "/"))
+    # A home under /tmp is already hidden by the sandbox's private /tmp (and a tmpfs there would
+    # be shadowed by it, so bwrap could not remount it read-only).
+    return tuple(_outermost(p for p in real if p != "/" and not _under(p, "/tmp")))
 
 
 @functools.lru_cache(maxsize=1)
