@@ -66,6 +66,8 @@ class Emulator:
         self._admin("/_emulator/faults", faults)
 
     def stop(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()  # the emulator stops at stdin EOF
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -73,8 +75,6 @@ class Emulator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc.stdin:
-            self.proc.stdin.close()
 
     def __enter__(self) -> Emulator:
         return self

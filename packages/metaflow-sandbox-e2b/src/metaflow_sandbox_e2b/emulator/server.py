@@ -7,6 +7,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--login-shell", action="store_true", help="keep `bash -l` (sources the host's /etc/profile)")
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--error-rate", type=float, default=0.0)
+    p.add_argument("--error-next", type=int, default=0, help="fail the next N REST requests")
     p.add_argument("--error-statuses", default="429,503")
     p.add_argument("--error-after-create", action="store_true")
     p.add_argument("--retry-after", type=int, default=None)
@@ -46,6 +48,7 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
     return Faults(
         latency=args.latency,
         error_rate=args.error_rate,
+        error_next=args.error_next,
         error_statuses=tuple(int(s) for s in args.error_statuses.split(",") if s),
         error_after_create=args.error_after_create,
         retry_after=args.retry_after,
@@ -87,7 +90,7 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if args.exit_on_stdin_eof:
-        loop.run_in_executor(None, _wait_stdin_eof, loop, stop)
+        threading.Thread(target=_wait_stdin_eof, args=(loop, stop), daemon=True).start()
     info = {"api_url": "http://%s:%d" % (args.host, ports[0]), "sandbox_url": "http://%s:%d" % (args.host, ports[1])}
     if args.ready_json:
         print(json.dumps(info), flush=True)

@@ -31,6 +31,7 @@ class Faults:
 
     latency: float = 0.0  # seconds added to every REST and envd request
     error_rate: float = 0.0  # share of REST requests answered with one of error_statuses
+    error_next: int = 0  # answer the next N REST requests with an error (deterministic)
     error_statuses: tuple[int, ...] = (429, 503)
     error_after_create: bool = False  # an injected error on create hits AFTER the sandbox was made
     retry_after: int | None = None  # Retry-After header value on injected errors
@@ -165,6 +166,9 @@ class World:
 
     def injected_error(self) -> int | None:
         f = self.faults
+        if f.error_next > 0:
+            f.error_next -= 1
+            return f.error_statuses[0]
         if f.error_rate and self.rng.random() < f.error_rate:
             return self.rng.choice(f.error_statuses)
         return None
