@@ -6,7 +6,6 @@ import os
 from typing import Iterator
 
 import pytest
-
 from metaflow_sandbox_daytona.emulator import EmulatorHandle, start_emulator
 
 
@@ -33,8 +32,17 @@ def no_faults(emulator: EmulatorHandle) -> Iterator[None]:
     emulator.set_faults(**CLEAR)
 
 
-CLEAR = dict(latency_ms=0, error_rate=0, error_next=0, drop_log_stream=0, vanish_next_exec=0,
-             exit_minus_one_next=0, minute_seconds=60.0, error_endpoints=["list", "get"], error_status=503)
+CLEAR = dict(
+    latency_ms=0,
+    error_rate=0,
+    error_next=0,
+    drop_log_stream=0,
+    vanish_next_exec=0,
+    exit_minus_one_next=0,
+    minute_seconds=60.0,
+    error_endpoints=["list", "get"],
+    error_status=503,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

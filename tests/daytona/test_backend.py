@@ -8,7 +8,6 @@ import time
 import uuid
 
 import pytest
-
 from metaflow_sandbox import (
     MARKER_LABEL,
     Backend,
@@ -73,8 +72,7 @@ def test_default_snapshot_when_no_option(backend, emulator):
 
 
 def test_image_create_sends_resources_in_gib_and_notes_rounding(backend, emulator, caplog):
-    spec = SandboxSpec(image="python:3.12-slim", labels=_labels(),
-                       resources=Resources(cpu=1.5, memory_mb=3000, disk_mb=5 * 1024))
+    spec = SandboxSpec(image="python:3.12-slim", labels=_labels(), resources=Resources(cpu=1.5, memory_mb=3000, disk_mb=5 * 1024))
     with caplog.at_level(logging.INFO, logger="metaflow_sandbox.daytona"):
         with backend.create(spec) as sb:
             body = _request(emulator, sb.id)
@@ -123,8 +121,9 @@ def test_env_and_network_flag_reach_the_sandbox(backend, emulator):
 def test_output_reaches_on_stdout_before_the_command_ends(backend):
     seen: list[tuple[float, str]] = []
     with backend.create(SandboxSpec(labels=_labels())) as sb:
-        result = sb.exec(["sh", "-c", "echo first; sleep 2; echo second"], timeout=30,
-                         on_stdout=lambda t: seen.append((time.monotonic(), t)))
+        result = sb.exec(
+            ["sh", "-c", "echo first; sleep 2; echo second"], timeout=30, on_stdout=lambda t: seen.append((time.monotonic(), t))
+        )
         ended = time.monotonic()
     assert result.exit_code == 0
     assert "".join(t for _, t in seen) == "first\nsecond\n"

@@ -10,7 +10,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any, Mapping, NoReturn, Optional
+from typing import Any, Mapping, NoReturn
 
 from metaflow_sandbox import (
     BackendNotConfiguredError,
@@ -23,18 +23,18 @@ from metaflow_sandbox import (
 NAME = "daytona"
 ENV_VARS = ("DAYTONA_API_KEY", "DAYTONA_API_URL", "DAYTONA_TARGET")
 
-_clients: dict[tuple[str, Optional[str], Optional[str]], Any] = {}
+_clients: dict[tuple[str, str | None, str | None], Any] = {}
 _lock = threading.Lock()
 
 
 @dataclass(frozen=True)
 class Config:
     api_key: str
-    api_url: Optional[str]
-    target: Optional[str]
+    api_url: str | None
+    target: str | None
 
 
-def _opt(options: Mapping[str, Any], key: str) -> Optional[str]:
+def _opt(options: Mapping[str, Any], key: str) -> str | None:
     for k in (key, key.upper(), "daytona_" + key, ("daytona_" + key).upper()):
         value = options.get(k)
         if value not in (None, ""):
@@ -85,7 +85,7 @@ def sdk_timeout(seconds: float) -> float:
     return seconds
 
 
-def translate(exc: BaseException, *, op: str, sandbox_id: Optional[str] = None, retry_safe: bool = True) -> NoReturn:
+def translate(exc: BaseException, *, op: str, sandbox_id: str | None = None, retry_safe: bool = True) -> NoReturn:
     """Raise the metaflow_sandbox error matching an SDK exception (always raises).
 
     ``retry_safe`` says whether the server certainly did nothing (then 429/5xx/connection

@@ -16,7 +16,7 @@ import shlex
 import threading
 import time
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
     ExecResult,
@@ -34,7 +34,7 @@ POLL_MAX = 1.0
 KILL_GRACE = 5.0
 
 
-def wrap(command: Sequence[str], env: Mapping[str, str], cwd: Optional[str]) -> str:
+def wrap(command: Sequence[str], env: Mapping[str, str], cwd: str | None) -> str:
     """The shell line for the session: a quoted ``bash -c`` child with its own env and cwd."""
     inner = ""
     if cwd:
@@ -65,7 +65,7 @@ class _Sink:
         if callback:
             callback(text)
 
-    def catch_up(self, kind: str, full: Optional[str]) -> None:
+    def catch_up(self, kind: str, full: str | None) -> None:
         """Emit the part of the full log the caller has not seen yet."""
         with self.lock:
             rest = (full or "")[self.sent[kind] :]
@@ -81,7 +81,7 @@ class _Stream(threading.Thread):
     def __init__(self, process: Any, session: str, cmd_id: str, sink: _Sink):
         super().__init__(daemon=True, name="daytona-logs-%s" % cmd_id[:8])
         self.process, self.session, self.cmd_id, self.sink = process, session, cmd_id, sink
-        self.error: Optional[BaseException] = None
+        self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
@@ -97,7 +97,7 @@ class _Stream(threading.Thread):
             self.error = exc
 
 
-def _remaining(deadline: Optional[float]) -> Optional[float]:
+def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
@@ -106,8 +106,8 @@ def run(
     sandbox: Any,
     command: Sequence[str],
     env: Mapping[str, str],
-    cwd: Optional[str],
-    timeout: Optional[float],
+    cwd: str | None,
+    timeout: float | None,
     on_stdout: Any,
     on_stderr: Any,
 ) -> ExecResult:
@@ -159,10 +159,10 @@ def _wait_exit(
     session: str,
     cmd_id: str,
     sink: _Sink,
-    deadline: Optional[float],
+    deadline: float | None,
     stream: _Stream,
-    timeout: Optional[float],
-) -> Optional[int]:
+    timeout: float | None,
+) -> int | None:
     """Exit code once known; while the command still runs (the stream died), poll its logs."""
     delay = POLL_MIN
     while True:

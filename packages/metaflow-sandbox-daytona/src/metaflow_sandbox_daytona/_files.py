@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from metaflow_sandbox import DownloadItem, FileResult, SandboxHandle, UploadItem
 
@@ -19,7 +19,7 @@ def _invalid(path: str) -> bool:
     return not path.startswith("/") or ".." in path.split("/") or "\0" in path
 
 
-def _code(message: str, status: Optional[int], code: Optional[str] = None) -> Optional[str]:
+def _code(message: str, status: int | None, code: str | None = None) -> str | None:
     """Map a daemon error to the closed vocabulary; None if it is not a per-file problem."""
     text = (message or "").lower()
     code = (code or "").upper()
@@ -37,7 +37,7 @@ def _code(message: str, status: Optional[int], code: Optional[str] = None) -> Op
 def upload(handle: SandboxHandle, sandbox: Any, files: Sequence[UploadItem]) -> list[FileResult]:
     from daytona import FileUpload
 
-    results: list[Optional[FileResult]] = [None] * len(files)
+    results: list[FileResult | None] = [None] * len(files)
     todo: list[tuple[int, Any]] = []
     for i, item in enumerate(files):
         if _invalid(item.path):
@@ -74,7 +74,7 @@ def _failed(handle: SandboxHandle, path: str, exc: Exception) -> FileResult:
 def download(handle: SandboxHandle, sandbox: Any, files: Sequence[DownloadItem]) -> list[FileResult]:
     from daytona import FileDownloadRequest
 
-    requests: dict[tuple[str, Optional[str]], Any] = {}
+    requests: dict[tuple[str, str | None], Any] = {}
     for item in files:
         if _invalid(item.path):
             continue
@@ -84,9 +84,9 @@ def download(handle: SandboxHandle, sandbox: Any, files: Sequence[DownloadItem])
             if parent:
                 os.makedirs(parent, exist_ok=True)
         requests.setdefault((item.path, dest), FileDownloadRequest(source=item.path, destination=dest))
-    answers: dict[tuple[str, Optional[str]], Any] = {}
+    answers: dict[tuple[str, str | None], Any] = {}
     # The SDK keys one bulk request by source path, so a path asked twice goes in its own request.
-    batches: list[list[tuple[tuple[str, Optional[str]], Any]]] = []
+    batches: list[list[tuple[tuple[str, str | None], Any]]] = []
     for key, req in requests.items():
         for batch in batches:
             if all(k[0] != key[0] for k, _ in batch):
@@ -99,7 +99,7 @@ def download(handle: SandboxHandle, sandbox: Any, files: Sequence[DownloadItem])
             responses = sandbox.fs.download_files([req for _, req in batch])
         except Exception as exc:
             translate(exc, op="sandbox_download", sandbox_id=handle.sandbox_id)
-        for (key, _), resp in zip(batch, responses):
+        for (key, _), resp in zip(batch, responses, strict=False):
             answers[key] = resp
     out = []
     for item in files:
@@ -114,7 +114,11 @@ def download(handle: SandboxHandle, sandbox: Any, files: Sequence[DownloadItem])
             if code is None:
                 from daytona.common.errors import DaytonaError
 
-                translate(DaytonaError(resp.error, status_code=getattr(details, "status_code", None)), op="sandbox_download", sandbox_id=handle.sandbox_id)
+                translate(
+                    DaytonaError(resp.error, status_code=getattr(details, "status_code", None)),
+                    op="sandbox_download",
+                    sandbox_id=handle.sandbox_id,
+                )
             out.append(FileResult(item.path, error=code))  # type: ignore[arg-type]
         elif dest is not None:
             out.append(FileResult(item.path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
     MARKER_LABEL,
@@ -13,6 +13,7 @@ from metaflow_sandbox import (
     DownloadItem,
     ExecResult,
     FileResult,
+    SandboxError,
     SandboxHandle,
     SandboxNotFoundError,
     SandboxSpec,
@@ -82,26 +83,32 @@ def _resources(spec: SandboxSpec) -> dict[str, Any]:
     return out
 
 
-def _check_snapshot_fits(daytona: Any, snapshot: Optional[str], wanted: dict[str, Any]) -> None:
+def _check_snapshot_fits(daytona: Any, snapshot: str | None, wanted: dict[str, Any]) -> None:
     """A snapshot's size is fixed: refuse (not ignore) resources it cannot give."""
     if snapshot:
         try:
             snap = daytona.snapshot.get(snapshot)
         except Exception as exc:
-            translate(exc, op="sandbox_create")
+            _recover_named(daytona, _Named(snapshot), exc)
         have = {"cpu": snap.cpu, "memory": snap.mem, "disk": snap.disk, "gpu": snap.gpu or 0}
     else:
         have = dict(DEFAULT_SNAPSHOT_RESOURCES, gpu=0)
     short = {k: v for k, v in wanted.items() if v > (have.get(k) or 0)}
     if short:
         raise UnsupportedOptionError(
-            "snapshot %s provides %s, but %s was requested"
-            % (repr(snapshot) if snapshot else "(Daytona default)", have, short),
+            "snapshot %s provides %s, but %s was requested" % (repr(snapshot) if snapshot else "(Daytona default)", have, short),
             hint="set image=... (Daytona builds it with the requested resources; slow the first time), or create a "
             "snapshot with these resources and set snapshot=... (METAFLOW_SANDBOX_DAYTONA_SNAPSHOT)",
             backend=NAME,
             op="sandbox_create",
         )
+
+
+class _Named:
+    """Stand-in params for error reporting before any create was sent."""
+
+    def __init__(self, snapshot: str):
+        self.snapshot, self.name = snapshot, None
 
 
 def _name(key: str) -> str:
@@ -154,8 +161,17 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
 
 def _recover_named(daytona: Any, params: Any, exc: Exception) -> Any:
     """With an idempotency key the name is unique, so a retried create finds the first one."""
-    from daytona.common.errors import DaytonaConflictError
+    from daytona.common.errors import DaytonaConflictError, DaytonaNotFoundError
 
+    if isinstance(exc, DaytonaNotFoundError):
+        what = "snapshot %r" % params.snapshot if getattr(params, "snapshot", None) else "the default snapshot"
+        raise SandboxError(
+            "Daytona could not create a sandbox from %s: %s" % (what, getattr(exc, "message", exc)),
+            hint="set an existing snapshot with the snapshot option (METAFLOW_SANDBOX_DAYTONA_SNAPSHOT), "
+            "see `daytona snapshot list`, or set image=...",
+            backend=NAME,
+            op="sandbox_create",
+        ) from exc
     if params.name and isinstance(exc, DaytonaConflictError):
         try:
             found = daytona.get(params.name)
@@ -194,8 +210,8 @@ def sandbox_exec(
     handle: SandboxHandle,
     command: Sequence[str],
     env: Mapping[str, str],
-    cwd: Optional[str],
-    timeout: Optional[float],
+    cwd: str | None,
+    timeout: float | None,
     on_stdout: Any,
     on_stderr: Any,
 ) -> ExecResult:

@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any, Optional
+from typing import Any
 
 DEFAULT_KEY = "emulator-key"
 
@@ -50,8 +50,7 @@ class EmulatorHandle:
 
     def _admin(self, method: str, path: str, body: Any = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + "/_emu/" + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(self.base + "/_emu/" + path, data=data, method=method, headers={"Content-Type": "application/json"})
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         with opener.open(req, timeout=30) as resp:
             return json.loads(resp.read() or b"null")
@@ -86,7 +85,7 @@ class EmulatorHandle:
                 self.proc.kill()
                 self.proc.wait()
 
-    def __enter__(self) -> "EmulatorHandle":
+    def __enter__(self) -> EmulatorHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,8 +95,17 @@ class EmulatorHandle:
 def start_emulator(port: int = 0, api_key: str = DEFAULT_KEY, timeout: float = 30.0, **faults: Any) -> EmulatorHandle:
     """Start the emulator on 127.0.0.1 in a subprocess and wait until it serves requests."""
     log = tempfile.NamedTemporaryFile(prefix="daytona-emulator-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "metaflow_sandbox_daytona.emulator", "--port", str(port), "--api-key", api_key,
-           "--faults", json.dumps(faults)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "metaflow_sandbox_daytona.emulator",
+        "--port",
+        str(port),
+        "--api-key",
+        api_key,
+        "--faults",
+        json.dumps(faults),
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ))
     found: list[str] = []
 
@@ -114,8 +122,7 @@ def start_emulator(port: int = 0, api_key: str = DEFAULT_KEY, timeout: float = 3
     if not found:
         proc.kill()
         proc.wait()
-        raise RuntimeError("the Daytona emulator did not start within %ss; its log: %s\n%s"
-                           % (timeout, log.name, _tail(log.name)))
+        raise RuntimeError("the Daytona emulator did not start within %ss; its log: %s\n%s" % (timeout, log.name, _tail(log.name)))
     handle = EmulatorHandle(proc, found[0], api_key, log.name)
     _wait_healthy(handle, time.monotonic() + timeout)
     return handle
@@ -132,7 +139,7 @@ def _wait_healthy(handle: EmulatorHandle, deadline: float) -> None:
             time.sleep(0.05)
 
 
-def _tail(path: str, n: int = 4000) -> Optional[str]:
+def _tail(path: str, n: int = 4000) -> str | None:
     try:
         with open(path, errors="replace") as f:
             return f.read()[-n:]
@@ -141,4 +148,3 @@ def _tail(path: str, n: int = 4000) -> Optional[str]:
 
 
 __all__ = ["EmulatorHandle", "start_emulator"]
-

@@ -14,7 +14,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from metaflow_sandbox import Backend, SandboxSpec
 
@@ -52,7 +52,7 @@ class Command:
     def __init__(self, command: str):
         self.id = str(uuid.uuid4())
         self.command = command
-        self.exit_code: Optional[int] = None
+        self.exit_code: int | None = None
         self.log = bytearray()
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -91,7 +91,7 @@ class EmuSandbox:
     workdir: str
     created: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)
-    stopped_at: Optional[float] = None
+    stopped_at: float | None = None
     polls_until_started: int = 0
     sessions: dict[str, Session] = field(default_factory=dict)
     running: set = field(default_factory=set)
@@ -119,9 +119,7 @@ class Engine:
         network = not (block_network and self._network_toggle)
         return self.local.create(SandboxSpec(env=env, labels=labels, network=network))
 
-    def run_session_command(
-        self, sb: EmuSandbox, session: str, cmd: Command, emit: Callable[[str, str], None]
-    ) -> int:
+    def run_session_command(self, sb: EmuSandbox, session: str, cmd: Command, emit: Callable[[str, str], None]) -> int:
         argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_dir(session), cmd.command, sb.workdir, INNER]
         result = sb.local.exec(argv, on_stdout=lambda t: emit("stdout", t), on_stderr=lambda t: emit("stderr", t))
         return int(result.exit_code)
@@ -132,11 +130,15 @@ class Engine:
         except Exception:  # the sandbox may already be gone
             pass
 
-    def execute(self, sb: EmuSandbox, command: str, cwd: Optional[str], envs: dict[str, str], timeout: Optional[float]) -> tuple[int, str]:
+    def execute(self, sb: EmuSandbox, command: str, cwd: str | None, envs: dict[str, str], timeout: float | None) -> tuple[int, str]:
         out: list[str] = []
         result = sb.local.exec(
-            ["bash", "-c", command], env=envs, cwd=sb.resolve(cwd) if cwd else sb.workdir,
-            timeout=timeout, on_stdout=out.append, on_stderr=out.append,
+            ["bash", "-c", command],
+            env=envs,
+            cwd=sb.resolve(cwd) if cwd else sb.workdir,
+            timeout=timeout,
+            on_stdout=out.append,
+            on_stderr=out.append,
         )
         return int(result.exit_code), "".join(out)
 

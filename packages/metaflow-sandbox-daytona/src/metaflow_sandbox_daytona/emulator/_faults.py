@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 #: Endpoint names faults can target (see server.endpoint_name).
 ENDPOINTS = (
-    "create", "get", "list", "delete", "lifecycle", "snapshot",
-    "session", "exec", "command", "logs", "upload", "download", "info",
+    "create",
+    "get",
+    "list",
+    "delete",
+    "lifecycle",
+    "snapshot",
+    "session",
+    "exec",
+    "command",
+    "logs",
+    "upload",
+    "download",
+    "info",
 )
 
 
@@ -55,7 +66,7 @@ class Faults:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
-    def error_for(self, endpoint: str) -> Optional[int]:
+    def error_for(self, endpoint: str) -> int | None:
         """Status to answer instead of serving ``endpoint``, or None."""
         if endpoint not in self.error_endpoints:
             return None

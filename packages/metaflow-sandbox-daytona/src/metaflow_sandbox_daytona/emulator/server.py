@@ -18,10 +18,9 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
-from aiohttp import WSMsgType, web
-
+from aiohttp import web
 from metaflow_sandbox import SandboxError, SandboxFileError, SandboxTimeoutError
 
 from ._engine import Command, EmuSandbox, Engine, Session, spool_path
@@ -49,8 +48,14 @@ def _now() -> str:
 
 def _error(status: int, message: str, code: str = "", source: str = "api", path: str = "") -> web.Response:
     body = {
-        "statusCode": status, "message": message, "error": message, "code": code or str(status),
-        "source": source, "path": path, "method": "", "timestamp": _now(),
+        "statusCode": status,
+        "message": message,
+        "error": message,
+        "code": code or str(status),
+        "source": source,
+        "path": path,
+        "method": "",
+        "timestamp": _now(),
     }
     return web.json_response(body, status=status)
 
@@ -160,8 +165,13 @@ class Emulator:
         if request.path.startswith("/_emu/"):
             return await handler(request)
         start = time.perf_counter()
-        entry: dict[str, Any] = {"method": request.method, "path": request.path, "query": request.query_string,
-                                 "endpoint": endpoint_name(request.method, request.path), "status": None}
+        entry: dict[str, Any] = {
+            "method": request.method,
+            "path": request.path,
+            "query": request.query_string,
+            "endpoint": endpoint_name(request.method, request.path),
+            "status": None,
+        }
         self.log.append(entry)
         try:
             if self.faults.latency_ms:
@@ -233,17 +243,31 @@ class Emulator:
             return _error(500, "could not start the sandbox: %s" % exc, "INTERNAL")
         now = _now()
         dto = {
-            "id": sid, "organizationId": "emulator-org", "name": name or sid, "user": body.get("user") or "daytona",
-            "env": env, "labels": labels, "public": bool(body.get("public")),
-            "networkBlockAll": bool(body.get("networkBlockAll")), "kvm": False,
-            "target": body.get("target") or "us", "cpu": int(res["cpu"]), "gpu": int(res["gpu"]),
-            "memory": int(res["memory"]), "disk": int(res["disk"]), "toolboxProxyUrl": self.base + "/toolbox",
-            "state": "started" if build is None else "creating", "snapshot": snapshot,
-            "autoStopInterval": body.get("autoStopInterval", 15), "autoDeleteInterval": body.get("autoDeleteInterval", -1),
-            "createdAt": now, "updatedAt": now,
+            "id": sid,
+            "organizationId": "emulator-org",
+            "name": name or sid,
+            "user": body.get("user") or "daytona",
+            "env": env,
+            "labels": labels,
+            "public": bool(body.get("public")),
+            "networkBlockAll": bool(body.get("networkBlockAll")),
+            "kvm": False,
+            "target": body.get("target") or "us",
+            "cpu": int(res["cpu"]),
+            "gpu": int(res["gpu"]),
+            "memory": int(res["memory"]),
+            "disk": int(res["disk"]),
+            "toolboxProxyUrl": self.base + "/toolbox",
+            "state": "started" if build is None else "creating",
+            "snapshot": snapshot,
+            "autoStopInterval": body.get("autoStopInterval", 15),
+            "autoDeleteInterval": body.get("autoDeleteInterval", -1),
+            "createdAt": now,
+            "updatedAt": now,
         }
-        sb = EmuSandbox(sid, dto, body, local, local.handle.workdir,
-                        polls_until_started=0 if build is None else self.faults.image_build_polls)
+        sb = EmuSandbox(
+            sid, dto, body, local, local.handle.workdir, polls_until_started=0 if build is None else self.faults.image_build_polls
+        )
         if body.get("ttlMinutes") is not None:
             dto["ttlMinutes"] = body["ttlMinutes"]
         self.sandboxes[sid] = sb
@@ -262,7 +286,8 @@ class Emulator:
         want = json.loads(request.query.get("labels") or "{}")
         states = request.query.getall("states", [])
         items = [
-            self._dto(sb, list_item=True) for sb in self.sandboxes.values()
+            self._dto(sb, list_item=True)
+            for sb in self.sandboxes.values()
             if all(sb.dto["labels"].get(k) == v for k, v in want.items()) and (not states or sb.state in states)
         ]
         return web.json_response({"items": items, "nextCursor": None})
@@ -310,12 +335,27 @@ class Emulator:
         if res is None:
             return _error(404, "Snapshot %s not found" % name, "NOT_FOUND")
         now = _now()
-        return web.json_response({
-            "id": name, "organizationId": "emulator-org", "general": True, "name": name, "imageName": name,
-            "state": "active", "size": 1.0, "entrypoint": None, "cpu": res["cpu"], "gpu": 0, "mem": res["memory"],
-            "disk": res["disk"], "errorReason": None, "createdAt": now, "updatedAt": now, "lastUsedAt": now,
-            "sourceSandboxId": None,
-        })
+        return web.json_response(
+            {
+                "id": name,
+                "organizationId": "emulator-org",
+                "general": True,
+                "name": name,
+                "imageName": name,
+                "state": "active",
+                "size": 1.0,
+                "entrypoint": None,
+                "cpu": res["cpu"],
+                "gpu": 0,
+                "mem": res["memory"],
+                "disk": res["disk"],
+                "errorReason": None,
+                "createdAt": now,
+                "updatedAt": now,
+                "lastUsedAt": now,
+                "sourceSandboxId": None,
+            }
+        )
 
     # ---------------------------------------------------------------- lifecycle
     async def stop_sandbox(self, sb: EmuSandbox) -> None:
@@ -374,8 +414,7 @@ class Emulator:
         body = await request.json()
         timeout = body.get("timeout") or None
         try:
-            code, output = await self.blocking(
-                self.engine.execute, sb, body["command"], body.get("cwd"), body.get("envs") or {}, timeout)
+            code, output = await self.blocking(self.engine.execute, sb, body["command"], body.get("cwd"), body.get("envs") or {}, timeout)
         except SandboxTimeoutError:
             return _error(408, "command execution timeout", "PROCESS_EXECUTION_TIMEOUT", "daemon", request.path)
         except SandboxError as exc:
@@ -434,10 +473,15 @@ class Emulator:
         if body.get("runAsync") or body.get("async"):
             return web.json_response({"cmdId": cmd.id}, status=202)
         await task
-        return web.json_response({
-            "cmdId": cmd.id, "output": bytes(cmd.log).decode("utf-8", "replace"), "stdout": "".join(cmd.stdout),
-            "stderr": "".join(cmd.stderr), "exitCode": cmd.exit_code,
-        })
+        return web.json_response(
+            {
+                "cmdId": cmd.id,
+                "output": bytes(cmd.log).decode("utf-8", "replace"),
+                "stdout": "".join(cmd.stdout),
+                "stderr": "".join(cmd.stderr),
+                "exitCode": cmd.exit_code,
+            }
+        )
 
     async def _run(self, sb: EmuSandbox, session: Session, cmd: Command) -> None:
         loop = asyncio.get_running_loop()
@@ -463,10 +507,13 @@ class Emulator:
     async def command_logs(self, request: web.Request) -> web.StreamResponse:
         sb, _, cmd = self._command(request)
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.json_response({
-                "output": bytes(cmd.log).decode("utf-8", "replace"), "stdout": "".join(cmd.stdout),
-                "stderr": "".join(cmd.stderr),
-            })
+            return web.json_response(
+                {
+                    "output": bytes(cmd.log).decode("utf-8", "replace"),
+                    "stdout": "".join(cmd.stdout),
+                    "stderr": "".join(cmd.stderr),
+                }
+            )
         ws = web.WebSocketResponse(autoping=True, heartbeat=None)
         await ws.prepare(request)
         drop = self.faults.take("drop_log_stream")
@@ -522,8 +569,9 @@ class Emulator:
         if errors:
             status, code, text = FILE_CODES[errors[0].error or "invalid_path"]
             messages = ["%s: %s" % (r.path, FILE_CODES[r.error or "invalid_path"][2]) for r in errors]
-            return web.json_response({"errors": messages, "message": "; ".join(messages), "code": code,
-                                      "statusCode": status, "source": "daemon"}, status=status)
+            return web.json_response(
+                {"errors": messages, "message": "; ".join(messages), "code": code, "statusCode": status, "source": "daemon"}, status=status
+            )
         return web.json_response({"files": [{"path": r.path} for r in results]})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
@@ -540,18 +588,21 @@ class Emulator:
         resp = web.StreamResponse(status=200, headers={"Content-Type": "multipart/form-data; boundary=" + BOUNDARY})
         await resp.prepare(request)
         try:
-            for path, error in zip(paths, results):
+            for path, error in zip(paths, results, strict=False):
                 fname = path.replace('"', '\\"')
                 if error:
                     status, code, text = FILE_CODES[error]
-                    payload = json.dumps({"message": "%s: %s" % (path, text), "statusCode": status, "code": code,
-                                          "source": "daemon"}).encode()
+                    payload = json.dumps(
+                        {"message": "%s: %s" % (path, text), "statusCode": status, "code": code, "source": "daemon"}
+                    ).encode()
                     head = 'Content-Disposition: form-data; name="error"; filename="%s"\r\nContent-Type: application/json' % fname
                     await resp.write(b"--%s\r\n%s\r\n\r\n%s\r\n" % (BOUNDARY.encode(), head.encode(), payload))
                     continue
                 size = os.path.getsize(spools[path])
-                head = ('Content-Disposition: form-data; name="file"; filename="%s"\r\n'
-                        "Content-Type: application/octet-stream\r\nContent-Length: %d" % (fname, size))
+                head = (
+                    'Content-Disposition: form-data; name="file"; filename="%s"\r\n'
+                    "Content-Type: application/octet-stream\r\nContent-Length: %d" % (fname, size)
+                )
                 await resp.write(b"--%s\r\n%s\r\n\r\n" % (BOUNDARY.encode(), head.encode()))
                 with open(spools[path], "rb") as f:
                     while chunk := f.read(1 << 20):
@@ -566,8 +617,8 @@ class Emulator:
         return resp
 
     @staticmethod
-    def _download_each(sb: EmuSandbox, items: list[Any]) -> list[Optional[str]]:
-        out: list[Optional[str]] = []
+    def _download_each(sb: EmuSandbox, items: list[Any]) -> list[str | None]:
+        out: list[str | None] = []
         for item in items:
             try:
                 (result,) = sb.local.download([item])
@@ -588,11 +639,19 @@ class Emulator:
         return web.json_response({"ok": True, "url": self.base + "/api"})
 
     async def admin_sandboxes(self, request: web.Request) -> web.Response:
-        return web.json_response([
-            {"id": sb.id, "name": sb.dto["name"], "labels": sb.dto["labels"], "state": sb.state,
-             "workdir": sb.workdir, "request": sb.request}
-            for sb in self.sandboxes.values()
-        ])
+        return web.json_response(
+            [
+                {
+                    "id": sb.id,
+                    "name": sb.dto["name"],
+                    "labels": sb.dto["labels"],
+                    "state": sb.state,
+                    "workdir": sb.workdir,
+                    "request": sb.request,
+                }
+                for sb in self.sandboxes.values()
+            ]
+        )
 
     async def admin_records(self, request: web.Request) -> web.Response:
         return web.json_response(list(self.records.values()))
@@ -616,8 +675,7 @@ class Emulator:
 
 
 def _http_error(status: int, message: str, code: str, source: str) -> web.HTTPException:
-    body = json.dumps({"statusCode": status, "message": message, "code": code, "source": source,
-                       "path": "", "timestamp": _now()})
+    body = json.dumps({"statusCode": status, "message": message, "code": code, "source": source, "path": "", "timestamp": _now()})
     cls = {404: web.HTTPNotFound, 400: web.HTTPBadRequest}.get(status, web.HTTPInternalServerError)
     return cls(text=body, content_type="application/json")
 
@@ -641,7 +699,7 @@ async def serve(emulator: Emulator, ready: Any = None) -> None:
         await runner.cleanup()
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser("python -m metaflow_sandbox_daytona.emulator", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
