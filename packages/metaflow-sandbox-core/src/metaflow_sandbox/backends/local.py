@@ -67,7 +67,15 @@ class LocalSandbox:
         self.root = os.path.join(_base_dir(spec.options), self.name)
         os.makedirs(os.path.join(self.root, "work"))
         os.mkdir(os.path.join(self.root, "tmp"))
-        self.layout = Layout(self.root, spec.binds, isolated=bwrap is not None)
+        try:
+            self.layout = Layout(self.root, spec.binds, isolated=bwrap is not None)
+        except PathError:
+            _rmtree(self.root)
+            raise UnsupportedOptionError(
+                "a bind target needs a new directory inside a large read-only system directory",
+                hint="bind at an existing path, under /tmp or the work dir, or at a new top-level path (e.g. /data)",
+                backend=NAME,
+            ) from None
         self.bwrap = bwrap
         self.labels = dict(spec.labels)
         self.memory_mb = spec.resources.memory_mb

@@ -1,7 +1,8 @@
 """The sandbox's filesystem: the bwrap arguments that build it, and inside->host path translation.
 
-The host is visible read-only; homes are hidden (except the Python installation, re-exposed read-only);
-/tmp and the work dir are private and writable; binds are added as asked.
+The host is visible read-only (each top-level entry bound on a read-only tmpfs root); homes are
+hidden (except the Python installation, re-exposed read-only); /tmp and the work dir are private
+and writable; binds are added as asked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Iterable, Optional, Sequence
 from metaflow_sandbox import Bind
 
 RW, RO, HIDDEN = "rw", "ro", "hidden"
+MAX_EXPAND = 256  # entries of a read-only dir we re-create to add a mount point in it
 
 
 class PathError(Exception):
@@ -74,6 +76,27 @@ def python_dirs() -> tuple[str, ...]:
     return tuple(_outermost(found))
 
 
+@functools.lru_cache(maxsize=1)
+def top_level() -> tuple[tuple[str, Optional[str]], ...]:
+    """Entries of ``/`` as (path, symlink target or None), bound one by one so that bwrap's own root
+    stays a (finally read-only) tmpfs where mount points for binds at new paths can be created."""
+    entries = []
+    for name in sorted(os.listdir("/")):
+        path = "/" + name
+        if path in ("/proc", "/dev", "/tmp") or path in hidden_dirs():
+            continue
+        entries.append((path, os.readlink(path) if os.path.islink(path) else None))
+    return tuple(entries)
+
+
+def _entries_args(directory: str) -> list[str]:
+    args = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        args += ["--symlink", os.readlink(path), path] if os.path.islink(path) else ["--ro-bind", path, path]
+    return args
+
+
 def default_workdir() -> str:
     """Where commands start inside the sandbox (also their HOME), like a cloud sandbox's /home/user."""
     for parent in ("/home", "/root"):
@@ -93,6 +116,7 @@ class Layout:
         self.workdir = default_workdir() if isolated else self.host_work
         self.tmpdir = "/tmp" if isolated else self.host_tmp
         self.binds = tuple(binds)
+        self.expanded = self._expansions()
         mounts = [Mount("/", "/", RO), Mount("/proc", None, HIDDEN), Mount("/dev", None, HIDDEN)]
         mounts += [Mount(d, None, HIDDEN) for d in hidden_dirs()]
         mounts += [Mount(d, d, RO) for d in python_dirs()]
@@ -102,18 +126,41 @@ class Layout:
         self.mounts = {m.inside: m for m in mounts}
 
     def bwrap_args(self) -> list[str]:
-        args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
+        args = []
+        for path, link in top_level():
+            args += ["--symlink", link, path] if link is not None else ["--ro-bind", path, path]
+        args += ["--dev", "/dev", "--proc", "/proc"]
         for d in hidden_dirs():
             args += ["--tmpfs", d]
+        for d in self.expanded:
+            args += ["--tmpfs", d]
+            args += _entries_args(d)
         args += ["--bind", self.host_tmp, "/tmp"]
         for d in python_dirs():
             args += ["--ro-bind", d, d]
         args += ["--bind", self.host_work, self.workdir]
         for b in self.binds:
             args += ["--ro-bind" if b.read_only else "--bind", b.source, b.dest]
-        for d in hidden_dirs():
+        for d in hidden_dirs() + self.expanded:
             args += ["--remount-ro", d]
-        return args
+        return args + ["--remount-ro", "/"]
+
+    def _expansions(self) -> tuple[str, ...]:
+        """Read-only host dirs in which a bind needs a new mount point: each becomes a tmpfs holding
+        binds of the original entries (a bind at a new top-level path needs nothing: / is a tmpfs)."""
+        writable = hidden_dirs() + ("/tmp", self.workdir) + tuple(b.dest for b in self.binds if not b.read_only)
+        found = []
+        for b in self.binds:
+            parent = os.path.normpath(b.dest)
+            while not os.path.lexists(parent):
+                parent = os.path.dirname(parent)
+            parent = os.path.realpath(parent)
+            if parent == os.path.normpath(b.dest) or parent == "/" or any(_under(parent, w) for w in writable):
+                continue
+            if len(os.listdir(parent)) > MAX_EXPAND:
+                raise PathError("invalid_path")
+            found.append(parent)
+        return tuple(_outermost(found))
 
     def _mount_for(self, path: str) -> Mount:
         best = self.mounts["/"]

@@ -1,0 +1,225 @@
+"""``metaflow-sandbox``: inspect backends, run a command in a sandbox, find and remove leftover sandboxes.
+
+Stdlib argparse only: the core stays free of Metaflow (and of its vendored click).
+Exit codes: the command's own for ``exec``; 2 for any sandbox/backend error (message + Fix line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import signal
+import sys
+from typing import Any, Optional, Sequence
+
+from .errors import SandboxError
+from .model import MARKER_LABEL, Bind, Resources, SandboxSpec
+from .plugins import available_backends, describe_backends
+from .session import Backend
+
+
+class _Terminated(BaseException):
+    """SIGTERM, turned into an exception so ``finally`` blocks destroy the sandbox."""
+
+
+def _pairs(values: Optional[Sequence[str]], what: str) -> dict[str, str]:
+    out = {}
+    for item in values or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit("metaflow-sandbox: %s must look like KEY=VALUE, got %r" % (what, item))
+        out[key] = value
+    return out
+
+
+def backend_options(name: str, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """Options from METAFLOW_SANDBOX_<NAME>_<KEY> env vars (as the Metaflow layer gathers them), then --option."""
+    prefix = "METAFLOW_SANDBOX_%s_" % name.upper().replace("-", "_")
+    opts = {k[len(prefix) :].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
+    opts.update(extra or {})
+    return opts
+
+
+def _bind(text: str) -> Bind:
+    """SRC[:DST][:ro]"""
+    parts = text.split(":")
+    read_only = parts[-1] in ("ro", "rw") and parts.pop() == "ro"
+    return Bind(os.path.abspath(parts[0]), parts[1] if len(parts) > 1 else None, read_only)
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    infos = describe_backends({name: backend_options(name) for name in available_backends()})
+    if args.json:
+        print(json.dumps([i.as_dict() for i in infos], indent=2))
+        return 0
+    rows = [("NAME", "DISTRIBUTION", "VERSION", "HOOKS", "LOADS", "CONFIGURED", "ERROR")]
+    for i in infos:
+        hooks = ",".join(h.replace("sandbox_", "") for h in i.hooks) or "-"
+        configured = "unknown" if i.configured is None else ("yes" if i.configured else "no")
+        rows.append((i.name, i.distribution, i.version, hooks, "yes" if i.loads else "no", configured, i.error or ""))
+    _table(rows)
+    return 0
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[c].splitlines()[0] if r[c] else "") for r in rows) for c in range(len(rows[0]) - 1)]
+    for r in rows:
+        first, *rest = (r[-1] or "").splitlines() or [""]
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + first)
+        for line in rest:
+            print(" " * (sum(widths) + 2 * len(widths)) + line)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SystemExit("metaflow-sandbox exec: give a command after --, e.g. exec --backend local -- echo hi")
+    backend = Backend(args.backend, options=backend_options(args.backend, _pairs(args.option, "--option")))
+    labels = {MARKER_LABEL: "1", "metaflow-sandbox.source": "cli", "metaflow.user": _user()}
+    labels.update(_pairs(args.label, "--label"))
+    spec = SandboxSpec(
+        resources=Resources(cpu=args.cpu, memory_mb=args.memory),
+        env=_pairs(args.env, "--env"),
+        labels=labels,
+        ttl_seconds=args.ttl if args.ttl else (args.timeout + 60 if args.timeout else None),
+        network=not args.no_network,
+        binds=tuple(_bind(b) for b in args.bind or ()),
+        image=args.image,
+    )
+
+    def out(stream: Any) -> Any:
+        def write(text: str) -> None:
+            stream.write(text)
+            stream.flush()
+
+        return write
+
+    sandbox = None
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        sandbox = backend.create(spec)
+        result = sandbox.exec(
+            command, cwd=args.cwd, timeout=args.timeout, on_stdout=out(sys.stdout), on_stderr=out(sys.stderr)
+        )
+        return result.exit_code
+    except KeyboardInterrupt:
+        print("\nmetaflow-sandbox: interrupted; destroying the sandbox", file=sys.stderr)
+        return 130
+    except _Terminated:
+        print("metaflow-sandbox: terminated; destroying the sandbox", file=sys.stderr)
+        return 143
+    finally:
+        try:
+            if sandbox is not None:
+                sandbox.destroy()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry (containers)
+        return str(os.getuid())
+
+
+def _listed(args: argparse.Namespace) -> list[tuple[Backend, Any]]:
+    names = args.backend or [n for n in available_backends()]
+    labels = {MARKER_LABEL: "1", **_pairs(args.label, "--label")}
+    found = []
+    for name in names:
+        backend = Backend(name, options=backend_options(name))
+        if not backend.implements("sandbox_list"):
+            if args.backend:
+                backend.list(labels)  # raises the UnsupportedOptionError that names the fix
+            continue
+        found += [(backend, sb) for sb in backend.list(labels)]
+    return found
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    found = _listed(args)
+    if args.json:
+        print(
+            json.dumps([{"backend": b.name, "id": s.id, "labels": dict(s.handle.labels)} for b, s in found], indent=2)
+        )
+        return 0
+    rows = [("BACKEND", "ID", "LABELS")]
+    rows += [(b.name, s.id, ",".join("%s=%s" % kv for kv in sorted(s.handle.labels.items()))) for b, s in found]
+    _table(rows)
+    return 0
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    found = _listed(args)
+    for backend, sandbox in found:
+        if args.dry_run:
+            print("would destroy %s sandbox %s" % (backend.name, sandbox.id))
+        else:
+            gone = sandbox.destroy()
+            print("%s %s sandbox %s" % ("destroyed" if gone else "already gone:", backend.name, sandbox.id))
+    if not found:
+        print("no sandboxes carry the %s label%s" % (MARKER_LABEL, " and the given labels" if args.label else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metaflow-sandbox", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("backends", help="list installed backends, whether they load and are configured")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_backends)
+
+    p = sub.add_parser("exec", help="run a command in a new sandbox, streaming its output; exits with its code")
+    p.add_argument("--backend", required=True)
+    p.add_argument("--cpu", type=float)
+    p.add_argument("--memory", type=int, metavar="MB")
+    p.add_argument("--no-network", action="store_true")
+    p.add_argument("--timeout", type=float, metavar="SECONDS")
+    p.add_argument("--ttl", type=float, metavar="SECONDS", help="sandbox lifetime (default: timeout + 60s)")
+    p.add_argument("--env", action="append", metavar="K=V")
+    p.add_argument("--label", action="append", metavar="K=V")
+    p.add_argument("--option", action="append", metavar="K=V", help="backend option (api_key, template, ...)")
+    p.add_argument("--bind", action="append", metavar="SRC[:DST][:ro]")
+    p.add_argument("--cwd")
+    p.add_argument("--image")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_exec)
+
+    for name, func, helptext in (
+        ("list", cmd_list, "list sandboxes we created (marker label), optionally filtered by labels"),
+        ("kill", cmd_kill, "destroy sandboxes we created that match the labels"),
+        ("gc", cmd_kill, "destroy every sandbox we created (all backends that can list, unless --backend)"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--backend", action="append", required=name == "kill")
+        p.add_argument("--label", action="append", metavar="K=V")
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+        else:
+            p.add_argument("--dry-run", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SandboxError as err:
+        print("metaflow-sandbox: %s" % err, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

