@@ -97,7 +97,7 @@ def settings(options: Mapping[str, Any]) -> Settings:
         plan_name=plan_name,
         plan=plan,
         template=_opt(options, "template"),
-        lease_seconds=max(30, _int(options, "lease_seconds", 900)),
+        lease_seconds=max(5, _int(options, "lease_seconds", 900)),
         default_ttl_seconds=_int(options, "default_ttl_seconds", plan.max_ttl_seconds),
         request_timeout=float(_opt(options, "request_timeout") or 60),
         workdir=_opt(options, "workdir"),

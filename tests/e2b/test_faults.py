@@ -1,0 +1,115 @@
+"""Fault injection: rate limits and 5xx are retried only where safe; vanished sandboxes and dropped
+streams become clear errors, and user code is never re-run."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from metaflow_sandbox import (
+    MARKER_LABEL,
+    Backend,
+    SandboxError,
+    SandboxNotFoundError,
+    SandboxSpec,
+    SandboxTimeoutError,
+)
+from metaflow_sandbox_e2b.emulator import Emulator
+
+
+@pytest.fixture
+def labels() -> dict[str, str]:
+    return {MARKER_LABEL: "1", "run": uuid.uuid4().hex[:8]}
+
+
+@pytest.fixture
+def backend() -> Backend:
+    return Backend("e2b", backoff=0.05)
+
+
+def _mine(emulator: Emulator, labels: dict[str, str]) -> list[str]:
+    return [s["id"] for s in emulator.live_sandboxes() if s["metadata"].get("run") == labels["run"]]
+
+
+def test_rate_limits_retried_by_sdk(backend: Backend, emulator: Emulator, labels) -> None:
+    emulator.set_faults(error_next=2, error_statuses=[429])
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=60)) as sb:
+        assert sb.run(["echo", "ok"])[:2] == (0, "ok\n")
+    assert emulator.stats().get("injected_429", 0) >= 2
+
+
+def test_seeded_error_share_on_every_call(backend: Backend, emulator: Emulator, labels) -> None:
+    emulator.set_faults(error_rate=0.3, seed=7, retry_after=0)
+    sandboxes = [backend.create(SandboxSpec(labels=labels, ttl_seconds=60, idempotency_key="k%d-%s" % (i, labels["run"])))
+                 for i in range(4)]  # fmt: skip
+    assert len(backend.list({"run": labels["run"]})) == 4
+    for sb in sandboxes:
+        assert sb.destroy() is True
+    stats = emulator.stats()
+    assert stats.get("injected_429", 0) + stats.get("injected_503", 0) > 0
+    assert _mine(emulator, labels) == []
+
+
+def test_persistent_503_on_create_with_key_is_transient_and_retried(backend: Backend, emulator: Emulator, labels) -> None:
+    """4 SDK attempts fail, the facade retries (the key makes it safe), the next SDK attempt succeeds."""
+    emulator.set_faults(error_next=5, error_statuses=[503])
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=60, idempotency_key="p-" + labels["run"])) as sb:
+        assert _mine(emulator, labels) == [sb.id]
+
+
+def test_persistent_503_on_create_without_key_not_retried(backend: Backend, emulator: Emulator, labels) -> None:
+    emulator.set_faults(error_next=5, error_statuses=[503])
+    with pytest.raises(SandboxError) as info:
+        backend.create(SandboxSpec(labels=labels, ttl_seconds=60))
+    assert "busy" in str(info.value)
+    assert emulator.stats().get("injected_503", 0) >= 4
+    emulator.set_faults()
+    assert _mine(emulator, labels) == []
+
+
+def test_destroy_retried_through_outage(backend: Backend, emulator: Emulator, labels) -> None:
+    sb = backend.create(SandboxSpec(labels=labels, ttl_seconds=60))
+    emulator.set_faults(error_next=6, error_statuses=[503])
+    assert sb.destroy() is True
+    assert _mine(emulator, labels) == []
+
+
+def test_sandbox_vanishing_mid_command(backend: Backend, emulator: Emulator, labels) -> None:
+    sb = backend.create(SandboxSpec(labels=labels, ttl_seconds=60))
+    emulator.set_faults(vanish_after=1.0)
+    start = time.monotonic()
+    with pytest.raises(SandboxNotFoundError):
+        sb.exec(["sh", "-c", "echo started; sleep 20"], timeout=60)
+    assert time.monotonic() - start < 10
+    assert sb.destroy() is False
+    assert emulator.stats().get("vanished", 0) >= 1
+
+
+def test_dropped_stream_is_a_clear_error_and_not_rerun(backend: Backend, emulator: Emulator, labels) -> None:
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=120)) as sb:
+        marker = sb.handle.workdir + "/done.txt"
+        runs = sb.handle.workdir + "/runs.txt"
+        execs = emulator.stats()["execs"][sb.id]
+        emulator.set_faults(drop_stream_after=1.0)
+        with pytest.raises(SandboxError) as info:
+            sb.exec(["sh", "-c", 'echo run >> "$1"; sleep 4; touch "$0"', marker, runs], timeout=60)
+        assert not isinstance(info.value, (SandboxNotFoundError, SandboxTimeoutError))
+        assert "output stream" in str(info.value) and "NOT retried" in str(info.value)
+        emulator.set_faults()
+        time.sleep(5)
+        assert sb.run(["sh", "-c", 'test -e "$0" && echo ran-on || echo killed', marker])[1] == "killed\n"
+        assert sb.read_file(runs) == b"run\n"
+        assert emulator.stats()["execs"][sb.id] == execs + 2  # the failed command + the check: no hidden retry
+
+
+def test_latency_is_applied(backend: Backend, emulator: Emulator, labels) -> None:
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=60)) as sb:
+        start = time.monotonic()
+        sb.run(["true"])
+        fast = time.monotonic() - start
+        emulator.set_faults(latency=0.3)
+        start = time.monotonic()
+        sb.run(["true"])
+        assert time.monotonic() - start >= fast + 0.25
