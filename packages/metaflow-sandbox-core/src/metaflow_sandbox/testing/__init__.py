@@ -18,6 +18,6 @@ import pytest
 # Rich assert diffs for authors whose tests subclass the suite.
 pytest.register_assert_rewrite("metaflow_sandbox.testing.suite")
 
-from .suite import BackendConformance
+from .suite import BackendConformance  # noqa: E402
 
 __all__ = ["BackendConformance"]

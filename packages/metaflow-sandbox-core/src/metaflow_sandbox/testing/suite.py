@@ -157,9 +157,7 @@ class BackendConformance:
         sb.destroy()
 
     @pytest.fixture
-    def fresh_sandbox(
-        self, conformance_backend: Backend, kit_labels: dict[str, str]
-    ) -> Iterator[Callable[..., Sandbox]]:
+    def fresh_sandbox(self, conformance_backend: Backend, kit_labels: dict[str, str]) -> Iterator[Callable[..., Sandbox]]:
         """Factory for sandboxes a test may destroy; any left alive are destroyed after the test."""
         made: list[Sandbox] = []
 
@@ -335,9 +333,7 @@ class BackendConformance:
         assert sb.handle.labels.get("kit_case") == "labels"
         assert sb.handle.labels.get(MARKER_LABEL) == "1"
 
-    def test_lifecycle_list_by_labels(
-        self, conformance_backend: Backend, fresh_sandbox: Callable[..., Sandbox]
-    ) -> None:
+    def test_lifecycle_list_by_labels(self, conformance_backend: Backend, fresh_sandbox: Callable[..., Sandbox]) -> None:
         """With ``sandbox_list``: a sandbox is listed by its labels while alive, and not after destroy.
 
         Troubleshooting: if this fails, your ``sandbox_list(labels, options)`` must return handles of the
@@ -406,9 +402,7 @@ class BackendConformance:
         Troubleshooting: if this fails, your ``sandbox_exec`` must pass argv as UTF-8 and decode output
         with an incremental UTF-8 decoder (``codecs.getincrementaldecoder``), not chunk by chunk.
         """
-        code, out, err = sandbox.run(
-            ["sh", "-c", 'printf "%s" "$1"; printf "%s" "$1" >&2', "sh", UNICODE_TEXT], timeout=60
-        )
+        code, out, err = sandbox.run(["sh", "-c", 'printf "%s" "$1"; printf "%s" "$1" >&2', "sh", UNICODE_TEXT], timeout=60)
         assert code == 0
         assert out == UNICODE_TEXT
         assert err == UNICODE_TEXT
@@ -437,9 +431,7 @@ class BackendConformance:
         environment (without shell-quoting bugs: values may contain spaces, quotes and ``=``).
         """
         value = "a b='c' \"d\" =e $HOME"
-        code, out, _ = sandbox.run(
-            ["sh", "-c", 'printf "%s|%s" "$KIT_ONE" "$KIT_TWO"'], env={"KIT_ONE": value, "KIT_TWO": "2"}, timeout=60
-        )
+        code, out, _ = sandbox.run(["sh", "-c", 'printf "%s|%s" "$KIT_ONE" "$KIT_TWO"'], env={"KIT_ONE": value, "KIT_TWO": "2"}, timeout=60)
         assert code == 0
         assert out == "%s|2" % value
 
@@ -545,9 +537,7 @@ class BackendConformance:
         with one ``FileResult`` per requested item, same order, a failure in one not stopping the others.
         """
         good, missing = posixpath.join(tdir, "good.txt"), posixpath.join(tdir, "missing.txt")
-        up = sandbox.upload(
-            [UploadItem(good, content=b"good"), UploadItem(posixpath.join(tdir, "other.txt"), content=b"x")]
-        )
+        up = sandbox.upload([UploadItem(good, content=b"good"), UploadItem(posixpath.join(tdir, "other.txt"), content=b"x")])
         assert [r.path for r in up] == [good, posixpath.join(tdir, "other.txt")]
         assert [r.error for r in up] == [None, None]
         down = sandbox.download([DownloadItem(missing), DownloadItem(good)])

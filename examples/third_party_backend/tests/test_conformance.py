@@ -1,0 +1,7 @@
+"""Run the metaflow-sandbox conformance kit against the installed "acme" backend."""
+
+from metaflow_sandbox.testing import BackendConformance
+
+
+class TestAcme(BackendConformance):
+    backend = "acme"

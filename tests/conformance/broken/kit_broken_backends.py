@@ -1,0 +1,176 @@
+"""Backends for test_kit_catches_bugs: a correct one built on the acme example, and variants that each
+break exactly one rule of the contract. Registered as entry points of a fabricated distribution."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from typing import Any, Mapping
+
+from metaflow_sandbox import (
+    BackendNotConfiguredError,
+    Capabilities,
+    ExecResult,
+    SandboxError,
+    SandboxHandle,
+    SandboxTimeoutError,
+    UploadItem,
+    hookimpl,
+)
+from metaflow_sandbox_acme import plugin as acme
+
+KEY = "KITGOOD_API_KEY"
+
+
+class Good:
+    """Correct: delegates to acme, under its own entry-point name, and needs KITGOOD_API_KEY."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @hookimpl
+    def sandbox_check_config(self, options: Mapping[str, Any]) -> bool:
+        if not (options.get("api_key") or os.environ.get(KEY)):
+            raise BackendNotConfiguredError(self.name, KEY)
+        return True
+
+    @hookimpl
+    def sandbox_capabilities(self, options: Mapping[str, Any]) -> Capabilities:
+        return Capabilities(images=False, config_env=(KEY,))
+
+    @hookimpl
+    def sandbox_create(self, spec):
+        return dataclasses.replace(acme.sandbox_create(spec), backend=self.name)
+
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        return acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+
+    @hookimpl
+    def sandbox_upload(self, handle, files):
+        return acme.sandbox_upload(handle, files)
+
+    @hookimpl
+    def sandbox_download(self, handle, files):
+        return acme.sandbox_download(handle, files)
+
+    @hookimpl
+    def sandbox_destroy(self, handle):
+        return acme.sandbox_destroy(handle)
+
+    @hookimpl
+    def sandbox_list(self, labels, options) -> list[SandboxHandle]:
+        return [dataclasses.replace(h, backend=self.name) for h in acme.sandbox_list(labels, options)]
+
+
+class ExecReturnsNone(Good):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+        return None
+
+
+class RaisesOnNonZeroExit(Good):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        result = acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+        if result.exit_code:
+            raise SandboxError("command failed with exit code %d" % result.exit_code)
+        return result
+
+
+class MixesStderrIntoStdout(Good):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        return acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stdout)
+
+
+class BuffersOutput(Good):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        out: list[str] = []
+        err: list[str] = []
+        result = acme.sandbox_exec(handle, command, env, cwd, timeout, out.append, err.append)
+        if on_stdout and out:
+            on_stdout("".join(out))
+        if on_stderr and err:
+            on_stderr("".join(err))
+        return result
+
+
+class IgnoresTimeout(Good):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        return acme.sandbox_exec(handle, command, env, cwd, None, on_stdout, on_stderr)
+
+
+class TimeoutWithoutKill(Good):
+    """Raises on time, but leaves the command running."""
+
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        done: list[Any] = []
+
+        def run() -> None:
+            try:
+                done.append(acme.sandbox_exec(handle, command, env, cwd, None, on_stdout, on_stderr))
+            except Exception as exc:  # handed to the caller below
+                done.append(exc)
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        worker.join(timeout)
+        if not done:
+            raise SandboxTimeoutError("timed out")
+        if isinstance(done[0], Exception):
+            raise done[0]
+        return done[0]
+
+
+class DestroyNotIdempotent(Good):
+    @hookimpl
+    def sandbox_destroy(self, handle):
+        acme.sandbox_destroy(handle)
+        return True
+
+
+class UploadDropsHighBytes(Good):
+    @hookimpl
+    def sandbox_upload(self, handle, files):
+        text_safe = [
+            UploadItem(f.path, content=f.content.decode("ascii", "ignore").encode(), source=f.source)
+            if f.content is not None
+            else f
+            for f in files
+        ]
+        return acme.sandbox_upload(handle, text_safe)
+
+
+class MissingFileRaises(Good):
+    @hookimpl
+    def sandbox_download(self, handle, files):
+        results = acme.sandbox_download(handle, files)
+        for r in results:
+            if r.error == "file_not_found":
+                raise FileNotFoundError(r.path)
+        return results
+
+
+class CredentialsNotReported(Good):
+    @hookimpl
+    def sandbox_check_config(self, options):
+        return True
+
+
+GOOD = Good("kitgood")
+EXEC_NONE = ExecReturnsNone("exec-none")
+RAISES_NONZERO = RaisesOnNonZeroExit("raises-nonzero")
+MIXES_STREAMS = MixesStderrIntoStdout("mixes-streams")
+BUFFERS = BuffersOutput("buffers")
+IGNORES_TIMEOUT = IgnoresTimeout("ignores-timeout")
+NO_KILL = TimeoutWithoutKill("timeout-no-kill")
+DESTROY_TWICE_TRUE = DestroyNotIdempotent("destroy-twice-true")
+DROPS_HIGH_BYTES = UploadDropsHighBytes("drops-high-bytes")
+MISSING_RAISES = MissingFileRaises("missing-raises")
+NO_CREDENTIALS_CHECK = CredentialsNotReported("no-credentials-check")

@@ -1,0 +1,127 @@
+"""The conformance kit can fail: run it (pytester) against backends that each break one rule.
+
+The backends live in ``broken/kit_broken_backends.py``; a fabricated distribution's
+``entry_points.txt`` registers them in ``metaflow_sandbox.backends``, so the kit finds them through
+the same discovery as any installed backend. For each one we assert WHICH kit tests fail.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# Import the kit (and with it importlib_metadata) BEFORE pytester snapshots sys.meta_path: importing the
+# importlib_metadata backport deletes the stdlib PathFinder.find_distributions and appends its own finder;
+# if that happened inside an in-process run, the snapshot restore would drop the finder and leave no
+# distribution discoverable at all.
+import metaflow_sandbox.testing  # noqa: F401
+import pytest
+
+pytest_plugins = ["pytester"]
+
+HERE = Path(__file__).parent
+ACME_SRC = HERE.parents[1] / "examples" / "third_party_backend" / "src"
+ENTRY_POINTS = {
+    "kitgood": "kit_broken_backends:GOOD",
+    "exec-none": "kit_broken_backends:EXEC_NONE",
+    "raises-nonzero": "kit_broken_backends:RAISES_NONZERO",
+    "mixes-streams": "kit_broken_backends:MIXES_STREAMS",
+    "buffers": "kit_broken_backends:BUFFERS",
+    "ignores-timeout": "kit_broken_backends:IGNORES_TIMEOUT",
+    "timeout-no-kill": "kit_broken_backends:NO_KILL",
+    "destroy-twice-true": "kit_broken_backends:DESTROY_TWICE_TRUE",
+    "drops-high-bytes": "kit_broken_backends:DROPS_HIGH_BYTES",
+    "missing-raises": "kit_broken_backends:MISSING_RAISES",
+    "no-credentials-check": "kit_broken_backends:NO_CREDENTIALS_CHECK",
+    "network-at-import": "kit_network_at_import:NET",
+}
+
+
+@pytest.fixture
+def kit(pytester: pytest.Pytester):
+    """A pytester dir where the broken backends are an installed distribution; returns a runner."""
+    dist = pytester.path / "kit_broken_backends-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-broken-backends\nVersion: 0.1\n")
+    lines = ["[metaflow_sandbox.backends]"] + ["%s = %s" % kv for kv in ENTRY_POINTS.items()]
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    pytester.syspathinsert(pytester.path)
+    pytester.syspathinsert(HERE / "broken")
+    pytester.syspathinsert(ACME_SRC)
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(scope="session", autouse=True)
+        def api_key():
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("KITGOOD_API_KEY", "secret")
+                mp.setenv("ACME_ROOT", %r)
+                yield
+        """
+        % str(pytester.path)
+    )
+
+    def run(backend: str, *select: str) -> pytest.RunResult:
+        pytester.makepyfile(
+            test_kit="""
+            from metaflow_sandbox.testing import BackendConformance
+
+            class TestKit(BackendConformance):
+                backend = %r
+                required_env = ("KITGOOD_API_KEY",)
+            """
+            % backend
+        )
+        args = ["-p", "no:cacheprovider", "-rfEs"] + (["-k", " or ".join(select)] if select else [])
+        return pytester.runpytest(*args)
+
+    return run
+
+
+def _failed(result: pytest.RunResult) -> set[str]:
+    return {line.split("::")[-1].split(" ")[0] for line in result.outlines if line.startswith(("FAILED ", "ERROR "))}
+
+
+def test_correct_backend_passes_everything(kit) -> None:
+    """Control: the same backend without a bug passes the whole kit (no false alarms)."""
+    result = kit("kitgood")
+    result.assert_outcomes(passed=29)
+
+
+# backend -> (kit tests selected with -k, kit tests that must fail, how many selected tests pass)
+CASES = {
+    "exec-none": (
+        ("exec_exit", "exec_stdout", "exec_env", "lifecycle"),
+        {"test_exec_exit_codes_are_results", "test_exec_stdout_stderr_separate", "test_exec_env_visible"},
+        5,
+    ),
+    "raises-nonzero": (("exec and not timeout and not streams",), {"test_exec_exit_codes_are_results"}, 7),
+    "mixes-streams": (
+        ("exec and not timeout and not streams",),
+        {"test_exec_stdout_stderr_separate", "test_exec_unicode_round_trip"},
+        6,
+    ),
+    "buffers": (("exec_streams", "exec_exit"), {"test_exec_streams_before_exit"}, 1),
+    "ignores-timeout": (("exec_timeout",), {"test_exec_timeout_raises_and_kills"}, 0),
+    "timeout-no-kill": (("exec_timeout", "exec_exit"), {"test_exec_timeout_raises_and_kills"}, 1),
+    "destroy-twice-true": (("lifecycle",), {"test_lifecycle_destroy_is_idempotent"}, 4),
+    "drops-high-bytes": (("files",), {"test_files_all_byte_values_round_trip"}, 8),
+    "missing-raises": (
+        ("files",),
+        {"test_files_missing_download_is_file_not_found", "test_files_batch_results_in_order"},
+        7,
+    ),
+    "no-credentials-check": (("offline",), {"test_offline_missing_credentials_named"}, 5),
+    "network-at-import": (("offline",), {"test_offline_import_makes_no_network_call"}, 5),
+}
+
+
+@pytest.mark.parametrize("backend", sorted(CASES))
+def test_kit_catches_the_bug(kit, backend: str) -> None:
+    """Each broken backend fails exactly the kit tests written for the rule it breaks."""
+    select, must_fail, passing = CASES[backend]
+    result = kit(backend, *select)
+    assert _failed(result) == must_fail, "\n".join(result.outlines[-40:])
+    result.assert_outcomes(failed=len(must_fail), passed=passing)
+    for name in sorted(must_fail):  # one call each: the summary lists them in run order
+        result.stdout.fnmatch_lines(["FAILED test_kit.py::TestKit::%s - *" % name])
