@@ -75,3 +75,15 @@ def test_large_file_streams_both_ways(sandbox, tmp_path) -> None:  # type: ignor
     dest = tmp_path / "back.bin"
     assert sandbox.read_file("/tmp/big.bin", destination=dest) is None
     assert dest.stat().st_size == 40 << 20 and dest.read_bytes() == src.read_bytes()
+
+
+def test_a_fifo_planted_in_the_sandbox_never_blocks_the_launcher(sandbox) -> None:  # type: ignore[no-untyped-def]
+    assert sandbox.run(["mkfifo", "pipe"])[0] == 0
+    path = sandbox.handle.workdir + "/pipe"
+    assert sandbox.download([DownloadItem(path)])[0].error == "permission_denied"
+    assert sandbox.upload([UploadItem(path, content=b"x")])[0].error == "permission_denied"
+
+
+def test_relative_cwd_is_under_the_workdir(sandbox) -> None:  # type: ignore[no-untyped-def]
+    sandbox.write_file(sandbox.handle.workdir + "/sub/f.txt", b"in sub")
+    assert sandbox.run(["cat", "f.txt"], cwd="sub")[:2] == (0, "in sub")

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,7 @@ except OSError:
     _PIDNS = 0
 _DIR_RE = re.compile(r"^mfsb-(\d+)-(\d+)-")
 _live: dict[str, "LocalSandbox"] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entrant: the SIGTERM handler may run while the main thread holds it
 _started = False
 
 
@@ -94,7 +95,7 @@ class LocalSandbox:
             self.argv += [] if spec.network else ["--unshare-net"]
             self.argv += ["--hostname", self.sid, "--die-with-parent", "--new-session"]
         self.running: set[subprocess.Popen] = set()
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.destroyed = False
         self.ttl = spec.ttl_seconds
         self.expired = False
@@ -344,7 +345,9 @@ def sandbox_exec(
 ) -> ExecResult:
     sb = _sandbox(handle)
     full_env = {**sb.env, **(env or {})}
-    cwd = cwd or sb.layout.workdir
+    if not command:
+        raise SandboxError("empty command", hint="pass an argv list such as ['echo', 'hi']", backend=NAME)
+    cwd = os.path.join(sb.layout.workdir, cwd) if cwd else sb.layout.workdir  # a relative cwd is under workdir
     if sb.bwrap:
         argv, host_cwd = [*sb.argv, "--chdir", cwd, "--", *command], sb.root
     else:
@@ -424,7 +427,11 @@ def _upload_one(sb: LocalSandbox, item: UploadItem) -> Optional[str]:
         if os.path.isdir(host):
             return "is_directory"
         os.makedirs(os.path.dirname(host), exist_ok=True)
-        fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted by the sandbox
+            os.close(fd)
+            return "permission_denied"
+        os.ftruncate(fd, 0)
         with open(fd, "wb") as out:
             if item.source is not None:
                 with open(item.source, "rb") as src:
@@ -451,7 +458,9 @@ def _download_one(sb: LocalSandbox, item: DownloadItem) -> FileResult:
             return FileResult(item.path, error="file_not_found")
         if os.path.isdir(host):
             return FileResult(item.path, error="is_directory")
-        with open(os.open(host, os.O_RDONLY | os.O_NOFOLLOW), "rb") as src:
+        with open(os.open(host, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):  # never block on a FIFO planted by the sandbox
+                return FileResult(item.path, error="permission_denied")
             if item.destination is None:
                 return FileResult(item.path, content=src.read())
             with open(item.destination, "wb") as out:

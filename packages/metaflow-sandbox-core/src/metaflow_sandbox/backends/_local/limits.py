@@ -17,7 +17,9 @@ import time
 from itertools import count
 from typing import Callable, Optional, Sequence
 
-_next_cpu = count()
+# Seeded per process: each Metaflow task has its own trampoline process, so a fixed start
+# would pin every concurrent sandbox to the same CPUs.
+_next_cpu = count(os.getpid())
 _cpu_lock = threading.Lock()
 
 
