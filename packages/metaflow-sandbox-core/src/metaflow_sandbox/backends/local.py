@@ -91,7 +91,7 @@ class LocalSandbox:
         self.env.update(spec.env)
         self.argv: list[str] = []
         if bwrap:
-            self.argv = [bwrap, *self.layout.bwrap_args(), *isolation.NAMESPACE_FLAGS]
+            self.argv = [bwrap, *self.layout.bwrap_args(), *isolation.ISOLATION_FLAGS]
             self.argv += [] if spec.network else ["--unshare-net"]
             self.argv += ["--hostname", self.sid, "--die-with-parent", "--new-session"]
         self.running: set[subprocess.Popen] = set()

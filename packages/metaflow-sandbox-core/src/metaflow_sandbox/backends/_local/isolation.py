@@ -58,7 +58,7 @@ def probe(bwrap: str) -> Optional[str]:
     with _lock:
         if bwrap not in _probes:
             argv = [bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
-            argv += NAMESPACE_FLAGS + ["--unshare-net", "--hostname", "probe", "--die-with-parent", "--new-session"]
+            argv += ISOLATION_FLAGS + ["--unshare-net", "--hostname", "probe", "--die-with-parent", "--new-session"]
             argv += ["true"]
             try:
                 proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20)
@@ -69,7 +69,10 @@ def probe(bwrap: str) -> Optional[str]:
         return _probes[bwrap]
 
 
-NAMESPACE_FLAGS = ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+# Fresh namespaces, and no capabilities inside: a root launcher would otherwise leave them to the
+# sandbox (bwrap keeps them for uid 0), which could then remount the host binds read-write.
+ISOLATION_FLAGS = ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+ISOLATION_FLAGS += ["--cap-drop", "ALL"]
 
 
 def select(options: Mapping[str, Any]) -> Optional[str]:

@@ -68,7 +68,7 @@ def python_dirs() -> tuple[str, ...]:
     covered = hidden_dirs() + ("/tmp",)
     found = []
     for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]:
-        if not p or not os.path.isabs(p) or not os.path.isdir(p):
+        if not p or not os.path.isabs(p) or not os.path.isdir(p) or not os.access(p, os.R_OK | os.X_OK):
             continue
         for q in {os.path.normpath(p), os.path.realpath(p)}:
             if any(_under(q, c) and q != c for c in covered):
