@@ -50,8 +50,9 @@ def _outermost(paths: Iterable[str]) -> list[str]:
 
 @functools.lru_cache(maxsize=1)
 def hidden_dirs() -> tuple[str, ...]:
-    """Home directories: invisible inside the sandbox unless a bind covers part of them."""
-    candidates = ["/home", "/root", os.environ.get("HOME", "")]
+    """Home directories and /run (daemon sockets such as docker.sock stay connectable on a read-only
+    mount): invisible inside the sandbox unless a bind covers part of them."""
+    candidates = ["/home", "/root", "/run", os.environ.get("HOME", "")]
     try:
         candidates.append(pwd.getpwuid(os.getuid()).pw_dir)
     except KeyError:
@@ -63,10 +64,14 @@ def hidden_dirs() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def python_dirs() -> tuple[str, ...]:
-    """The running Python's prefixes and import paths that a hidden dir or the private /tmp would cover."""
+def reexposed() -> tuple[str, ...]:
+    """Paths re-exposed read-only inside hidden dirs or the private /tmp: the running Python's prefixes
+    and import paths, and the DNS configuration (often a link into /run)."""
     covered = hidden_dirs() + ("/tmp",)
     found = []
+    resolv = os.path.realpath("/etc/resolv.conf")
+    if os.path.isfile(resolv) and any(_under(resolv, c) for c in covered):
+        found.append(resolv)
     for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]:
         if not p or not os.path.isabs(p) or not os.path.isdir(p) or not os.access(p, os.R_OK | os.X_OK):
             continue
@@ -119,7 +124,7 @@ class Layout:
         self.expanded = self._expansions()
         mounts = [Mount("/", "/", RO), Mount("/proc", None, HIDDEN), Mount("/dev", None, HIDDEN)]
         mounts += [Mount(d, None, HIDDEN) for d in hidden_dirs()]
-        mounts += [Mount(d, d, RO) for d in python_dirs()]
+        mounts += [Mount(d, d, RO) for d in reexposed()]
         mounts += [Mount("/tmp", self.host_tmp, RW), Mount(self.workdir, self.host_work, RW)]
         mounts += [Mount(b.dest, b.source, RO if b.read_only else RW) for b in self.binds]
         # Later mounts shadow earlier ones at the same path, as in bwrap.
@@ -136,7 +141,7 @@ class Layout:
             args += ["--tmpfs", d]
             args += _entries_args(d)
         args += ["--bind", self.host_tmp, "/tmp"]
-        for d in python_dirs():
+        for d in reexposed():
             args += ["--ro-bind", d, d]
         args += ["--bind", self.host_work, self.workdir]
         for b in self.binds:
