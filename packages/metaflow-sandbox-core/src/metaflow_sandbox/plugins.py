@@ -71,7 +71,9 @@ def _hook_in(text: str) -> Optional[str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    """pluggy's message on one line: its later lines say WHICH argument is wrong, so keep them."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
 
 
 @dataclass(frozen=True)
