@@ -80,6 +80,8 @@ class Backend:
             except TransientBackendError as exc:
                 attempt += 1
                 if not idempotent or attempt > self.retries:
+                    exc.backend, exc.op = exc.backend or self.name, exc.op or hook
+                    exc.sandbox_id = exc.sandbox_id or sandbox_id
                     raise
                 delay = self.backoff * (2 ** (attempt - 1))
                 log.warning("%s: %s failed transiently (%s); retry %d in %.2fs", self.name, hook, exc.message, attempt, delay)
