@@ -21,6 +21,8 @@ def test_ro_bind_at_other_path(make, tmp_path) -> None:  # type: ignore[no-untyp
     assert (code, out) == (0, "from host")
     code, _, err = sb.run(["sh", "-c", "echo x > /data/new.txt"])
     assert code != 0 and "Read-only" in err
+    code, _, err = sb.run(["sh", "-c", "echo x > /new-top-level-file"])  # / is rebuilt for /data, still read-only
+    assert code != 0 and "Read-only" in err
     assert not (tmp_path / "new.txt").exists()
     (res,) = sb.upload([UploadItem("/data/up.txt", content=b"x")])
     assert res.error == "permission_denied"

@@ -80,3 +80,12 @@ def test_sigterm_destroys_the_sandbox() -> None:
     time.sleep(0.1)
     after = set(os.listdir("/tmp/metaflow-sandbox-%d" % os.getuid()))
     assert not [d for d in after - before if "-%d-" % proc.pid in d]
+
+
+def test_doctor_reports_isolation() -> None:
+    proc = run_cli("doctor", "--json")
+    assert proc.returncode == 0, proc.stderr
+    local = json.loads(proc.stdout)["local"]
+    assert local["isolation"] == "bubblewrap" and local["works"] is True
+    broken = run_cli("doctor", env=dict(os.environ, METAFLOW_SANDBOX_LOCAL_BWRAP="/bin/false"))
+    assert broken.returncode == 1 and "local.isolation    NONE" in broken.stdout and "Fix: pip install" in broken.stdout

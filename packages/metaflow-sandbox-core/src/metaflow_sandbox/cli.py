@@ -1,7 +1,8 @@
 """``metaflow-sandbox``: inspect backends, run a command in a sandbox, find and remove leftover sandboxes.
 
 Stdlib argparse only: the core stays free of Metaflow (and of its vendored click).
-Exit codes: the command's own for ``exec``; 2 for any sandbox/backend error (message + Fix line).
+Exit codes: the command's own for ``exec``; 2 for any sandbox/backend error (message + Fix line);
+``doctor`` exits 1 when the local backend would run without isolation.
 """
 
 from __future__ import annotations
@@ -70,6 +71,33 @@ def _table(rows: list[tuple[str, ...]]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + first)
         for line in rest:
             print(" " * (sum(widths) + 2 * len(widths)) + line)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """What the local backend can do on this machine, then the backends table. Exit 1 if isolation is off."""
+    from .backends._local import isolation, limits
+
+    status = isolation.status(backend_options("local"))
+    cgroup = limits.memory_cgroup_parent()
+    report = {
+        "local": {
+            "isolation": "bubblewrap" if status["works"] and status["requested"] != "none" else "NONE",
+            **status,
+            "memory_limit": "cgroup v%d under %s" % cgroup if cgroup else "RLIMIT_AS (no writable memory cgroup)",
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        }
+    }
+    if args.json:
+        report["backends"] = [i.as_dict() for i in describe_backends()]  # type: ignore[assignment]
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report["local"].items():
+            print("local.%-12s %s" % (key, value))
+        if not status["works"]:
+            print("  Fix: %s" % isolation.FIX)
+        print()
+        cmd_backends(argparse.Namespace(json=False))
+    return 0 if report["local"]["isolation"] == "bubblewrap" else 1
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -180,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_backends)
 
+    p = sub.add_parser("doctor", help="check the local backend's isolation and limits, and every backend")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("exec", help="run a command in a new sandbox, streaming its output; exits with its code")
     p.add_argument("--backend", required=True)
     p.add_argument("--cpu", type=float)
@@ -219,6 +251,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SandboxError as err:
         print("metaflow-sandbox: %s" % err, file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into head & co.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def pick_cpus(cpu: Optional[float]) -> Optional[set[int]]:
 
 
 @functools.lru_cache(maxsize=1)
-def _memory_parent() -> Optional[tuple[int, str]]:
+def memory_cgroup_parent() -> Optional[tuple[int, str]]:
     """(cgroup version, writable dir of this process's memory cgroup), or None."""
     v1_mount = v2_mount = None
     try:
@@ -95,7 +95,7 @@ class MemoryCgroup:
 
     @classmethod
     def create(cls, name: str, limit_mb: int) -> Optional["MemoryCgroup"]:
-        parent = _memory_parent()
+        parent = memory_cgroup_parent()
         if parent is None:
             return None
         version, base = parent
@@ -170,7 +170,7 @@ def _rmdir(path: str) -> bool:
 
 def stale_cgroups(prefix: str) -> list[str]:
     """Our cgroups (name starting with ``prefix``) under this process's memory cgroup."""
-    parent = _memory_parent()
+    parent = memory_cgroup_parent()
     if parent is None:
         return []
     try:

@@ -1,8 +1,8 @@
 """The sandbox's filesystem: the bwrap arguments that build it, and inside->host path translation.
 
-The host is visible read-only (each top-level entry bound on a read-only tmpfs root); homes are
-hidden (except the Python installation, re-exposed read-only); /tmp and the work dir are private
-and writable; binds are added as asked.
+The host is visible read-only (one recursive bind of ``/``, or its entries one by one when a bind
+needs a new top-level directory); homes and /run are hidden (except the Python installation and the
+DNS config, re-exposed read-only); /tmp and the work dir are private and writable; binds are added.
 """
 
 from __future__ import annotations
@@ -83,8 +83,7 @@ def reexposed() -> tuple[str, ...]:
 
 @functools.lru_cache(maxsize=1)
 def top_level() -> tuple[tuple[str, Optional[str]], ...]:
-    """Entries of ``/`` as (path, symlink target or None), bound one by one so that bwrap's own root
-    stays a (finally read-only) tmpfs where mount points for binds at new paths can be created."""
+    """Entries of ``/`` as (path, symlink target or None), for binding them one by one."""
     entries = []
     for name in sorted(os.listdir("/")):
         path = "/" + name
@@ -121,7 +120,7 @@ class Layout:
         self.workdir = default_workdir() if isolated else self.host_work
         self.tmpdir = "/tmp" if isolated else self.host_tmp
         self.binds = tuple(binds)
-        self.expanded = self._expansions()
+        self.expanded, self.expand_root = self._expansions()
         mounts = [Mount("/", "/", RO), Mount("/proc", None, HIDDEN), Mount("/dev", None, HIDDEN)]
         mounts += [Mount(d, None, HIDDEN) for d in hidden_dirs()]
         mounts += [Mount(d, d, RO) for d in reexposed()]
@@ -131,9 +130,11 @@ class Layout:
         self.mounts = {m.inside: m for m in mounts}
 
     def bwrap_args(self) -> list[str]:
-        args = []
-        for path, link in top_level():
-            args += ["--symlink", link, path] if link is not None else ["--ro-bind", path, path]
+        args = ["--ro-bind", "/", "/"]  # one recursive bind: the fastest way to show the host read-only
+        if self.expand_root:
+            args = []
+            for path, link in top_level():
+                args += ["--symlink", link, path] if link is not None else ["--ro-bind", path, path]
         args += ["--dev", "/dev", "--proc", "/proc"]
         for d in hidden_dirs():
             args += ["--tmpfs", d]
@@ -148,24 +149,28 @@ class Layout:
             args += ["--ro-bind" if b.read_only else "--bind", b.source, b.dest]
         for d in hidden_dirs() + self.expanded:
             args += ["--remount-ro", d]
-        return args + ["--remount-ro", "/"]
+        return args + (["--remount-ro", "/"] if self.expand_root else [])
 
-    def _expansions(self) -> tuple[str, ...]:
+    def _expansions(self) -> tuple[tuple[str, ...], bool]:
         """Read-only host dirs in which a bind needs a new mount point: each becomes a tmpfs holding
-        binds of the original entries (a bind at a new top-level path needs nothing: / is a tmpfs)."""
+        binds of the original entries. For ``/`` (a bind at a new top-level path), the entries are
+        bound one by one on bwrap's own root tmpfs instead of binding ``/`` whole."""
         writable = hidden_dirs() + ("/tmp", self.workdir) + tuple(b.dest for b in self.binds if not b.read_only)
-        found = []
+        found, expand_root = [], False
         for b in self.binds:
             parent = os.path.normpath(b.dest)
             while not os.path.lexists(parent):
                 parent = os.path.dirname(parent)
             parent = os.path.realpath(parent)
-            if parent == os.path.normpath(b.dest) or parent == "/" or any(_under(parent, w) for w in writable):
+            if parent == "/" and parent != os.path.normpath(b.dest):
+                expand_root = True
+                continue
+            if parent == os.path.normpath(b.dest) or any(_under(parent, w) for w in writable):
                 continue
             if len(os.listdir(parent)) > MAX_EXPAND:
                 raise PathError("invalid_path")
             found.append(parent)
-        return tuple(_outermost(found))
+        return tuple(_outermost(found)), expand_root
 
     def _mount_for(self, path: str) -> Mount:
         best = self.mounts["/"]
