@@ -22,26 +22,28 @@ STDOUT = b"\x01\x01\x01"
 STDERR = b"\x02\x02\x02"
 STATE_DIR = ".daytona-emu"
 
-# A session command runs in its own session/process group (setsid): it restores the session's cwd
-# and exports, runs the command, and saves cwd/exports on exit (persistent-shell semantics).
-INNER = r"""
-d="$1"; cmd="$2"; wd="$3"
-if [ -f "$d/env" ]; then . "$d/env" 2>/dev/null; fi
-if [ -f "$d/cwd" ]; then cd "$(cat "$d/cwd")" 2>/dev/null || cd "$wd"; else cd "$wd"; fi
-trap 'export -p | grep -Ev "^declare -x (PWD|OLDPWD|SHLVL|_)=" > "$d/env.tmp"; mv -f "$d/env.tmp" "$d/env"; pwd > "$d/cwd"' EXIT
-eval "$cmd"
-"""
-
-# The supervisor: start the command, and kill its whole group when the session's kill flag appears.
+# One session command, with as few process spawns as possible (they dominate its cost):
+# - restore the session's exports and cwd, run the command, save both on exit (persistent shell);
+# - run it as a job in its own process group (set -m) so a kill reaches all its children;
+# - a watcher kills that group when the session's kill flag appears (session delete / sandbox gone).
+# Job-control notices go to the supervisor's stderr, which is /dev/null once the job has started.
 WRAPPER = r"""
-d="$1"; cmd="$2"; wd="$3"; inner="$4"
-mkdir -p "$d" || exit 255
-setsid bash -c "$inner" daytona-cmd "$d" "$cmd" "$wd" &
+d="$1"; cmd="$2"; wd="$3"
+[ -d "$d" ] || mkdir -p "$d" || exit 255
+exec 3>&2
+set -m
+{
+  if [ -f "$d/env" ]; then . "$d/env" 2>/dev/null; fi
+  if [ -f "$d/cwd" ]; then read -r c < "$d/cwd"; cd "$c" 2>/dev/null || cd "$wd"; else cd "$wd"; fi
+  trap 'export -p > "$d/env" 2>/dev/null; pwd > "$d/cwd" 2>/dev/null' EXIT
+  eval "$cmd"
+} 2>&3 3>&- &
 pid=$!
-( while [ ! -e "$d/kill" ]; do sleep 0.1; done; kill -KILL -- "-$pid" 2>/dev/null ) </dev/null >/dev/null 2>&1 &
+exec 2>/dev/null 3>&-
+{ while [ ! -e "$d/kill" ]; do sleep 0.1; done; kill -KILL -- "-$pid"; } </dev/null >/dev/null &
 w=$!
 wait "$pid"; rc=$?
-kill "$w" 2>/dev/null
+kill "$w"
 exit $rc
 """
 
@@ -120,7 +122,7 @@ class Engine:
         return self.local.create(SandboxSpec(env=env, labels=labels, network=network))
 
     def run_session_command(self, sb: EmuSandbox, session: str, cmd: Command, emit: Callable[[str, str], None]) -> int:
-        argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_dir(session), cmd.command, sb.workdir, INNER]
+        argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_dir(session), cmd.command, sb.workdir]
         result = sb.local.exec(argv, on_stdout=lambda t: emit("stdout", t), on_stderr=lambda t: emit("stderr", t))
         return int(result.exit_code)
 
