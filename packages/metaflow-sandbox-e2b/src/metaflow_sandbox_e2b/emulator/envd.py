@@ -28,7 +28,7 @@ WRAPPER = r"""w=$1; shift
 setsid "$@" &
 c=$!
 ( while :; do
-    if [ -e "$0" ] || [ ! -d "$w" ]; then kill -KILL -- -"$c" 2>/dev/null; rm -f "$0"; exit 0; fi
+    if [ -e "$0" ] || [ ! -d "$w" ]; then kill -9 -"$c" 2>/dev/null; rm -f "$0"; exit 0; fi
     kill -0 "$c" 2>/dev/null || exit 0
     sleep 0.2
   done ) >/dev/null 2>&1 </dev/null &
@@ -151,9 +151,6 @@ def make_envd_app(world: World) -> web.Application:
         sb.execs += 1
         world.count("process_start")
 
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/connect+json"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -162,7 +159,7 @@ def make_envd_app(world: World) -> web.Application:
 
         def run() -> Any:
             return sb.local.exec(
-                ["bash", "-c", WRAPPER, proc.kill_file, sb.workdir] + argv,
+                ["sh", "-c", WRAPPER, proc.kill_file, sb.workdir] + argv,
                 env=env,
                 cwd=world.map_path(sb, process.get("cwd")),
                 timeout=int(deadline_ms) / 1000.0 if deadline_ms else None,
@@ -172,6 +169,9 @@ def make_envd_app(world: World) -> web.Application:
 
         fut = loop.run_in_executor(world.pool, run)
         fut.add_done_callback(lambda _f: queue.put_nowait(("done", None)))
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/connect+json"})
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
         timers = _schedule_faults(world, sb, request)
         alive = await _write(resp, envelope({"event": {"start": {"pid": pid}}}))
         try:
@@ -189,10 +189,7 @@ def make_envd_app(world: World) -> web.Application:
             for t in timers:
                 t.cancel()
             proc.done = True
-        if alive:
-            for chunk in _ending(sb, proc, fut):
-                if not await _write(resp, chunk):
-                    break
+        if alive and await _write(resp, b"".join(_ending(sb, proc, fut))):
             try:
                 await resp.write_eof()
             except (ConnectionError, RuntimeError):
