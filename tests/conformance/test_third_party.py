@@ -1,13 +1,14 @@
 """A third-party backend works with no change to core: pip-install the example ``metaflow-sandbox-acme``
 distribution, then discover, select and conformance-test it in separate interpreters.
 
-pip installs the built wheel into a private ``--target`` directory put on PYTHONPATH (fast, offline: no
+pip builds the wheel and installs it into a private ``--target`` directory put on PYTHONPATH (fast: no
 dependencies are fetched because core is already in this environment, which we check against the
 distribution's declared requirement). Entry points are found from its installed ``.dist-info``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -30,9 +31,10 @@ def acme(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("third-party")
     project, target = base / "metaflow-sandbox-acme", base / "site"
     shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
+    # Offline and fast when this environment already has the build backend; else pip fetches hatchling.
+    offline = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("hatchling") else []
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index"]
-        + ["--target", str(target), str(project)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *offline, "--target", str(target), str(project)],
         check=True,
         timeout=300,
     )

@@ -545,7 +545,7 @@ class BackendConformance:
         assert [r.error for r in down] == ["file_not_found", None]
         assert down[1].content == b"good"
 
-    def test_files_relative_path_is_invalid(self, sandbox: Sandbox, tdir: str) -> None:
+    def test_files_relative_path_is_invalid(self, sandbox: Sandbox, tdir: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         """A relative path is ``invalid_path`` (per item) for upload and download.
 
         Troubleshooting: if this fails, your ``sandbox_upload``/``sandbox_download`` must reject paths
@@ -553,6 +553,7 @@ class BackendConformance:
         """
         if not self.distinct_file_errors:
             pytest.skip("backend declares distinct_file_errors = False")
+        monkeypatch.chdir(tmp_path)  # a backend that writes relative paths anyway must not litter your repo
         good = posixpath.join(tdir, "ok.txt")
         up = sandbox.upload([UploadItem("relative/file.txt", content=b"x"), UploadItem(good, content=b"ok")])
         assert [(r.path, r.error) for r in up] == [("relative/file.txt", "invalid_path"), (good, None)]
