@@ -45,16 +45,33 @@ def s3_server(tmp_path_factory):
     """A real S3 endpoint: `weed mini` on loopback, with an access key and a `metaflow` bucket."""
     root = tmp_path_factory.mktemp("seaweedfs")
     config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "tester",
-        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tester",
+                        "credentials": [{"accessKey": S3_KEY, "secretKey": S3_SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     port = free_port()
     args = [
-        _weed(), "mini", "-dir=%s" % (root / "data"), "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        "-s3.port=%d" % port, "-s3.config=%s" % config, "-s3.port.iceberg=0", "-s3.port.lance=0",
-        "-webdav=false", "-admin.ui=false", "-bucket=metaflow",
+        _weed(),
+        "mini",
+        "-dir=%s" % (root / "data"),
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-s3.port=%d" % port,
+        "-s3.config=%s" % config,
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-bucket=metaflow",
     ]
     for flag in ("master.port", "volume.port", "filer.port", "admin.port"):
         args.append("-%s=%d" % (flag, free_port()))
@@ -148,7 +165,9 @@ class Target:
     live_sandboxes: Callable[[], list[Any]] = field(default=lambda: [])
     tmp: Optional[Path] = None
 
-    def flow(self, flow: str, *args: str, env: Optional[dict[str, str]] = None, timeout: float = 300, cwd: Optional[Path] = None) -> FlowRun:
+    def flow(
+        self, flow: str, *args: str, env: Optional[dict[str, str]] = None, timeout: float = 300, cwd: Optional[Path] = None
+    ) -> FlowRun:
         """Run `python flows/<flow> <args>` (args default to `run`) in this target's configuration."""
         assert self.tmp is not None
         cwd = cwd or self.tmp
@@ -157,7 +176,11 @@ class Target:
         full_env.update(env or {})
         proc = subprocess.run(
             [PYTHON, str(FLOWS / flow), "--no-pylint"] + list(args or ["run"]),
-            cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+            cwd=cwd,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         return FlowRun(proc.returncode, proc.stdout, proc.stderr, cwd, full_env)
 
@@ -165,8 +188,12 @@ class Target:
         """Run Metaflow client code (which must `emit(value)`) and return the value."""
         assert self.tmp is not None
         env = dict(run.env) if run else {**base_env(self.tmp), **self.env}
-        script = "import json\nfrom metaflow import *\nnamespace(None)\ndef emit(v):\n    print('@@' + json.dumps(v))\n" + textwrap.dedent(code)
-        proc = subprocess.run([PYTHON, "-c", script], cwd=run.cwd if run else self.tmp, env=env, capture_output=True, text=True, timeout=120)
+        script = "import json\nfrom metaflow import *\nnamespace(None)\ndef emit(v):\n    print('@@' + json.dumps(v))\n" + textwrap.dedent(
+            code
+        )
+        proc = subprocess.run(
+            [PYTHON, "-c", script], cwd=run.cwd if run else self.tmp, env=env, capture_output=True, text=True, timeout=120
+        )
         for line in proc.stdout.splitlines():
             if line.startswith("@@"):
                 return json.loads(line[2:])

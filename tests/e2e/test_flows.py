@@ -20,7 +20,8 @@ def test_features_artifacts_env_resources_logs_metadata(target):
         t = Run('FeaturesFlow/%s')['work'].task
         emit({k: getattr(t.data, k) for k in ('y', 'cpus', 'env_deco', 'sandbox_env', 'in_sandbox', 'backend_keys_seen')}
              | {'meta': t.metadata_dict, 'stdout': t.stdout, 'stderr': t.stderr})
-        """ % rid,
+        """
+        % rid,
         run,
     )
     assert data["y"] == 42
@@ -56,7 +57,8 @@ def test_branches_join_and_16_way_foreach(target):
         emit({'total': r['meet'].task.data.total, 'squares': r['gather'].task.data.squares,
               'ids': sorted({t.metadata_dict.get('sandbox-id') for t in r['square']}),
               'left': r['left'].task.metadata_dict.get('sandbox-id'), 'right': r['right'].task.metadata_dict.get('sandbox-id')})
-        """ % run.run_id(),
+        """
+        % run.run_id(),
         run,
     )
     assert data["total"] == 23
@@ -72,7 +74,8 @@ def test_retry_then_catch(target):
         """
         r = Run('FailuresFlow/%s')
         emit({'attempt_ok': r['flaky'].task.data.attempt_ok, 'caught': r['end'].task.data.caught})
-        """ % run.run_id(),
+        """
+        % run.run_id(),
         run,
     )
     assert data["attempt_ok"] == 1
@@ -88,7 +91,8 @@ def test_timeout_fails_the_step_with_a_timeout_message(target):
 
 
 def test_resume_clones_and_reruns_in_a_sandbox(target):
-    failed = target.flow("resume_flow.py", env={"FAIL_B": "1"})
+    # FAIL_B reaches the sandbox only because METAFLOW_SANDBOX_FORWARD_ENV names it.
+    failed = target.flow("resume_flow.py", env={"FAIL_B": "1", "METAFLOW_SANDBOX_FORWARD_ENV": "FAIL_B"})
     assert failed.returncode != 0 and "b fails on purpose" in failed.output
     resumed = target.flow("resume_flow.py", "resume")
     _ok(resumed)
@@ -112,7 +116,8 @@ def test_with_sandbox_runs_every_step_in_a_sandbox(target):
         """
         r = Run('PlainFlow/%s')
         emit({'where': r['end'].task.data.where, 'ids': [s.task.metadata_dict.get('sandbox-id') for s in r]})
-        """ % run.run_id(),
+        """
+        % run.run_id(),
         run,
     )
     assert data["where"] == ["1", "1"]

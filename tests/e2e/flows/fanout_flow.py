@@ -25,6 +25,10 @@ class FanoutFlow(FlowSpec):
     @step
     def meet(self, inputs):
         self.total = sum(i.side for i in inputs)
+        self.next(self.spread)
+
+    @step
+    def spread(self):
         self.items = list(range(int(os.environ.get("FOREACH_N", "16"))))
         self.next(self.square, foreach="items")
 

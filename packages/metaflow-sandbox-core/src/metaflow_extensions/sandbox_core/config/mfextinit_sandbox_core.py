@@ -10,3 +10,5 @@ SANDBOX_TTL_MARGIN = from_conf("SANDBOX_TTL_MARGIN", 600)
 SANDBOX_FORWARD_ENV = from_conf("SANDBOX_FORWARD_ENV", "")
 # Directory on the launcher caching pip requirements installed into local sandboxes.
 SANDBOX_PIP_CACHE = from_conf("SANDBOX_PIP_CACHE")
+# Directory on the launcher caching extracted, precompiled code packages for local sandboxes.
+SANDBOX_CODE_CACHE = from_conf("SANDBOX_CODE_CACHE")

@@ -19,6 +19,7 @@ from metaflow.metadata_provider.util import sync_local_metadata_from_datastore
 from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
 from metaflow.unbounded_foreach import UBF_CONTROL, UBF_TASK
 
+from .sandbox_code_cache import cache_root, prepared_package
 from .sandbox_decorator import SandboxDecorator, SandboxException, backend_options, load_backend
 from .sandbox_logs import LogRelay
 from .sandbox_task import pip_install_commands, requirements, task_command, task_env
@@ -119,7 +120,11 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
     cache_dir = _pip_cache_dir() if local else None
     pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), cache_dir)
-    command = task_command(obj.environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds)
+    package_dir = code_root = None
+    if local:
+        code_root = cache_root(_config("SANDBOX_CODE_CACHE", None))
+        package_dir = prepared_package(obj.flow_datastore, code_package_sha, code_root)
+    command = task_command(obj.environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds, package_dir)
     labels = {
         "metaflow-sandbox": "1",
         "metaflow.flow": obj.flow.name,
@@ -136,6 +141,8 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         binds.append(Bind(datastore_root))
     if cache_dir:
         binds.append(Bind(cache_dir))
+    if code_root:
+        binds.append(Bind(code_root, read_only=True))
     attrs = deco.attributes
     spec = SandboxSpec(
         image=attrs.get("image"),

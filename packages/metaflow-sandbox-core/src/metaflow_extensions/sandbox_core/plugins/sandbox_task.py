@@ -16,6 +16,7 @@ from metaflow.metaflow_config_funcs import config_values
 from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
 from metaflow.package import MetaflowPackage
 
+from .sandbox_code_cache import READY
 from .sandbox_decorator import WORKLOAD_ENV, SandboxException
 
 # Datastore credentials forwarded into sandboxes: an explicit allowlist, sent through the
@@ -159,32 +160,40 @@ ECHO_MFLOG = "mflog(){ echo $1; }"
 NO_FLUSH = "flush_mflogs(){ :; }"
 
 
-def local_package_commands(code_url, code_metadata, datastore_root):
-    """Code package setup for the local datastore shared with the sandbox (metaflow-internals 4.3)."""
-    extract = MetaflowPackage.get_extract_commands(code_metadata, code_url, dest_dir=".")
+def local_package_commands(package_dir, code_metadata, datastore_root):
+    """Code setup for sandboxes that share the launcher's files (the `local` backend).
+
+    `package_dir` is the package extracted and compiled once (sandbox_code_cache.py): the task
+    gets a private copy of the user's files and a link to the read-only, precompiled Metaflow.
+    With the local datastore, `.metaflow` links to its root (metaflow-internals 4.3).
+    """
+    src = shlex.quote(package_dir)
+    setup = [
+        "find %s -mindepth 1 -maxdepth 1 ! -name .mf_code ! -name %s -exec cp -a -t . {} +" % (src, READY),
+        "ln -s %s/.mf_code .mf_code" % src,
+    ]
     exports = []
     for key, value in MetaflowPackage.get_post_extract_env_vars(code_metadata, dest_dir="$(pwd)").items():
         if key.endswith(":"):
             exports.append("export %s=%s" % (key[:-1], value))
         else:
             exports.append("export %s=%s:$(printenv %s)" % (key, value, key))
-    return (
-        [
-            "mkdir metaflow",
-            "cd metaflow",
-            # Code that looks for .metaflow from the cwd upward must find the shared root.
+    cmds = ["mkdir metaflow", "cd metaflow"]
+    if datastore_root:
+        # Code that looks for .metaflow from the cwd upward must find the shared root.
+        cmds += [
             "ln -s %s .metaflow" % shlex.quote(datastore_root),
             "export METAFLOW_DATASTORE_SYSROOT_LOCAL=%s" % shlex.quote(os.path.dirname(datastore_root)),
         ]
-        + extract
-        + exports
-    )
+    else:
+        cmds.append("mkdir .metaflow")
+    return cmds + setup + exports
 
 
-def task_command(environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds):
+def task_command(environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds, package_dir=None):
     """argv for the sandbox: bash -c "<code package> && <pip> && <bootstrap> && <step>"."""
-    if datastore_type == "local":
-        init_cmds = local_package_commands(code["url"], code["metadata"], datastore_root)
+    if package_dir:
+        init_cmds = local_package_commands(package_dir, code["metadata"], datastore_root if datastore_type == "local" else None)
     else:
         init_cmds = environment.get_package_commands(code["url"], datastore_type, code["metadata"])
         init_cmds = [c for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
