@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from metaflow_sandbox import Backend, SandboxSpec, get_plugin_manager
+from metaflow_sandbox import Backend, Resources, SandboxSpec, get_plugin_manager
 from metaflow_sandbox.backends import local
 from metaflow_sandbox.backends._local import isolation
 
@@ -47,9 +47,9 @@ def summary(samples: list[float], scale: float) -> dict[str, float]:
     }
 
 
-def round_trip(backend: Backend) -> Callable[[], None]:
+def round_trip(backend: Backend, spec: SandboxSpec | None = None) -> Callable[[], None]:
     def run() -> None:
-        sb = backend.create(SandboxSpec())
+        sb = backend.create(spec or SandboxSpec())
         try:
             result = sb.exec(["echo", "hi"])
             assert result.exit_code == 0
@@ -87,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         timed(round_trip(isolated), args.n), 1e3
     )
     breakdown = {hook: statistics.median(v) * 1e3 for hook, v in isolated.timings.items()}
+    limited = SandboxSpec(network=False, resources=Resources(cpu=1, memory_mb=512))
+    if bwrap:
+        rows["  ... network=False, cpu=1, memory=512"] = summary(
+            timed(round_trip(Backend("local"), limited), args.n), 1e3
+        )
     rows["local round trip (isolation=none)"] = summary(
         timed(round_trip(Backend("local", options={"isolation": "none"})), args.n), 1e3
     )
