@@ -307,3 +307,14 @@ def test_capabilities(backend: Backend) -> None:
     assert (caps.gpu, caps.binds, caps.images, caps.shares_host_filesystem) == (False, False, True, False)
     assert (caps.max_cpu, caps.max_memory_mb, caps.max_ttl_seconds) == (8.0, 8192, 3600.0)
     assert "E2B_API_KEY" in caps.config_env
+
+
+# -- network ---------------------------------------------------------------------------------------
+def test_network_toggle(backend: Backend, emulator: Emulator, labels) -> None:
+    """network=False becomes allow_internet_access=False; the sandbox then cannot reach a host port."""
+    port = emulator.url.rsplit(":", 1)[1]
+    probe = ["bash", "-c", 'exec 3<>"/dev/tcp/127.0.0.1/$0" && echo open || echo closed', port]
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=60)) as online:
+        assert online.run(probe)[1] == "open\n"
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=60, network=False)) as offline:
+        assert offline.run(probe)[1].endswith("closed\n")

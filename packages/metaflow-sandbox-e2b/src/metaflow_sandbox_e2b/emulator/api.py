@@ -74,8 +74,11 @@ def make_api_app(world: World) -> web.Application:
     async def list_sandboxes(request: web.Request) -> web.StreamResponse:
         q = request.query
         wanted: dict[str, str] = {}
-        if q.get("metadata"):  # the SDK urlencodes k=v pairs and sends them as ONE value: decode twice
-            wanted = {k: v[0] for k, v in urllib.parse.parse_qs(q["metadata"], keep_blank_values=True).items()}
+        if q.get("metadata"):
+            # The SDK quotes each key and value, urlencodes the pairs and sends them as ONE query value:
+            # aiohttp decodes the value, parse_qs the pairs, unquote each key and value.
+            pairs = urllib.parse.parse_qs(q["metadata"], keep_blank_values=True).items()
+            wanted = {urllib.parse.unquote(k): urllib.parse.unquote(v[0]) for k, v in pairs}
         states = set(q["state"].split(",")) if q.get("state") else {"running", "paused"}
         items = [
             sb

@@ -142,7 +142,7 @@ def make_envd_app(world: World) -> web.Application:
         env = {"HOME": sb.workdir, "USER": "user", "LOGNAME": "user"}
         env.update({str(k): str(v) for k, v in (process.get("envs") or {}).items()})
         deadline_ms = request.headers.get("connect-timeout-ms")
-        keepalive = float(request.headers.get("keepalive-ping-interval") or 50)
+        keepalive = world.faults.keepalive_every or float(request.headers.get("keepalive-ping-interval") or 50)
 
         pid = sb.next_pid
         sb.next_pid += 1
@@ -179,6 +179,7 @@ def make_envd_app(world: World) -> web.Application:
                 try:
                     kind, data = await asyncio.wait_for(queue.get(), keepalive)
                 except asyncio.TimeoutError:
+                    world.count("keepalive")
                     alive = alive and await _write(resp, envelope({"event": {"keepalive": {}}}))
                     continue
                 if kind == "done":

@@ -36,6 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drop-stream-after", type=float, default=None)
     p.add_argument("--vanish-after", type=float, default=None)
+    p.add_argument("--keepalive-every", type=float, default=None)
     p.add_argument("--faults", default=None, help="faults as JSON (overrides the flags)")
     p.add_argument("--ready-json", action="store_true", help="print one JSON line with the ports when ready")
     p.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when the parent process goes away")
@@ -55,6 +56,7 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
         seed=args.seed,
         drop_stream_after=args.drop_stream_after,
         vanish_after=args.vanish_after,
+        keepalive_every=args.keepalive_every,
     )
 
 

@@ -38,6 +38,7 @@ class Faults:
     seed: int = 0
     drop_stream_after: float | None = None  # abort Process/Start connections after N seconds
     vanish_after: float | None = None  # the sandbox running a command dies N seconds after it starts
+    keepalive_every: float | None = None  # overrides the client's keepalive-ping-interval (seconds)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Faults:
