@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from metaflow_sandbox_e2b.emulator import Emulator, start_emulator
 
 

@@ -10,7 +10,6 @@ import time
 import uuid
 
 import pytest
-
 from metaflow_sandbox import (
     MARKER_LABEL,
     Backend,
@@ -23,8 +22,8 @@ from metaflow_sandbox import (
     UnsupportedOptionError,
 )
 from metaflow_sandbox_e2b.emulator import Emulator
-from metaflow_sandbox_e2b.templates import ladder, pick_template, template_name
 from metaflow_sandbox_e2b.settings import PLANS
+from metaflow_sandbox_e2b.templates import ladder, pick_template, template_name
 
 
 @pytest.fixture

@@ -8,11 +8,9 @@ import sys
 import time
 import uuid
 
+import e2b
 import pytest
-
 from metaflow_sandbox_e2b.emulator import Emulator, start_emulator
-
-e2b = pytest.importorskip("e2b")
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import time
 import uuid
 
 import pytest
-
 from metaflow_sandbox import (
     MARKER_LABEL,
     Backend,
