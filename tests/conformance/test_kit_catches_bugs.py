@@ -85,7 +85,7 @@ def _failed(result: pytest.RunResult) -> set[str]:
 def test_correct_backend_passes_everything(kit) -> None:
     """Control: the same backend without a bug passes the whole kit (no false alarms)."""
     result = kit("kitgood")
-    result.assert_outcomes(passed=29)
+    result.assert_outcomes(passed=30)
 
 
 # backend -> (kit tests selected with -k, kit tests that must fail, how many selected tests pass)
@@ -95,11 +95,11 @@ CASES = {
         {"test_exec_exit_codes_are_results", "test_exec_stdout_stderr_separate", "test_exec_env_visible"},
         5,
     ),
-    "raises-nonzero": (("exec and not timeout and not streams",), {"test_exec_exit_codes_are_results"}, 7),
+    "raises-nonzero": (("exec and not timeout and not streams",), {"test_exec_exit_codes_are_results"}, 8),
     "mixes-streams": (
         ("exec and not timeout and not streams",),
         {"test_exec_stdout_stderr_separate", "test_exec_unicode_round_trip"},
-        6,
+        7,
     ),
     "buffers": (("exec_streams", "exec_exit"), {"test_exec_streams_before_exit"}, 1),
     "ignores-timeout": (("exec_timeout",), {"test_exec_timeout_raises_and_kills"}, 0),

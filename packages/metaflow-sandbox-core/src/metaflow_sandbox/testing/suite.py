@@ -12,6 +12,7 @@ tests that need it into an explicit ``pytest.skip`` with the reason, never a sil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -51,6 +52,8 @@ REQUIRED_HOOKS = ("sandbox_create", "sandbox_exec", "sandbox_upload", "sandbox_d
 LARGE_FILE_BYTES = 50 * 1024 * 1024
 #: ``seq 1 1500000`` prints 10,888,896 bytes: more than 10 MiB, deterministic, order-checkable.
 LARGE_OUTPUT_COUNT = 1_500_000
+#: Set on the class sandbox's spec; commands must see it unless exec(env=...) overrides it.
+SPEC_ENV = {"KIT_SPEC_ENV": "from-spec", "KIT_SPEC_OTHER": "kept"}
 UNICODE_TEXT = "h\u00e9llo \U0001f389 \u6f22\u5b57 \u304b\u306a e\u0301 \u0645\u0631\u062d\u0628\u0627 \u2603"
 
 # Runs in a fresh interpreter: deny every network call, then import the backend through discovery.
@@ -114,6 +117,10 @@ class BackendConformance:
         """Backend options (``METAFLOW_SANDBOX_<BACKEND>_<KEY>`` in production), e.g. an emulator URL."""
         return {}
 
+    def _options(self) -> dict[str, Any]:
+        options = self.backend_options
+        return dict(options() if callable(options) else options)  # a method, or a property (also accepted)
+
     def sandbox_spec(self, labels: dict[str, str]) -> SandboxSpec:
         """The spec every kit sandbox is created with; override to pick an image or template."""
         return SandboxSpec(labels=labels, ttl_seconds=900)
@@ -141,7 +148,7 @@ class BackendConformance:
         if missing:
             pytest.skip("%s not set: the live conformance tests need it" % ", ".join(missing))
         assert cls.backend, 'set `backend = "<entry-point name>"` on %s' % cls.__name__
-        return Backend(cls.backend, options=cls().backend_options())
+        return Backend(cls.backend, options=cls()._options())
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -152,7 +159,8 @@ class BackendConformance:
     @classmethod
     def sandbox(cls, conformance_backend: Backend, kit_labels: dict[str, str]) -> Iterator[Sandbox]:
         """One sandbox shared by the class (cloud sandboxes are slow to create); destroyed at teardown."""
-        sb = conformance_backend.create(cls().sandbox_spec(dict(kit_labels)))
+        spec = cls().sandbox_spec(dict(kit_labels))
+        sb = conformance_backend.create(dataclasses.replace(spec, env={**spec.env, **SPEC_ENV}))
         yield sb
         sb.destroy()
 
@@ -261,7 +269,7 @@ class BackendConformance:
         Troubleshooting: if this fails, your ``sandbox_capabilities(options)`` must return
         ``Capabilities(..., config_env=(<every variable in required_env>, ...))`` without network calls.
         """
-        backend = Backend(self.backend, options=self.backend_options())
+        backend = Backend(self.backend, options=self._options())
         caps = backend.capabilities()
         assert isinstance(caps, Capabilities)
         if backend.implements("sandbox_capabilities"):
@@ -434,6 +442,20 @@ class BackendConformance:
         code, out, _ = sandbox.run(["sh", "-c", 'printf "%s|%s" "$KIT_ONE" "$KIT_TWO"'], env={"KIT_ONE": value, "KIT_TWO": "2"}, timeout=60)
         assert code == 0
         assert out == "%s|2" % value
+
+    def test_exec_spec_env_visible(self, sandbox: Sandbox) -> None:
+        """``SandboxSpec.env`` is visible to every command; ``exec(env=...)`` overrides it for one command.
+
+        Troubleshooting: if this fails, your ``sandbox_create`` must set ``spec.env`` as the sandbox's
+        environment, and your ``sandbox_exec`` must apply ``env`` on top of it.
+        """
+        script = 'printf "%s|%s" "$KIT_SPEC_ENV" "$KIT_SPEC_OTHER"'
+        assert sandbox.run(["sh", "-c", script], timeout=60) == (0, "from-spec|kept", "")
+        assert sandbox.run(["sh", "-c", script], env={"KIT_SPEC_ENV": "from-exec"}, timeout=60) == (
+            0,
+            "from-exec|kept",
+            "",
+        )
 
     def test_exec_cwd_honoured(self, sandbox: Sandbox, tdir: str) -> None:
         """``exec(cwd=...)`` runs the command in that directory.
