@@ -167,6 +167,13 @@ def _base_dir(options: Mapping[str, Any]) -> str:
     base = options.get("root_dir") or os.environ.get(ENV_ROOT)
     base = base or os.path.join(tempfile.gettempdir(), "metaflow-sandbox-%d" % os.getuid())
     os.makedirs(base, mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+        raise SandboxError(
+            "the local sandbox directory %s is not a directory owned by you" % base,
+            hint="remove it, or point %s (or options root_dir) at a private directory" % ENV_ROOT,
+            backend=NAME,
+        )
     return str(base)
 
 

@@ -72,7 +72,9 @@ def reexposed() -> tuple[str, ...]:
     resolv = os.path.realpath("/etc/resolv.conf")
     if os.path.isfile(resolv) and any(_under(resolv, c) for c in covered):
         found.append(resolv)
-    for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *sys.path]:
+    # sys.path[0] is the launcher's script dir (or cwd): user files, not part of the installation.
+    imports = sys.path if getattr(sys.flags, "safe_path", False) else sys.path[1:]
+    for p in [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, *imports]:
         if not p or not os.path.isabs(p) or not os.path.isdir(p) or not os.access(p, os.R_OK | os.X_OK):
             continue
         for q in {os.path.normpath(p), os.path.realpath(p)}:
