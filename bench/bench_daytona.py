@@ -84,8 +84,10 @@ def main() -> int:
     for name, label in (("local", "local (direct)"), ("daytona", "daytona (SDK -> emulator)")):
         m = result["median_ms"][name]
         print("%-28s %8.1fms %8.1fms %8.1fms %8.1fms" % (label, m["create"], m["exec"], m["destroy"], m["total"]))
-    print("ratio daytona/local = %.2fx (goal <= %.1fx): %s; %d HTTP calls per task"
-          % (result["ratio"], GOAL_RATIO, "OK" if result["meets_goal"] else "MISSED", len(calls)))
+    print(
+        "ratio daytona/local = %.2fx (goal <= %.1fx): %s; %d HTTP calls per task"
+        % (result["ratio"], GOAL_RATIO, "OK" if result["meets_goal"] else "MISSED", len(calls))
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

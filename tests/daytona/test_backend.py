@@ -14,6 +14,7 @@ from metaflow_sandbox import (
     BackendNotConfiguredError,
     Resources,
     SandboxError,
+    SandboxNotFoundError,
     SandboxSpec,
     SandboxTimeoutError,
     UnsupportedOptionError,
@@ -85,17 +86,35 @@ def test_image_create_sends_resources_in_gib_and_notes_rounding(backend, emulato
     assert not any("disk=" in n for n in notes), "5120 MB is exactly 5 GiB: no rounding note expected"
 
 
-def test_resources_beyond_snapshot_are_refused_not_ignored(backend, emulator):
+def test_resources_beyond_snapshot_warn_by_default_and_fail_when_strict(backend, emulator, caplog):
+    """Metaflow always passes cpu/memory defaults, so a too-small snapshot is a loud warning, not a failure;
+    with strict_resources it is refused before anything is created."""
+    spec = SandboxSpec(labels=_labels(), resources=Resources(cpu=1, memory_mb=4096))
     before = len(emulator.records())
-    spec = SandboxSpec(labels=_labels(), resources=Resources(memory_mb=4096))
+    strict = Backend("daytona", options={"snapshot": "daytona-small", "strict_resources": "true"})
     with pytest.raises(UnsupportedOptionError) as err:
-        Backend("daytona", options={"snapshot": "daytona-small"}).create(spec)
-    assert "image=" in str(err.value) and "snapshot" in str(err.value)
+        strict.create(spec)
+    assert "image=" in str(err.value) and "snapshot" in str(err.value) and "'memory': 4" in str(err.value)
     assert len(emulator.records()) == before
-    # The same request fits a bigger snapshot: created from it, resources not sent.
-    with Backend("daytona", options={"snapshot": "daytona-medium"}).create(spec) as sb:
-        body = _request(emulator, sb.id)
+    with caplog.at_level(logging.WARNING, logger="metaflow_sandbox.daytona"):
+        with Backend("daytona", options={"snapshot": "daytona-small"}).create(spec) as sb:
+            body = _request(emulator, sb.id)
+    assert body["snapshot"] == "daytona-small" and "memory" not in body
+    assert any("daytona-small" in r.getMessage() and "image=" in r.getMessage() for r in caplog.records)
+    # A snapshot big enough: no warning, resources not sent (Daytona refuses them on snapshot creates).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="metaflow_sandbox.daytona"):
+        with Backend("daytona", options={"snapshot": "daytona-medium"}).create(spec) as sb:
+            body = _request(emulator, sb.id)
     assert body["snapshot"] == "daytona-medium" and "memory" not in body
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_unknown_snapshot_names_the_option(emulator):
+    with pytest.raises(SandboxError, match="SNAPSHOT") as err:
+        Backend("daytona", options={"snapshot": "no-such-snapshot"}).create(SandboxSpec(labels=_labels()))
+    assert "no-such-snapshot" in str(err.value)
+    assert not isinstance(err.value, SandboxNotFoundError)
 
 
 def test_caps_refuse_more_than_the_org_allows(backend):

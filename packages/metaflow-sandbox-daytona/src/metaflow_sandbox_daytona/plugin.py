@@ -83,25 +83,41 @@ def _resources(spec: SandboxSpec) -> dict[str, Any]:
     return out
 
 
-def _check_snapshot_fits(daytona: Any, snapshot: str | None, wanted: dict[str, Any]) -> None:
-    """A snapshot's size is fixed: refuse (not ignore) resources it cannot give."""
+def _check_snapshot_fits(daytona: Any, snapshot: str | None, wanted: dict[str, Any], strict: bool) -> None:
+    """A snapshot's size is fixed (Daytona refuses resources on snapshot creates): say so when it is smaller
+    than what the step asks for. A warning by default, since Metaflow always passes default cpu/memory;
+    an error with ``strict_resources``."""
     if snapshot:
-        try:
-            snap = daytona.snapshot.get(snapshot)
-        except Exception as exc:
-            _recover_named(daytona, _Named(snapshot), exc)
+        snap = _snapshot(daytona, snapshot)
         have = {"cpu": snap.cpu, "memory": snap.mem, "disk": snap.disk, "gpu": snap.gpu or 0}
     else:
         have = dict(DEFAULT_SNAPSHOT_RESOURCES, gpu=0)
     short = {k: v for k, v in wanted.items() if v > (have.get(k) or 0)}
-    if short:
-        raise UnsupportedOptionError(
-            "snapshot %s provides %s, but %s was requested" % (repr(snapshot) if snapshot else "(Daytona default)", have, short),
-            hint="set image=... (Daytona builds it with the requested resources; slow the first time), or create a "
-            "snapshot with these resources and set snapshot=... (METAFLOW_SANDBOX_DAYTONA_SNAPSHOT)",
-            backend=NAME,
-            op="sandbox_create",
-        )
+    if not short:
+        return
+    what = "snapshot %r" % snapshot if snapshot else "Daytona's default snapshot"
+    message = "%s provides %s (memory/disk in GiB), less than the requested %s" % (what, have, short)
+    hint = (
+        "set image=... (Daytona builds it with the requested resources; slow the first time), or create a snapshot "
+        "with these resources and set snapshot=... (METAFLOW_SANDBOX_DAYTONA_SNAPSHOT)"
+    )
+    if strict:
+        raise UnsupportedOptionError(message, hint=hint, backend=NAME, op="sandbox_create")
+    log.warning("daytona: %s; the sandbox gets the snapshot's size. Fix: %s", message, hint)
+
+
+_snapshots: dict[tuple[int, str], Any] = {}
+
+
+def _snapshot(daytona: Any, name: str) -> Any:
+    """Snapshot sizes, cached per process (one lookup per task at most)."""
+    key = (id(daytona), name)
+    if key not in _snapshots:
+        try:
+            _snapshots[key] = daytona.snapshot.get(name)
+        except Exception as exc:
+            _recover_named(daytona, _Named(name), exc)
+    return _snapshots[key]
 
 
 class _Named:
@@ -141,7 +157,8 @@ def _params(spec: SandboxSpec, daytona: Any) -> Any:
         return CreateSandboxFromImageParams(image=spec.image, resources=resources, **common)
     snapshot = opts.get("snapshot") or None
     if wanted:
-        _check_snapshot_fits(daytona, snapshot, wanted)
+        strict = str(opts.get("strict_resources", "")).lower() in ("1", "true", "yes")
+        _check_snapshot_fits(daytona, snapshot, wanted, strict)
     return CreateSandboxFromSnapshotParams(snapshot=snapshot, **common)
 
 

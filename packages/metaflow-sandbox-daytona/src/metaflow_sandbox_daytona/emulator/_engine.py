@@ -29,18 +29,18 @@ STATE_DIR = ".daytona-emu"
 # Job-control notices go to the supervisor's stderr, which is /dev/null once the job has started.
 WRAPPER = r"""
 d="$1"; cmd="$2"; wd="$3"
-[ -d "$d" ] || mkdir -p "$d" || exit 255
+[ -d "${d%/*}" ] || mkdir -p "${d%/*}" || exit 255
 exec 3>&2
 set -m
 {
-  if [ -f "$d/env" ]; then . "$d/env" 2>/dev/null; fi
-  if [ -f "$d/cwd" ]; then read -r c < "$d/cwd"; cd "$c" 2>/dev/null || cd "$wd"; else cd "$wd"; fi
-  trap 'export -p > "$d/env" 2>/dev/null; pwd > "$d/cwd" 2>/dev/null' EXIT
+  if [ -f "$d.env" ]; then . "$d.env" 2>/dev/null; fi
+  if [ -f "$d.cwd" ]; then read -r c < "$d.cwd"; cd "$c" 2>/dev/null || cd "$wd"; else cd "$wd"; fi
+  trap 'export -p > "$d.env" 2>/dev/null; pwd > "$d.cwd" 2>/dev/null' EXIT
   eval "$cmd"
 } 2>&3 3>&- &
 pid=$!
 exec 2>/dev/null 3>&-
-{ while [ ! -e "$d/kill" ]; do sleep 0.1; done; kill -KILL -- "-$pid"; } </dev/null >/dev/null &
+{ while [ ! -e "$d.kill" ]; do sleep 0.1; done; kill -KILL -- "-$pid"; } </dev/null >/dev/null &
 w=$!
 wait "$pid"; rc=$?
 kill "$w"
@@ -106,8 +106,9 @@ class EmuSandbox:
         """Daytona resolves relative paths against the work dir."""
         return path if path.startswith("/") else posixpath.join(self.workdir, path)
 
-    def state_dir(self, session: str) -> str:
-        return posixpath.join(self.workdir, STATE_DIR, "sessions", session)
+    def state_prefix(self, session: str) -> str:
+        """Session state lives in <prefix>.env / .cwd / .kill (one directory per sandbox: no mkdir per session)."""
+        return posixpath.join(self.workdir, STATE_DIR, session)
 
 
 class Engine:
@@ -122,13 +123,13 @@ class Engine:
         return self.local.create(SandboxSpec(env=env, labels=labels, network=network))
 
     def run_session_command(self, sb: EmuSandbox, session: str, cmd: Command, emit: Callable[[str, str], None]) -> int:
-        argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_dir(session), cmd.command, sb.workdir]
+        argv = ["bash", "-c", WRAPPER, "daytona-session", sb.state_prefix(session), cmd.command, sb.workdir]
         result = sb.local.exec(argv, on_stdout=lambda t: emit("stdout", t), on_stderr=lambda t: emit("stderr", t))
         return int(result.exit_code)
 
     def kill_session(self, sb: EmuSandbox, session: str) -> None:
         try:
-            sb.local.write_file(posixpath.join(sb.state_dir(session), "kill"), content=b"")
+            sb.local.write_file(sb.state_prefix(session) + ".kill", content=b"")
         except Exception:  # the sandbox may already be gone
             pass
 

@@ -44,8 +44,12 @@ class Faults:
     exit_minus_one_next: int = 0
     #: Real seconds in one emulated minute (TTL, auto-stop and auto-delete are given in minutes).
     minute_seconds: float = 60.0
-    #: Polls an image create stays in "creating" before "started" (simulates the server-side build).
+    #: GET polls an image create stays in "creating" before "started" (simulates the server-side build)...
     image_build_polls: int = 1
+    #: ...or this long, whichever comes first; the change is pushed over socket.io.
+    image_build_ms: float = 100.0
+    #: Serve socket.io (the SDK's event stream); False answers 404 so the SDK falls back to polling.
+    socketio: bool = True
     _rng: random.Random = field(default_factory=random.Random, repr=False)
 
     def __post_init__(self) -> None:

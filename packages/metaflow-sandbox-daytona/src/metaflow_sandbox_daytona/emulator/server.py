@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSMsgType, web
 from metaflow_sandbox import SandboxError, SandboxFileError, SandboxTimeoutError
 
 from ._engine import Command, EmuSandbox, Engine, Session, spool_path
@@ -101,6 +101,7 @@ class Emulator:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=64, thread_name_prefix="daytona-emu")
         self.spool = tempfile.mkdtemp(prefix="daytona-emu-spool-")
         self.teardowns: set[asyncio.Future[Any]] = set()
+        self.sockets: set[web.WebSocketResponse] = set()
         self.base = ""
 
     # ---------------------------------------------------------------- plumbing
@@ -153,6 +154,8 @@ class Emulator:
 
     async def on_shutdown(self, app: web.Application) -> None:
         app["reaper"].cancel()
+        for ws in list(self.sockets):
+            await ws.close()
         for sb in list(self.sandboxes.values()):
             await self.destroy(sb, "emulator shutdown")
         if self.teardowns:
@@ -203,8 +206,61 @@ class Emulator:
         return sb
 
     # ---------------------------------------------------------------- control plane
-    async def socket_io(self, request: web.Request) -> web.Response:
-        return _error(404, "socket.io is not emulated; the SDK falls back to polling", "NOT_FOUND")
+    async def socket_io(self, request: web.Request) -> web.StreamResponse:
+        """A minimal Socket.IO v5 / Engine.IO v4 server (websocket transport) pushing sandbox events.
+
+        The SDK keeps one connection per client and learns state changes from it; with the
+        ``socketio`` fault off it gets a 404 and falls back to polling, as with an old server.
+        """
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if not self.faults.socketio or not upgrade or request.query.get("EIO") != "4":
+            return _error(404, "socket.io is not available here; the SDK falls back to polling", "NOT_FOUND")
+        ws = web.WebSocketResponse(heartbeat=None, autoping=True)
+        await ws.prepare(request)
+        handshake = {"sid": uuid.uuid4().hex, "upgrades": [], "pingInterval": 25000, "pingTimeout": 20000, "maxPayload": 1000000}
+        await ws.send_str("0" + json.dumps(handshake))
+        pinger = asyncio.ensure_future(self._sio_ping(ws))
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.TEXT:
+                    continue
+                data = msg.data
+                if data.startswith("40"):
+                    auth = json.loads(data[2:] or "{}") if data[2:].startswith("{") else {}
+                    if auth.get("token") != self.api_key:
+                        await ws.send_str("44" + json.dumps({"message": "Unauthorized"}))
+                        continue
+                    await ws.send_str("40" + json.dumps({"sid": uuid.uuid4().hex}))
+                    self.sockets.add(ws)
+                elif data.startswith("41") or data == "1":
+                    self.sockets.discard(ws)
+                    if data == "1":
+                        break
+        finally:
+            pinger.cancel()
+            self.sockets.discard(ws)
+        return ws
+
+    async def _sio_ping(self, ws: web.WebSocketResponse) -> None:
+        while not ws.closed:
+            await asyncio.sleep(25)
+            await ws.send_str("2")
+
+    def emit(self, event: str, payload: dict[str, Any]) -> None:
+        frame = "42" + json.dumps([event, payload])
+        for ws in list(self.sockets):
+            if ws.closed:
+                self.sockets.discard(ws)
+            else:
+                asyncio.ensure_future(ws.send_str(frame))
+
+    def set_state(self, sb: EmuSandbox, state: str) -> None:
+        old = sb.state
+        if old == state:
+            return
+        sb.dto["state"] = state
+        sb.dto["updatedAt"] = _now()
+        self.emit("sandbox.state.updated", {"sandbox": self._dto(sb), "oldState": old, "newState": state})
 
     def _dto(self, sb: EmuSandbox, list_item: bool = False) -> dict[str, Any]:
         dto = dict(sb.dto)
@@ -272,14 +328,21 @@ class Emulator:
             dto["ttlMinutes"] = body["ttlMinutes"]
         self.sandboxes[sid] = sb
         self.records[sid] = {"id": sid, "request": body, "deleted": None, "reason": None}
+        self.emit("sandbox.created", self._dto(sb))
         return web.json_response(self._dto(sb))
+
+    def _built(self, sb: EmuSandbox) -> None:
+        """The emulated image build is done (after ``image_build_ms``, or ``image_build_polls`` GETs)."""
+        sb.polls_until_started = 0
+        if sb.id in self.sandboxes and sb.state == "creating":
+            self.set_state(sb, "started")
 
     async def get(self, request: web.Request) -> web.Response:
         sb = self._sandbox(request)
         if sb.polls_until_started > 0:
             sb.polls_until_started -= 1
             if sb.polls_until_started == 0:
-                sb.dto["state"] = "started"
+                self._built(sb)
         return web.json_response(self._dto(sb))
 
     async def list(self, request: web.Request) -> web.Response:
@@ -310,7 +373,8 @@ class Emulator:
 
     async def start(self, request: web.Request) -> web.Response:
         sb = self._sandbox(request)
-        sb.dto["state"], sb.stopped_at = "started", None
+        self.set_state(sb, "started")
+        sb.stopped_at = None
         return web.json_response(self._dto(sb))
 
     async def set_interval(self, request: web.Request) -> web.Response:
@@ -361,7 +425,8 @@ class Emulator:
     async def stop_sandbox(self, sb: EmuSandbox) -> None:
         for session in list(sb.sessions):
             await self.kill_session(sb, session)
-        sb.dto["state"], sb.stopped_at = "stopped", time.monotonic()
+        self.set_state(sb, "stopped")
+        sb.stopped_at = time.monotonic()
 
     async def kill_session(self, sb: EmuSandbox, session_id: str) -> None:
         session = sb.sessions.pop(session_id, None)
@@ -371,7 +436,7 @@ class Emulator:
     async def destroy(self, sb: EmuSandbox, reason: str) -> None:
         """Gone at once for the API; processes are killed and the local sandbox removed in the background."""
         self.sandboxes.pop(sb.id, None)
-        sb.dto["state"] = "destroyed"
+        self.set_state(sb, "destroyed")
         self.records[sb.id].update(deleted=time.time(), reason=reason)
         sessions = list(sb.sessions)
         for session in sessions:
