@@ -83,18 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         timed(lambda: subprocess.run(["echo", "hi"], capture_output=True, check=True), args.n), 1e3
     )
     isolated = Backend("local")
-    rows["local round trip (bwrap)" if bwrap else "local round trip (NO bwrap)"] = summary(
-        timed(round_trip(isolated), args.n), 1e3
-    )
+    rows["local round trip (bwrap)" if bwrap else "local round trip (NO bwrap)"] = summary(timed(round_trip(isolated), args.n), 1e3)
     breakdown = {hook: statistics.median(v) * 1e3 for hook, v in isolated.timings.items()}
     limited = SandboxSpec(network=False, resources=Resources(cpu=1, memory_mb=512))
     if bwrap:
-        rows["  ... network=False, cpu=1, memory=512"] = summary(
-            timed(round_trip(Backend("local"), limited), args.n), 1e3
-        )
-    rows["local round trip (isolation=none)"] = summary(
-        timed(round_trip(Backend("local", options={"isolation": "none"})), args.n), 1e3
-    )
+        rows["  ... network=False, cpu=1, memory=512"] = summary(timed(round_trip(Backend("local"), limited), args.n), 1e3)
+    rows["local round trip (isolation=none)"] = summary(timed(round_trip(Backend("local", options={"isolation": "none"})), args.n), 1e3)
 
     pm = get_plugin_manager("local")
     opts: dict[str, Any] = {}
@@ -111,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = rows["subprocess.run(['echo','hi'])"]["median"]
     rt_key = next(k for k in rows if k.startswith("local round trip (") and "none" not in k)
-    result = {
+    result: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "cpus": os.cpu_count(),
@@ -136,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         print("%-38s %9.2f %9.2f %9.2f %5d" % (name, r["median"], r["p90"], r["min"], r["n"]))
     print("ratio local(bwrap)/subprocess median: %.1fx" % result["round_trip_ratio_vs_subprocess"])
-    print(
-        "breakdown (median ms): " + ", ".join("%s %.2f" % (k.replace("sandbox_", ""), v) for k, v in breakdown.items())
-    )
+    print("breakdown (median ms): " + ", ".join("%s %.2f" % (k.replace("sandbox_", ""), v) for k, v in breakdown.items()))
     print()
     print("%-38s %9s" % ("hook dispatch (sandbox_check_config)", "us/call"))
     for name, value in dispatch.items():

@@ -51,9 +51,7 @@ def test_symlinks_are_followed_inside_the_sandbox_view(sandbox, tmp_path) -> Non
     with open(secret, "w") as f:
         f.write("secret")
     try:
-        code, _, _ = sandbox.run(
-            ["sh", "-c", "ln -s %s steal && ln -s /tmp tmplink && ln -s /etc/hostname hn" % secret]
-        )
+        code, _, _ = sandbox.run(["sh", "-c", "ln -s %s steal && ln -s /tmp tmplink && ln -s /etc/hostname hn" % secret])
         assert code == 0
         work = sandbox.handle.workdir
         steal, hn = sandbox.download([DownloadItem(work + "/steal"), DownloadItem(work + "/hn")])

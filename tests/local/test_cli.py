@@ -23,9 +23,7 @@ def test_exec_propagates_exit_code_and_stderr() -> None:
 
 def test_exec_options_reach_the_sandbox() -> None:
     script = 'nproc; echo "$GREETING"; python -c "import socket; socket.create_connection((\'1.1.1.1\', 53), 2)"'
-    proc = run_cli(
-        "exec", "--backend", "local", "--cpu", "1", "--env", "GREETING=hi", "--no-network", "--", "sh", "-c", script
-    )
+    proc = run_cli("exec", "--backend", "local", "--cpu", "1", "--env", "GREETING=hi", "--no-network", "--", "sh", "-c", script)
     assert proc.returncode == 1 and "Network is unreachable" in proc.stderr  # no route at all without network
     assert proc.stdout.split() == ["1", "hi"]
 

@@ -95,9 +95,7 @@ def test_background_process_ends_with_its_exec(sandbox: Sandbox) -> None:
 def test_no_capabilities_so_read_only_stays_read_only(sandbox: Sandbox) -> None:
     # A root launcher's sandbox must not be able to remount the host's /usr read-write.
     name = "/usr/mfsb-%s" % uuid.uuid4().hex
-    code, out, _ = sh(
-        sandbox, "grep CapEff /proc/self/status; mount -o remount,rw,bind /usr || echo refused; touch %s" % name
-    )
+    code, out, _ = sh(sandbox, "grep CapEff /proc/self/status; mount -o remount,rw,bind /usr || echo refused; touch %s" % name)
     assert "CapEff:\t0000000000000000" in out and "refused" in out and code != 0
     assert not os.path.exists(name)
 

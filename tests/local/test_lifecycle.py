@@ -88,9 +88,7 @@ def test_sandbox_dies_with_its_launcher(sig: int) -> None:
         assert not os.path.exists(root)  # cleaned up on the way out
     else:
         # SIGKILL leaves the directory; the next launcher sweeps it.
-        subprocess.run(
-            [PY, "-c", "from metaflow_sandbox import Backend; Backend('local').create().destroy()"], check=True
-        )
+        subprocess.run([PY, "-c", "from metaflow_sandbox import Backend; Backend('local').create().destroy()"], check=True)
         assert not os.path.exists(root)
 
 

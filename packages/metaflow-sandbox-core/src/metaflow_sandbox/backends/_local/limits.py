@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from itertools import count
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 # Seeded per process: each Metaflow task has its own trampoline process, so a fixed start
 # would pin every concurrent sandbox to the same CPUs.
@@ -23,7 +23,7 @@ _next_cpu = count(os.getpid())
 _cpu_lock = threading.Lock()
 
 
-def pick_cpus(cpu: Optional[float]) -> Optional[set[int]]:
+def pick_cpus(cpu: float | None) -> set[int] | None:
     """ceil(cpu) CPUs of those this process may use, rotating so concurrent sandboxes spread out."""
     if not cpu or cpu <= 0 or not hasattr(os, "sched_getaffinity"):
         return None
@@ -37,7 +37,7 @@ def pick_cpus(cpu: Optional[float]) -> Optional[set[int]]:
 
 
 @functools.lru_cache(maxsize=1)
-def memory_cgroup_parent() -> Optional[tuple[int, str]]:
+def memory_cgroup_parent() -> tuple[int, str] | None:
     """(cgroup version, writable dir of this process's memory cgroup), or None."""
     v1_mount = v2_mount = None
     try:
@@ -94,7 +94,7 @@ class MemoryCgroup:
         self.procs = os.path.join(path, "cgroup.procs")
 
     @classmethod
-    def create(cls, name: str, limit_mb: int) -> Optional["MemoryCgroup"]:
+    def create(cls, name: str, limit_mb: int) -> MemoryCgroup | None:
         parent = memory_cgroup_parent()
         if parent is None:
             return None
@@ -179,9 +179,7 @@ def stale_cgroups(prefix: str) -> list[str]:
         return []
 
 
-def preexec(
-    cpus: Optional[set[int]], cgroup: Optional[MemoryCgroup], rlimit_mb: Optional[int]
-) -> Optional[Callable[[], None]]:
+def preexec(cpus: set[int] | None, cgroup: MemoryCgroup | None, rlimit_mb: int | None) -> Callable[[], None] | None:
     """What the child runs between fork and exec (only when there is something to apply)."""
     if cpus is None and cgroup is None and rlimit_mb is None:
         return None

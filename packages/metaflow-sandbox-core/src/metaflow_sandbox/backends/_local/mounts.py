@@ -12,7 +12,7 @@ import os
 import pwd
 import sys
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 from metaflow_sandbox import Bind
 
@@ -31,7 +31,7 @@ class PathError(Exception):
 @dataclass(frozen=True)
 class Mount:
     inside: str
-    host: Optional[str]  # None for hidden paths
+    host: str | None  # None for hidden paths
     kind: str
 
 
@@ -84,7 +84,7 @@ def reexposed() -> tuple[str, ...]:
 
 
 @functools.lru_cache(maxsize=1)
-def top_level() -> tuple[tuple[str, Optional[str]], ...]:
+def top_level() -> tuple[tuple[str, str | None], ...]:
     """Entries of ``/`` as (path, symlink target or None), for binding them one by one."""
     entries = []
     for name in sorted(os.listdir("/")):
@@ -181,14 +181,14 @@ class Layout:
                 best = m
         return best
 
-    def _host(self, path: str) -> tuple[Optional[str], Mount]:
+    def _host(self, path: str) -> tuple[str | None, Mount]:
         m = self._mount_for(path)
         if m.host is None:
             return None, m
         rest = path[len(m.inside) :].lstrip("/") if m.inside != "/" else path.lstrip("/")
         return (os.path.join(m.host, rest) if rest else m.host), m
 
-    def resolve(self, path: str) -> tuple[str, Optional[str], str]:
+    def resolve(self, path: str) -> tuple[str, str | None, str]:
         """Inside path -> (resolved inside path, host path or None, mount kind), following symlinks
         the way the sandbox sees them, so a link in the work dir can never reach outside its mounts."""
         if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
@@ -197,8 +197,8 @@ class Layout:
         if ".." in parts:
             raise PathError("invalid_path")
         if not self.isolated:
-            host = os.path.normpath(path)
-            return host, host, RW
+            plain = os.path.normpath(path)
+            return plain, plain, RW
         resolved, hops = "/", 0
         while parts:
             name = parts.pop(0)

@@ -8,7 +8,7 @@ import selectors
 import signal
 import subprocess
 import time
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 from metaflow_sandbox import OutputCallback
 
@@ -32,11 +32,11 @@ def run(
     argv: Sequence[str],
     env: Mapping[str, str],
     cwd: str,
-    timeout: Optional[float],
-    on_stdout: Optional[OutputCallback],
-    on_stderr: Optional[OutputCallback],
-    preexec_fn: Optional[Callable[[], None]] = None,
-    started: Optional[Callable[[subprocess.Popen], None]] = None,
+    timeout: float | None,
+    on_stdout: OutputCallback | None,
+    on_stderr: OutputCallback | None,
+    preexec_fn: Callable[[], None] | None = None,
+    started: Callable[[subprocess.Popen], None] | None = None,
 ) -> int:
     """Return the exit code (128+N when killed by signal N); raise Timeout after killing the group."""
     proc = subprocess.Popen(
@@ -52,25 +52,27 @@ def run(
     if started:
         started(proc)
     deadline = None if timeout is None else time.monotonic() + timeout
+    assert proc.stdout is not None and proc.stderr is not None
+    pipes = (proc.stdout, proc.stderr)
+    callbacks: dict[int, OutputCallback | None] = {proc.stdout.fileno(): on_stdout, proc.stderr.fileno(): on_stderr}
+    decoders = {fd: codecs.getincrementaldecoder("utf-8")(errors="replace") for fd in callbacks}
     sel = selectors.DefaultSelector()
-    streams = {proc.stdout: on_stdout, proc.stderr: on_stderr}
-    decoders = {s: codecs.getincrementaldecoder("utf-8")(errors="replace") for s in streams}
-    for s in streams:
-        sel.register(s, selectors.EVENT_READ)
+    for fd in callbacks:
+        sel.register(fd, selectors.EVENT_READ)
     timed_out = False
-    exited_at: Optional[float] = None
+    exited_at: float | None = None
     try:
         while sel.get_map():
             wait = POLL if deadline is None else min(POLL, max(0.0, deadline - time.monotonic()))
             ready = sel.select(wait)
             for key, _ in ready:
                 data = os.read(key.fd, 65536)
-                stream = key.fileobj
-                text = decoders[stream].decode(data, final=not data)  # type: ignore[index]
-                if text and streams[stream]:  # type: ignore[index]
-                    streams[stream](text)  # type: ignore[index]
+                text = decoders[key.fd].decode(data, final=not data)
+                callback = callbacks[key.fd]
+                if text and callback:
+                    callback(text)
                 if not data:
-                    sel.unregister(stream)
+                    sel.unregister(key.fd)
             if deadline is not None and time.monotonic() >= deadline:
                 timed_out = True
                 kill_group(proc)
@@ -87,8 +89,8 @@ def run(
         raise
     finally:
         sel.close()
-        for s in streams:
-            s.close()  # type: ignore[union-attr]
+        for pipe in pipes:
+            pipe.close()
     if timed_out:
         raise Timeout()
     return code if code >= 0 else 128 - code
