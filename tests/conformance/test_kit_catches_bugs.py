@@ -7,6 +7,7 @@ the same discovery as any installed backend. For each one we assert WHICH kit te
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 # Import the kit (and with it importlib_metadata) BEFORE pytester snapshots sys.meta_path: importing the
@@ -61,9 +62,10 @@ def kit(pytester: pytest.Pytester):
         % str(pytester.path)
     )
 
-    def run(backend: str, *select: str) -> pytest.RunResult:
-        pytester.makepyfile(
-            test_kit="""
+    def run(backend: str, *select: str, body: str = "") -> pytest.RunResult:
+        head = textwrap.dedent(
+            """
+            import pytest
             from metaflow_sandbox.testing import BackendConformance
 
             class TestKit(BackendConformance):
@@ -72,6 +74,7 @@ def kit(pytester: pytest.Pytester):
             """
             % backend
         )
+        pytester.makepyfile(test_kit=head + textwrap.indent(textwrap.dedent(body), " " * 4))
         args = ["-p", "no:cacheprovider", "-rfEs"] + (["-k", " or ".join(select)] if select else [])
         return pytester.runpytest(*args)
 
@@ -125,3 +128,43 @@ def test_kit_catches_the_bug(kit, backend: str) -> None:
     result.assert_outcomes(failed=len(must_fail), passed=passing)
     for name in sorted(must_fail):  # one call each: the summary lists them in run order
         result.stdout.fnmatch_lines(["FAILED test_kit.py::TestKit::%s - *" % name])
+
+
+def test_base_class_alone_collects_nothing(pytester: pytest.Pytester) -> None:
+    """Importing the kit does not run it: only an author's ``Test*`` subclass is collected."""
+    pytester.makepyfile(test_import="from metaflow_sandbox.testing import BackendConformance  # noqa: F401\n")
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes()
+    assert "no tests ran" in result.stdout.str()
+
+
+def test_silent_override_is_caught(kit) -> None:
+    """Replacing a kit test without saying so fails the guard; the same override with xfail(reason) passes."""
+    override = """
+    def test_exec_env_visible(self):
+        pass
+    """
+    result = kit("kitgood", "offline_no_silent", body=override)
+    assert _failed(result) == {"test_offline_no_silent_overrides"}
+    result.stdout.fnmatch_lines(["*overridden without @pytest.mark.xfail*test_exec_env_visible*"])
+    declared = """
+    @pytest.mark.xfail(reason="our provider drops env on exec", strict=True)
+    def test_exec_env_visible(self):
+        assert False
+    """
+    result = kit("kitgood", "offline_no_silent", "exec_env", body=declared)
+    result.assert_outcomes(passed=1, xfailed=1)
+
+
+def test_missing_required_env_skips_live_tests_by_name(kit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without credentials the live tests skip, naming the variable; the offline tier still runs."""
+    result = kit("kitgood", "lifecycle_create", "offline_entry", body='required_env = ("KIT_NEVER_SET_TOKEN",)')
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*KIT_NEVER_SET_TOKEN not set*"])
+
+
+def test_capability_flag_turns_into_a_named_skip(kit) -> None:
+    """A capability turned off is an explicit skip with the reason, not a silent pass."""
+    result = kit("buffers", "exec_streams", body="streams_output = False")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*streams_output = False*"])
