@@ -43,3 +43,12 @@ def test_every_kit_test_and_flag_is_documented() -> None:
 def test_every_hook_is_documented() -> None:
     text = DOC.read_text()
     assert [h for h in REQUIRED_HOOKS + OPTIONAL_HOOKS if "`%s(" % h not in text] == []
+
+
+def test_every_kit_test_says_how_to_fix_a_failure() -> None:
+    """Authors read the failing test's docstring: each one ends with what their hook must do."""
+    for name, func in vars(BackendConformance).items():
+        if name.startswith("test_"):
+            last = " ".join(func.__doc__.split("Troubleshooting:")[-1].split())
+            assert "Troubleshooting: if this fails" in " ".join(func.__doc__.split()), name
+            assert re.search(r"\byour\b|\byou\b", last), "%s: say what the author must change" % name
