@@ -87,3 +87,15 @@ def test_doctor_reports_isolation() -> None:
     assert local["isolation"] == "bubblewrap" and local["works"] is True
     broken = run_cli("doctor", env=dict(os.environ, METAFLOW_SANDBOX_LOCAL_BWRAP="/bin/false"))
     assert broken.returncode == 1 and "local.isolation    NONE" in broken.stdout and "Fix: pip install" in broken.stdout
+
+
+def test_ctrl_c_destroys_the_sandbox() -> None:
+    token = "311.%d" % (os.getpid() % 1000)
+    proc = subprocess.Popen(
+        [PY, "-m", "metaflow_sandbox", "exec", "--backend", "local", "--", "sleep", token], stderr=subprocess.PIPE, text=True
+    )
+    assert wait_until(lambda: bool(pids_with("sleep " + token)), timeout=10)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == 130
+    assert "interrupted; destroying the sandbox" in proc.stderr.read()  # type: ignore[union-attr]
+    assert wait_until(lambda: not pids_with("sleep " + token))

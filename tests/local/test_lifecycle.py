@@ -116,3 +116,37 @@ def test_round_trip_is_fast(backend) -> None:  # type: ignore[no-untyped-def]
         times.append(time.perf_counter() - start)
     assert sorted(times)[len(times) // 2] < 0.2, times  # bench/bench_core.py measures the real number (< 40 ms)
     assert sys.platform.startswith("linux")
+
+
+def test_output_streams_while_the_command_runs(sandbox) -> None:  # type: ignore[no-untyped-def]
+    arrivals: list[tuple[float, str]] = []
+    start = time.monotonic()
+    result = sandbox.exec(
+        ["sh", "-c", "echo first; sleep 1.5; echo second >&2"],
+        on_stdout=lambda t: arrivals.append((time.monotonic() - start, t)),
+        on_stderr=lambda t: arrivals.append((time.monotonic() - start, t)),
+    )
+    assert result.exit_code == 0
+    assert [t for _, t in arrivals] == ["first\n", "second\n"]
+    assert arrivals[0][0] < 1.2 <= arrivals[1][0]  # the first line arrived before the command slept
+
+
+def test_destroy_stops_every_running_exec(sandbox) -> None:  # type: ignore[no-untyped-def]
+    token = "312.%d" % (os.getpid() % 1000)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            sandbox.run(["sleep", token])
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    assert wait_until(lambda: len(pids_with("sleep " + token)) == 3)
+    sandbox.destroy()
+    for t in threads:
+        t.join(10)
+    assert len(errors) == 3 and all(isinstance(e, SandboxNotFoundError) for e in errors)
+    assert wait_until(lambda: not pids_with("sleep " + token))
