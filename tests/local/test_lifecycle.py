@@ -150,3 +150,18 @@ def test_destroy_stops_every_running_exec(sandbox) -> None:  # type: ignore[no-u
         t.join(10)
     assert len(errors) == 3 and all(isinstance(e, SandboxNotFoundError) for e in errors)
     assert wait_until(lambda: not pids_with("sleep " + token))
+
+
+def test_a_forked_child_exiting_leaves_the_parents_sandboxes_alone(sandbox) -> None:  # type: ignore[no-untyped-def]
+    pid = os.fork()
+    if pid == 0:  # child: a normal interpreter exit runs atexit handlers
+        code = 0
+        try:
+            from metaflow_sandbox.backends import local
+
+            code = local.destroy_all()
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert sandbox.run(["echo", "alive"])[:2] == (0, "alive\n")

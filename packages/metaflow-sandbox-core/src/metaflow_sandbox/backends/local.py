@@ -64,6 +64,7 @@ class LocalSandbox:
 
     def __init__(self, spec: SandboxSpec, bwrap: str | None):
         self.sid = "local-" + uuid.uuid4().hex[:12]
+        self.owner = os.getpid()
         self.name = "mfsb-%d-%d-%s" % (_PIDNS, os.getpid(), self.sid[6:])
         self.root = os.path.join(_base_dir(spec.options), self.name)
         os.makedirs(os.path.join(self.root, "work"))
@@ -278,8 +279,8 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 def destroy_all() -> int:
     """Destroy every live sandbox of this process; returns how many."""
-    with _lock:
-        live = list(_live.values())
+    with _lock:  # a forked child inherits the registry, but not the sandboxes: leave them to the parent
+        live = [sb for sb in _live.values() if sb.owner == os.getpid()]
     return sum(sb.destroy() for sb in live)
 
 
