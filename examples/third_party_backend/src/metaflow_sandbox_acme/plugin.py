@@ -2,6 +2,8 @@
 
 No isolation at all; it exists to show the contract. Settings: ``options["root"]`` (from
 ``METAFLOW_SANDBOX_ACME_ROOT``) or ``$ACME_ROOT``: where sandbox directories are made.
+Not honoured: ``spec.ttl_seconds`` (a directory never expires by itself; ``sandbox_list`` lets
+``metaflow-sandbox gc`` remove leftovers), and ``spec.image`` (refused through ``Capabilities``).
 """
 
 from __future__ import annotations
