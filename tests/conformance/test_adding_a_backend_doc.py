@@ -23,7 +23,10 @@ def test_code_blocks_match_the_example_files_byte_for_byte() -> None:
     blocks = _blocks()
     assert blocks, "no ```lang file=... blocks found"
     for path, body in blocks.items():
-        assert body == (REPO / path).read_text(), "%s in the doc differs from the file; paste the file again" % path
+        assert body == (REPO / path).read_text(), "%s in the doc differs from the file; run `python %s` to paste the files again" % (
+            path,
+            Path(__file__).relative_to(REPO),
+        )
 
 
 def test_every_example_source_file_is_shown() -> None:
@@ -52,3 +55,7 @@ def test_every_kit_test_says_how_to_fix_a_failure() -> None:
             last = " ".join(func.__doc__.split("Troubleshooting:")[-1].split())
             assert "Troubleshooting: if this fails" in " ".join(func.__doc__.split()), name
             assert re.search(r"\byour\b|\byou\b", last), "%s: say what the author must change" % name
+
+
+if __name__ == "__main__":  # refresh the doc's code blocks from the example files
+    DOC.write_text(FENCE.sub(lambda m: m.group(0).replace(m.group(2), (REPO / m.group(1)).read_text(), 1), DOC.read_text()))
