@@ -27,9 +27,11 @@ CHUNK = 1 << 20
 WRAPPER = r"""w=$1; shift
 setsid "$@" &
 c=$!
-( while :; do
-    if [ -e "$0" ] || [ ! -d "$w" ]; then kill -9 -"$c" 2>/dev/null; rm -f "$0"; exit 0; fi
-    kill -0 "$c" 2>/dev/null || exit 0
+( k=
+  while kill -0 "$c" 2>/dev/null; do
+    if [ -z "$k" ] && { [ -e "$0" ] || [ ! -d "$w" ]; }; then k=1; rm -f "$0"; fi
+    # before setsid() has run in the child its group does not exist yet: then kill the pid itself
+    if [ -n "$k" ]; then kill -9 -"$c" 2>/dev/null || kill -9 "$c" 2>/dev/null; fi
     sleep 0.2
   done ) >/dev/null 2>&1 </dev/null &
 wait "$c" 2>/dev/null
