@@ -87,3 +87,10 @@ def test_a_fifo_planted_in_the_sandbox_never_blocks_the_launcher(sandbox) -> Non
 def test_relative_cwd_is_under_the_workdir(sandbox) -> None:  # type: ignore[no-untyped-def]
     sandbox.write_file(sandbox.handle.workdir + "/sub/f.txt", b"in sub")
     assert sandbox.run(["cat", "f.txt"], cwd="sub")[:2] == (0, "in sub")
+
+
+def test_upload_from_a_missing_source_creates_nothing(sandbox, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    target = sandbox.handle.workdir + "/new/out.bin"
+    (res,) = sandbox.upload([UploadItem(target, source=str(tmp_path / "missing.bin"))])
+    assert res.error == "file_not_found"
+    assert sandbox.run(["test", "-e", "new"])[0] != 0
