@@ -99,3 +99,37 @@ def test_ctrl_c_destroys_the_sandbox() -> None:
     assert proc.wait(10) == 130
     assert "interrupted; destroying the sandbox" in proc.stderr.read()  # type: ignore[union-attr]
     assert wait_until(lambda: not pids_with("sleep " + token))
+
+
+def test_list_kill_gc_in_process(make, capsys) -> None:  # type: ignore[no-untyped-def]
+    # Local sandboxes belong to their process, so list/kill/gc are exercised in-process here.
+    from metaflow_sandbox.cli import main
+
+    ours_a = make(labels={"metaflow-sandbox": "1", "metaflow.run": "7"})
+    ours_b = make(labels={"metaflow-sandbox": "1", "metaflow.run": "8"})
+    not_ours = make(labels={"metaflow.run": "7"})  # no marker label: never touched
+    capsys.readouterr()
+    assert main(["list", "--backend", "local", "--json"]) == 0
+    assert sorted(s["id"] for s in json.loads(capsys.readouterr().out)) == sorted([ours_a.id, ours_b.id])
+    assert main(["kill", "--backend", "local", "--label", "metaflow.run=7", "--dry-run"]) == 0
+    assert "would destroy local sandbox %s" % ours_a.id in capsys.readouterr().out
+    assert main(["kill", "--backend", "local", "--label", "metaflow.run=7"]) == 0
+    assert "destroyed local sandbox %s" % ours_a.id in capsys.readouterr().out
+    assert ours_b.run(["true"])[0] == 0 and not_ours.run(["true"])[0] == 0
+    assert main(["gc"]) == 0  # every backend that can list: ours_b goes, not_ours stays
+    out = capsys.readouterr().out
+    assert ours_b.id in out and not_ours.id not in out
+    assert not_ours.run(["true"])[0] == 0
+    assert main(["list", "--backend", "local"]) == 0
+    assert capsys.readouterr().out.strip() == "BACKEND  ID  LABELS"
+
+
+def test_gc_sweeps_what_a_killed_launcher_left() -> None:
+    launcher = "from metaflow_sandbox import Backend; sb = Backend('local').create(); print(sb.handle.native.root, flush=True); import time; time.sleep(60)"
+    proc = subprocess.Popen([PY, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    root = proc.stdout.readline().strip()  # type: ignore[union-attr]
+    proc.kill()
+    proc.wait()
+    assert os.path.isdir(root)
+    assert run_cli("gc", "--backend", "local").returncode == 0
+    assert not os.path.exists(root)

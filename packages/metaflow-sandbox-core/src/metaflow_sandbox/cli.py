@@ -159,16 +159,21 @@ def _user() -> str:
 
 
 def _listed(args: argparse.Namespace) -> list[tuple[Backend, Any]]:
-    names = args.backend or [n for n in available_backends()]
+    """Sandboxes carrying the marker label (and --label ones). Named backends must work; when
+    sweeping all backends, one that is not installed right or not configured is skipped, said on stderr."""
     labels = {MARKER_LABEL: "1", **_pairs(args.label, "--label")}
     found = []
-    for name in names:
-        backend = Backend(name, options=backend_options(name))
-        if not backend.implements("sandbox_list"):
+    for name in args.backend or list(available_backends()):
+        try:
+            backend = Backend(name, options=backend_options(name))
+            if not backend.implements("sandbox_list") and not args.backend:
+                continue
+            backend.check_config()
+            found += [(backend, sb) for sb in backend.list(labels)]  # list() names the fix if unsupported
+        except SandboxError as err:
             if args.backend:
-                backend.list(labels)  # raises the UnsupportedOptionError that names the fix
-            continue
-        found += [(backend, sb) for sb in backend.list(labels)]
+                raise
+            print("metaflow-sandbox: skipping backend '%s': %s" % (name, str(err).splitlines()[0]), file=sys.stderr)
     return found
 
 

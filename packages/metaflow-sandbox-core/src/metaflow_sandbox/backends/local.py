@@ -199,4 +199,5 @@ def sandbox_destroy(handle: SandboxHandle) -> bool:
 
 @hookimpl
 def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[SandboxHandle]:
+    start_once(options)  # so `metaflow-sandbox gc` also sweeps what dead launchers left behind
     return [sb.handle for sb in live_sandboxes() if all(sb.labels.get(k) == v for k, v in labels.items())]
