@@ -125,7 +125,8 @@ def test_list_kill_gc_in_process(make, capsys) -> None:  # type: ignore[no-untyp
 
 
 def test_gc_sweeps_what_a_killed_launcher_left() -> None:
-    launcher = "from metaflow_sandbox import Backend; sb = Backend('local').create(); print(sb.handle.native.root, flush=True); import time; time.sleep(60)"
+    launcher = "from metaflow_sandbox import Backend; sb = Backend('local').create(); print(sb.handle.native.root, flush=True)"
+    launcher += "; import time; time.sleep(60)"
     proc = subprocess.Popen([PY, "-c", launcher], stdout=subprocess.PIPE, text=True)
     root = proc.stdout.readline().strip()  # type: ignore[union-attr]
     proc.kill()
