@@ -165,3 +165,19 @@ def test_a_forked_child_exiting_leaves_the_parents_sandboxes_alone(sandbox) -> N
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert sandbox.run(["echo", "alive"])[:2] == (0, "alive\n")
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+def test_timeout_holds_when_the_command_closes_its_output(make, isolation) -> None:  # type: ignore[no-untyped-def]
+    sb = make(options={"isolation": isolation})
+    start = time.monotonic()
+    with pytest.raises(SandboxTimeoutError):
+        sb.run(["sh", "-c", "exec >/dev/null 2>&1; sleep 30"], timeout=0.5)
+    assert time.monotonic() - start < 3
+
+
+def test_fallback_background_processes_end_with_their_exec(make) -> None:  # type: ignore[no-untyped-def]
+    token = "310.%d" % (os.getpid() % 1000)
+    sb = make(options={"isolation": "none"})
+    assert sb.run(["sh", "-c", "sleep %s >/dev/null 2>&1 &" % token])[0] == 0
+    assert wait_until(lambda: not pids_with("sleep " + token))

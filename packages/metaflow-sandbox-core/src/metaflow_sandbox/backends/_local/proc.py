@@ -28,6 +28,21 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+def _exited(pid: int, deadline: float | None) -> bool:
+    """Wait until ``pid`` exits WITHOUT reaping it (so its process group id cannot be reused yet)."""
+    delay = 0.0001  # it usually exits as its output closes: poll fast first
+    while True:
+        try:
+            if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+                return True
+        except ChildProcessError:  # reaped by destroy() in another thread
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+
+
 def run(
     argv: Sequence[str],
     env: Mapping[str, str],
@@ -82,6 +97,9 @@ def run(
                 exited_at = exited_at or time.monotonic()
                 if time.monotonic() - exited_at > GRACE:
                     break  # a daemon that left the group (fallback mode only) keeps the pipes open
+        if not _exited(proc.pid, deadline):  # it closed its output but kept running
+            timed_out = True
+        kill_group(proc)  # leftovers in its group end with it (under bwrap the pid namespace saw to that)
         code = proc.wait()
     except BaseException:
         kill_group(proc)
