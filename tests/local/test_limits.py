@@ -83,3 +83,13 @@ def test_network_off(make, tcp_server) -> None:  # type: ignore[no-untyped-def]
     sb = make(network=False)
     code, out, err = sb.run(["python", "-c", CONNECT % tcp_server])
     assert code != 0 and "pong" not in out and "ConnectionRefused" in err
+
+
+def test_more_memory_than_the_machine_has_is_refused(backend) -> None:  # type: ignore[no-untyped-def]
+    from metaflow_sandbox import SandboxSpec, UnsupportedOptionError
+
+    total_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    with pytest.raises(UnsupportedOptionError, match="at most %d MB" % total_mb):
+        backend.create(SandboxSpec(resources=Resources(memory_mb=total_mb * 4)))
+    with pytest.raises(UnsupportedOptionError, match="CPUs"):
+        backend.create(SandboxSpec(resources=Resources(cpu=(os.cpu_count() or 1) + 1)))

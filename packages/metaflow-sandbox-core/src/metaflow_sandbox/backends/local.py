@@ -51,12 +51,20 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
     return Capabilities(
         gpu=False,
         max_cpu=float(os.cpu_count() or 1),
+        max_memory_mb=_physical_memory_mb(),
         network_toggle=True,
         binds=True,
         images=False,
         shares_host_filesystem=True,
         config_env=(isolation.ENV_ISOLATION, isolation.ENV_BWRAP, ENV_ROOT, ENV_MEMORY_LIMITER),
     )
+
+
+def _physical_memory_mb() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 @hookimpl
