@@ -134,3 +134,14 @@ def test_gc_sweeps_what_a_killed_launcher_left() -> None:
     assert os.path.isdir(root)
     assert run_cli("gc", "--backend", "local").returncode == 0
     assert not os.path.exists(root)
+
+
+def test_exec_bind_and_root_option(tmp_path) -> None:
+    (tmp_path / "in.txt").write_text("bound")
+    root = tmp_path / "sandboxes"
+    proc = run_cli(
+        "exec", "--backend", "local", "--bind", "%s:/data:ro" % tmp_path, "--option", "root=%s" % root, "--",
+        "sh", "-c", "cat /data/in.txt; touch /data/x",
+    )  # fmt: skip
+    assert proc.returncode == 1 and proc.stdout.startswith("bound") and "Read-only" in proc.stderr
+    assert root.is_dir() and os.listdir(root) == []  # the sandbox lived there and was removed

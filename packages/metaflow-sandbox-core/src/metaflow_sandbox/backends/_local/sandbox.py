@@ -146,14 +146,14 @@ def _path_with_python() -> str:
 
 
 def _base_dir(options: Mapping[str, Any]) -> str:
-    base = options.get("root_dir") or os.environ.get(ENV_ROOT)
+    base = options.get("root") or options.get("root_dir") or os.environ.get(ENV_ROOT)  # option "root" = METAFLOW_SANDBOX_LOCAL_ROOT
     base = base or os.path.join(tempfile.gettempdir(), "metaflow-sandbox-%d" % os.getuid())
     os.makedirs(base, mode=0o700, exist_ok=True)
     st = os.lstat(base)
     if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
         raise SandboxError(
             "the local sandbox directory %s is not a directory owned by you" % base,
-            hint="remove it, or point %s (or options root_dir) at a private directory" % ENV_ROOT,
+            hint="remove it, or point %s (option root) at a private directory" % ENV_ROOT,
             backend=NAME,
         )
     return str(base)
