@@ -38,7 +38,7 @@ def pick_cpus(cpu: float | None) -> set[int] | None:
 
 @functools.lru_cache(maxsize=1)
 def memory_cgroup_parent() -> tuple[int, str] | None:
-    """(cgroup version, writable dir of this process's memory cgroup), or None."""
+    """(cgroup version, a writable cgroup dir whose children get memory control), or None."""
     v1_mount = v2_mount = None
     try:
         with open("/proc/self/mountinfo") as f:
@@ -60,11 +60,14 @@ def memory_cgroup_parent() -> tuple[int, str] | None:
         point, root = mount
         rel = path[len(root) :] if root != "/" and path.startswith(root) else path
         d = os.path.join(point, rel.lstrip("/"))
-        if not os.path.isdir(d) or not os.access(d, os.W_OK):
-            continue
-        if version == 2 and not _v2_memory_delegated(d):
-            continue
-        return version, d
+        # Our own cgroup first; then (v2, where a cgroup holding processes cannot give memory control to
+        # children) its ancestors, e.g. the root cgroup when running as root.
+        while True:
+            if os.path.isdir(d) and os.access(d, os.W_OK) and (version == 1 or _v2_memory_delegated(d)):
+                return version, d
+            if d.rstrip("/") == point.rstrip("/"):
+                break
+            d = os.path.dirname(d.rstrip("/"))
     return None
 
 
