@@ -22,6 +22,8 @@ class Timeout(Exception):
 
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the command's process group (under bwrap this takes its whole pid namespace down)."""
+    if proc.returncode is not None:
+        return  # reaped: its group id may belong to someone else by now
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except OSError:

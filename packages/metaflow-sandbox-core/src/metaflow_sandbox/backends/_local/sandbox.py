@@ -48,12 +48,9 @@ class LocalSandbox:
         self.owner = os.getpid()
         self.name = "mfsb-%d-%d-%s" % (_PIDNS, os.getpid(), self.sid[6:])
         self.root = os.path.join(_base_dir(spec.options), self.name)
-        os.makedirs(os.path.join(self.root, "work"))
-        os.mkdir(os.path.join(self.root, "tmp"))
         try:
             self.layout = Layout(self.root, spec.binds, isolated=bwrap is not None)
         except PathError:
-            _rmtree(self.root)
             raise UnsupportedOptionError(
                 "a bind target needs a new directory inside a large read-only system directory",
                 hint="bind at an existing path, under /tmp or the work dir, or at a new top-level path (e.g. /data)",
@@ -64,6 +61,13 @@ class LocalSandbox:
         self.memory_mb = spec.resources.memory_mb
         self.cpus = limits.pick_cpus(spec.resources.cpu)
         self.cgroup, self.rlimit_mb = _memory_limit(self.name, self.memory_mb, spec.options)
+        try:
+            os.makedirs(os.path.join(self.root, "work"))
+            os.mkdir(os.path.join(self.root, "tmp"))
+        except OSError:
+            if self.cgroup:
+                self.cgroup.remove()
+            raise
         self.env = {
             "PATH": _path_with_python(),
             "LANG": os.environ.get("LANG", "C.UTF-8"),
