@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import shlex
 import tempfile
 from typing import Any, Awaitable, Callable
 
@@ -36,6 +37,25 @@ c=$!
   done ) >/dev/null 2>&1 </dev/null &
 wait "$c" 2>/dev/null
 """
+
+#: The same watcher, folded into the SDK's own ``bash -c CMD`` (one process less per command). The local
+#: backend starts every command as a process-group leader (bwrap --new-session / start_new_session),
+#: so ``kill -9 -$$`` reaches the whole command tree.
+WATCHER = r"""( k=
+  while kill -0 $$ 2>/dev/null; do
+    if [ -z "$k" ] && {{ [ -e {kf} ] || [ ! -d {w} ]; }}; then k=1; rm -f {kf}; fi
+    if [ -n "$k" ]; then kill -9 -$$ 2>/dev/null || kill -9 $$ 2>/dev/null; fi
+    sleep 0.2
+  done ) >/dev/null 2>&1 </dev/null &
+"""
+
+
+def wrapped(argv: list[str], kill_file: str, workdir: str) -> list[str]:
+    """argv run so that SendSignal (a kill file) or the sandbox's death kills the whole command tree."""
+    if len(argv) == 3 and argv[0] in ("/bin/bash", "bash") and argv[1] == "-c":
+        return [argv[0], "-c", WATCHER.format(kf=shlex.quote(kill_file), w=shlex.quote(workdir)) + argv[2]]
+    return ["sh", "-c", WRAPPER, kill_file, workdir] + argv
+
 
 _CONNECT_STATUS = {"not_found": 404, "invalid_argument": 400, "unimplemented": 501, "unavailable": 503, "internal": 500}
 
@@ -161,7 +181,7 @@ def make_envd_app(world: World) -> web.Application:
 
         def run() -> Any:
             return sb.local.exec(
-                ["sh", "-c", WRAPPER, proc.kill_file, sb.workdir] + argv,
+                wrapped(argv, proc.kill_file, sb.workdir),
                 env=env,
                 cwd=world.map_path(sb, process.get("cwd")),
                 timeout=int(deadline_ms) / 1000.0 if deadline_ms else None,

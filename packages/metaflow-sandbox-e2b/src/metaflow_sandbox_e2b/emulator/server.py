@@ -112,7 +112,10 @@ def _wait_stdin_eof(loop: Any, stop: asyncio.Event) -> None:
             pass
     except (OSError, ValueError):
         pass
-    loop.call_soon_threadsafe(stop.set)
+    try:
+        loop.call_soon_threadsafe(stop.set)
+    except RuntimeError:  # the loop already stopped (SIGTERM came first)
+        pass
 
 
 async def _reap(world: World) -> None:

@@ -143,6 +143,7 @@ class World:
         self.sandboxes: dict[str, EmuSandbox] = {}
         self.idempotent: dict[str, asyncio.Future] = {}
         self.stats: dict[str, int] = {}
+        self.teardowns: set[asyncio.Future] = set()
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="e2b-emu")
         self._local: Backend | None = None
         self.set_faults(faults or Faults())
@@ -253,13 +254,18 @@ class World:
         sb = self.sandboxes.get(sid)
         if sb is None or not sb.alive:
             return False
-        sb.state = "killed"
+        sb.state = "killed"  # from now on every envd request for it answers 502 "... was not found"
         self.count(reason)
+        task = asyncio.ensure_future(self._destroy_local(sb))  # answer now; the local teardown follows
+        self.teardowns.add(task)
+        task.add_done_callback(self.teardowns.discard)
+        return True
+
+    async def _destroy_local(self, sb: EmuSandbox) -> None:
         try:
             await self.run_blocking(sb.local.destroy)
         except Exception:  # the local sandbox may already be gone; the emulated one is dead either way
             pass
-        return True
 
     def set_timeout(self, sid: str, seconds: int, extend_only: bool = False) -> EmuSandbox:
         sb = self.get(sid)
@@ -277,6 +283,8 @@ class World:
     async def shutdown(self) -> None:
         for sb in self.live():
             await self.kill(sb.sandbox_id)
+        if self.teardowns:
+            await asyncio.wait(list(self.teardowns), timeout=30)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     # -- paths ------------------------------------------------------------------------------
