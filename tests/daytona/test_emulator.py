@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -135,3 +136,34 @@ def test_cli_serves_on_the_given_port():
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0
+
+
+def test_sdk_falls_back_to_polling_without_socketio(emulator):
+    """With socket.io refused (404) a fresh SDK client still sees an image build finish, by polling."""
+    from daytona import CreateSandboxFromImageParams, Daytona
+
+    emulator.set_faults(socketio=False, image_build_ms=60_000, image_build_polls=2)
+    emulator.clear_requests()
+    sb = Daytona().create(CreateSandboxFromImageParams(image="python:3.12-slim"), timeout=30)
+    try:
+        assert str(sb.state).lower().endswith("started")
+        log = emulator.requests()
+        assert [r["status"] for r in log if r["endpoint"] == "socketio"][:1] == [404]
+        assert len([r for r in log if r["endpoint"] == "get"]) >= 2
+    finally:
+        sb.delete(timeout=0)
+
+
+def test_socketio_pushes_state_events(emulator):
+    """With socket.io on, the SDK learns "started" from the pushed event (well before its 1 s safety poll)."""
+    from daytona import CreateSandboxFromImageParams, Daytona
+
+    emulator.set_faults(image_build_ms=200, image_build_polls=10_000)
+    d = Daytona()
+    start = time.monotonic()
+    sb = d.create(CreateSandboxFromImageParams(image="python:3.12-slim"), timeout=30)
+    try:
+        assert str(sb.state).lower().endswith("started")
+        assert time.monotonic() - start < 5
+    finally:
+        sb.delete(timeout=0)

@@ -162,3 +162,18 @@ def test_auto_stop_then_auto_delete_in_the_emulator(emulator):
         time.sleep(0.1)
     (record,) = [r for r in emulator.records() if r["id"] == sb.id]
     assert record["reason"] == "auto-delete after stop"
+
+
+def test_create_that_never_starts_times_out_and_leaves_nothing(emulator):
+    """A sandbox stuck before "started" (a slow image build) is deleted, not left to its TTL."""
+    emulator.set_faults(image_build_ms=60_000, image_build_polls=10_000)
+    backend = Backend("daytona", options={"create_timeout": 1})
+    before = {r["id"] for r in emulator.records()}
+    start = time.monotonic()
+    with pytest.raises(SandboxError) as err:
+        backend.create(SandboxSpec(image="python:3.12-slim", labels=_labels()))
+    assert time.monotonic() - start < 10
+    (new,) = [r for r in emulator.records() if r["id"] not in before]
+    assert err.value.sandbox_id == new["id"]
+    assert new["deleted"] and emulator.live_sandboxes() == []
+    emulator.set_faults(image_build_ms=100, image_build_polls=1)

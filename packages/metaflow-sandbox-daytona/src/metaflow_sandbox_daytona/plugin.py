@@ -192,11 +192,19 @@ def _recover_named(daytona: Any, params: Any, exc: Exception) -> Any:
     if params.name and isinstance(exc, DaytonaConflictError):
         try:
             found = daytona.get(params.name)
+            if (found.labels or {}).get(MARKER_LABEL) == "1":
+                if not str(found.state).lower().endswith("started"):
+                    found.wait_for_sandbox_start(timeout=_client.sdk_timeout(CREATE_TIMEOUT))
+                return found
         except Exception as exc2:
             translate(exc2, op="sandbox_create")
-        if (found.labels or {}).get(MARKER_LABEL) == "1":
-            return found
-    translate(exc, op="sandbox_create", retry_safe=False)
+    orphan = getattr(exc, "sandbox_id", None)
+    if orphan:  # created, but not started in time: do not leave it to the ttl
+        try:
+            _delete_quietly(daytona.get(orphan))
+        except Exception:
+            pass
+    translate(exc, op="sandbox_create", sandbox_id=orphan, retry_safe=False)
 
 
 def _workdir(sandbox: Any) -> str:

@@ -327,6 +327,8 @@ class Emulator:
         if body.get("ttlMinutes") is not None:
             dto["ttlMinutes"] = body["ttlMinutes"]
         self.sandboxes[sid] = sb
+        if build is not None:
+            asyncio.get_running_loop().call_later(self.faults.image_build_ms / 1000.0, self._built, sb)
         self.records[sid] = {"id": sid, "request": body, "deleted": None, "reason": None}
         self.emit("sandbox.created", self._dto(sb))
         return web.json_response(self._dto(sb))
