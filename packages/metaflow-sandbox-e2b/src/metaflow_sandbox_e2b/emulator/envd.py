@@ -15,7 +15,7 @@ import shlex
 import tempfile
 from typing import Any, Awaitable, Callable
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from metaflow_sandbox import DownloadItem, SandboxNotFoundError, SandboxTimeoutError, UploadItem
 
 from .state import EmuSandbox, Proc, World
@@ -107,7 +107,7 @@ def make_envd_app(world: World) -> web.Application:
                 part = await reader.next()
                 if part is None:
                     break
-                if part.name != "file":
+                if not isinstance(part, BodyPartReader) or part.name != "file":
                     continue
                 path = request.query.get("path") or part.filename or ""
                 written.append((path, await _spool(part.read_chunk)))
@@ -177,7 +177,10 @@ def make_envd_app(world: World) -> web.Application:
         queue: asyncio.Queue = asyncio.Queue()
 
         def emit(kind: str) -> Callable[[str], None]:
-            return lambda text: loop.call_soon_threadsafe(queue.put_nowait, (kind, text.encode("utf-8")))
+            def push(text: str) -> None:
+                loop.call_soon_threadsafe(queue.put_nowait, (kind, text.encode("utf-8")))
+
+            return push
 
         def run() -> Any:
             return sb.local.exec(
