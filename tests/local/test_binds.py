@@ -94,3 +94,22 @@ def test_upload_from_a_missing_source_creates_nothing(sandbox, tmp_path) -> None
     (res,) = sandbox.upload([UploadItem(target, source=str(tmp_path / "missing.bin"))])
     assert res.error == "file_not_found"
     assert sandbox.run(["test", "-e", "new"])[0] != 0
+
+
+def test_bind_inside_the_hidden_home(make) -> None:  # type: ignore[no-untyped-def]
+    # The Metaflow case: a local datastore under the user's project dir in $HOME, bound at the same path.
+    import shutil
+
+    home = os.path.realpath(os.path.expanduser("~"))
+    project = os.path.join(home, ".mfsb-project-%s" % uuid.uuid4().hex)
+    datastore = os.path.join(project, ".metaflow")
+    os.makedirs(datastore)
+    with open(os.path.join(project, "secret.txt"), "w") as f:
+        f.write("not for the sandbox")
+    try:
+        sb = make(binds=(Bind(datastore),))
+        code, out, err = sb.run(["sh", "-c", "echo artifact > %s/a.txt; cat %s/secret.txt" % (datastore, project)])
+        assert code != 0 and "No such file" in err  # the rest of the home stays hidden
+        assert open(os.path.join(datastore, "a.txt")).read() == "artifact\n"
+    finally:
+        shutil.rmtree(project)
