@@ -105,6 +105,8 @@ def start_emulator(port: int = 0, api_key: str = DEFAULT_KEY, timeout: float = 3
         api_key,
         "--faults",
         json.dumps(faults),
+        "--parent-pid",
+        str(os.getpid()),
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=dict(os.environ))
     found: list[str] = []

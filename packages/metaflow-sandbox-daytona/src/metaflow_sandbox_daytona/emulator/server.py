@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import BodyPartReader, WSMsgType, web
 from metaflow_sandbox import SandboxError, SandboxFileError, SandboxTimeoutError
 
 from ._engine import Command, EmuSandbox, Engine, Session, spool_path
@@ -113,7 +113,7 @@ class Emulator:
         r = app.router
         r.add_route("*", "/api/socket.io/", self.socket_io)
         r.add_post("/api/sandbox", self.create)
-        r.add_get("/api/sandbox", self.list)
+        r.add_get("/api/sandbox", self.list_sandboxes)
         r.add_get("/api/sandbox/{id}", self.get)
         r.add_delete("/api/sandbox/{id}", self.delete)
         r.add_get("/api/sandbox/{id}/toolbox-proxy-url", self.toolbox_url)
@@ -347,7 +347,7 @@ class Emulator:
                 self._built(sb)
         return web.json_response(self._dto(sb))
 
-    async def list(self, request: web.Request) -> web.Response:
+    async def list_sandboxes(self, request: web.Request) -> web.Response:
         want = json.loads(request.query.get("labels") or "{}")
         states = request.query.getall("states", [])
         items = [
@@ -613,6 +613,8 @@ class Emulator:
         spooled: dict[str, str] = {}
         try:
             while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    continue
                 name = part.name or ""
                 index = name[name.find("[") + 1 : name.find("]")]
                 if name.endswith(".path"):
@@ -747,7 +749,14 @@ def _http_error(status: int, message: str, code: str, source: str) -> web.HTTPEx
     return cls(text=body, content_type="application/json")
 
 
-async def serve(emulator: Emulator, ready: Any = None) -> None:
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """Shut down (and delete every sandbox) when the process that started us dies, even by SIGKILL."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(0.5)
+    stop.set()
+
+
+async def serve(emulator: Emulator, ready: Any = None, parent_pid: int | None = None) -> None:
     runner = web.AppRunner(emulator.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, emulator.host, emulator.port)
@@ -758,6 +767,8 @@ async def serve(emulator: Emulator, ready: Any = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if parent_pid:
+        asyncio.ensure_future(_watch_parent(parent_pid, stop))
     if ready:
         ready(emulator.base + "/api")
     try:
@@ -779,6 +790,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--drop-log-stream", type=int, help="drop the next N log streams")
     parser.add_argument("--minute-seconds", type=float, help="real seconds per emulated minute")
+    parser.add_argument("--parent-pid", type=int, help="exit when this process (our parent) dies")
     args = parser.parse_args(argv)
     faults = json.loads(args.faults)
     for key in ("latency_ms", "error_rate", "error_status", "seed", "drop_log_stream", "minute_seconds"):
@@ -792,6 +804,6 @@ def main(argv: list[str] | None = None) -> None:
         print("DAYTONA_EMULATOR_READY %s" % url, flush=True)
 
     try:
-        asyncio.run(serve(emulator, ready))
+        asyncio.run(serve(emulator, ready, args.parent_pid))
     except KeyboardInterrupt:
         pass
