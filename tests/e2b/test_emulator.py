@@ -136,3 +136,18 @@ def test_cli_starts_and_stops() -> None:
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         assert proc.wait(timeout=15) == 0
+
+
+def test_multi_file_multipart_and_gzip_upload(sbx) -> None:
+    infos = sbx.files.write_files([{"path": "/home/user/m/one.txt", "data": "1"}, {"path": "/home/user/m/two.txt", "data": b"22"}])
+    assert [i.path for i in infos] == ["/home/user/m/one.txt", "/home/user/m/two.txt"]
+    sbx.files.write("/home/user/m/zipped.bin", io.BytesIO(b"z" * 10_000), gzip=True)
+    out = sbx.commands.run("cat m/one.txt m/two.txt; wc -c < m/zipped.bin", timeout=0).stdout
+    assert out == "12210000\n"
+
+
+def test_unknown_fault_names_are_refused(emulator: Emulator) -> None:
+    with pytest.raises(ValueError, match="latency_ms"):
+        emulator.set_faults(latency_ms=5)
+    with pytest.raises(ValueError, match="vanish"):
+        start_emulator(port=0, vanish=1)

@@ -21,6 +21,8 @@ import threading
 import urllib.request
 from typing import Any
 
+from .state import Faults
+
 API_KEY = "emulator-key"
 
 
@@ -62,7 +64,8 @@ class Emulator:
         return self._admin("/_emulator/stats")
 
     def set_faults(self, **faults: Any) -> None:
-        """Replace the fault settings (unnamed ones go back to off)."""
+        """Replace the fault settings (unnamed ones go back to off). Names: see ``state.Faults``."""
+        Faults.from_dict(faults)  # a misspelt fault is a ValueError here, not a silent no-op
         self._admin("/_emulator/faults", faults)
 
     def stop(self) -> None:
@@ -95,6 +98,7 @@ def start_emulator(
     **faults: Any,
 ) -> Emulator:
     """Start the emulator on 127.0.0.1 in a subprocess and wait until it serves."""
+    Faults.from_dict(faults)  # fail fast, in this process, on an unknown fault name
     cmd = [
         sys.executable, "-m", "metaflow_sandbox_e2b.emulator",
         "--port", str(port), "--envd-port", str(envd_port), "--api-key", api_key, "--plan", plan,

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import shlex
 import tempfile
 from typing import Any, Awaitable, Callable
@@ -109,7 +110,7 @@ def make_envd_app(world: World) -> web.Application:
                     break
                 if not isinstance(part, BodyPartReader) or part.name != "file":
                     continue
-                path = request.query.get("path") or part.filename or ""
+                path = request.query.get("path") or _raw_filename(part)
                 written.append((path, await _spool(part.read_chunk)))
         else:
             written.append((request.query.get("path", ""), await _spool(request.content.read)))
@@ -265,6 +266,14 @@ def make_envd_app(world: World) -> web.Application:
         ]
     )
     return app
+
+
+def _raw_filename(part: BodyPartReader) -> str:
+    """The part's filename as sent (aiohttp's ``part.filename`` strips the leading '/' of a path)."""
+    match = re.search(r'filename="((?:[^"\\]|\\.)*)"', part.headers.get("Content-Disposition", ""))
+    if match:
+        return re.sub(r"\\(.)", r"\1", match.group(1))
+    return part.filename or ""
 
 
 async def _spool(read: Callable[..., Awaitable[bytes]]) -> str:
