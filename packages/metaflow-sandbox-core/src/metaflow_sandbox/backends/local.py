@@ -126,6 +126,10 @@ def sandbox_exec(
         argv, host_cwd = [*sb.argv, "--chdir", cwd, "--", *command], sb.root
     else:
         argv, host_cwd = list(command), cwd
+        if not os.path.isdir(cwd):  # the same outcome as under bwrap
+            if on_stderr:
+                on_stderr("cannot chdir to %s: No such file or directory\n" % cwd)
+            return ExecResult(exit_code=1)
     watch = _StderrWatch(on_stderr)
     oom_before = sb.cgroup.oom_kills() if sb.cgroup else 0
     try:
@@ -154,8 +158,16 @@ def sandbox_exec(
             sb.running = {p for p in sb.running if p.poll() is None}
     if sb.destroyed:
         raise sb.gone("went away while the command ran")
-    if sb.bwrap and code == 1 and watch.head.startswith("bwrap: execvp"):
-        code = 126 if "Permission denied" in watch.head else 127  # the shell's codes for these
+    if sb.bwrap and code == 1 and watch.head.startswith("bwrap: "):  # bwrap's own failure, before the command
+        if watch.head.startswith("bwrap: execvp"):
+            code = 126 if "Permission denied" in watch.head else 127  # the shell's codes for these
+        elif not watch.head.startswith("bwrap: Can't chdir"):  # a missing cwd stays the caller's error (exit 1)
+            raise SandboxError(
+                "bubblewrap could not set up sandbox %s: %s" % (sb.sid, watch.head.splitlines()[0]),
+                hint="check that every bind source still exists; `metaflow-sandbox doctor` shows the isolation status",
+                backend=NAME,
+                sandbox_id=sb.sid,
+            )
     oom = False
     if sb.cgroup:
         oom = code != 0 and sb.cgroup.oom_kills() > oom_before
