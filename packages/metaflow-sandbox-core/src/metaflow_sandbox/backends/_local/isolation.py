@@ -22,6 +22,11 @@ FIX = (
     "set %s=none to run without isolation and silence this warning" % ENV_ISOLATION
 )
 
+# Fresh namespaces, and no capabilities inside: a root launcher would otherwise leave them to the
+# sandbox (bwrap keeps them for uid 0), which could then remount the host binds read-write.
+ISOLATION_FLAGS = ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
+ISOLATION_FLAGS += ["--cap-drop", "ALL"]
+
 _lock = threading.Lock()
 _probes: dict[str, str | None] = {}  # bwrap path -> None when it works, else why not
 _warned = False
@@ -67,12 +72,6 @@ def probe(bwrap: str) -> str | None:
             except (OSError, subprocess.SubprocessError) as exc:
                 _probes[bwrap] = "%s: %s" % (type(exc).__name__, exc)
         return _probes[bwrap]
-
-
-# Fresh namespaces, and no capabilities inside: a root launcher would otherwise leave them to the
-# sandbox (bwrap keeps them for uid 0), which could then remount the host binds read-write.
-ISOLATION_FLAGS = ["--unshare-user-try", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-ISOLATION_FLAGS += ["--cap-drop", "ALL"]
 
 
 def select(options: Mapping[str, Any]) -> str | None:
