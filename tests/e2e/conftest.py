@@ -114,6 +114,8 @@ def s3_env(s3: dict, prefix: str) -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": S3_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "AWS_DEFAULT_REGION": "us-east-1",
+        # Metaflow's default of 64 s3op workers per transfer costs more CPU than these tiny flows.
+        "METAFLOW_S3_WORKER_COUNT": "2",
     }
 
 
@@ -218,6 +220,21 @@ def base_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def local_leftovers(tmp: Path) -> list[str]:
+    """Sandbox directories or processes of the `local` backend still around under `tmp`."""
+    left = [str(p) for p in tmp.glob("metaflow-sandbox-*/mfsb-*")]
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmdline = open("/proc/%s/cmdline" % pid, "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "bwrap" in cmdline and str(tmp) in cmdline:
+            left.append("pid %s: %s" % (pid, cmdline.replace("\0", " ")[:200]))
+    return left
+
+
 TARGETS = ["local-localds", "local-s3", "daytona-s3", "e2b-s3"]
 
 
@@ -235,6 +252,8 @@ def target(request, tmp_path) -> Target:
         env.update(emu.env)
         env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"
         live = emu.live_sandboxes
+    if backend == "local":
+        live = lambda: local_leftovers(tmp_path)
     t = Target(name, backend, datastore, env, live, tmp_path)
     yield t
     assert t.live_sandboxes() == [], "sandboxes left alive after the test"

@@ -231,12 +231,20 @@ class DaytonaDecorator(SandboxDecorator):
     name = "daytona"
     preset_backend = "daytona"
 
+    def init(self):
+        # Metaflow calls init() only when the class itself defines it (not inherited).
+        super().init()
+
 
 class E2BDecorator(SandboxDecorator):
     """Runs this step in an E2B sandbox; same attributes as @sandbox."""
 
     name = "e2b"
     preset_backend = "e2b"
+
+    def init(self):
+        # Metaflow calls init() only when the class itself defines it (not inherited).
+        super().init()
 
 
 def _validate_resources(deco_name, attrs):

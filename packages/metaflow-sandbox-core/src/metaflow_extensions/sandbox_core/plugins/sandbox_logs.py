@@ -16,6 +16,13 @@ from metaflow.mflog import TASK_LOG_SOURCE, update_delay
 from metaflow.mflog.mflog import decorate
 
 
+# Metaflow's runtime reads one line per poll event from a buffered pipe, so lines written in a
+# burst can sit in its buffer until the task writes again. Short bursts are paced so each line
+# is displayed as it arrives; long ones (bulk output) are not slowed down.
+PACE_SECONDS = 0.002
+PACE_MAX_LINES = 200
+
+
 class LogRelay:
     def __init__(self, task_datastore=None):
         self._datastore = task_datastore
@@ -25,6 +32,8 @@ class LogRelay:
         self._dirty = False
         self._stop = threading.Event()
         self._saver = None
+        self._last_write = 0.0
+        self._burst = 0
 
     def stdout(self, chunk):
         self._feed("stdout", chunk)
@@ -43,9 +52,17 @@ class LogRelay:
         structured = decorate(TASK_LOG_SOURCE, line.rstrip("\r"))
         self._lines[stream].append(structured)
         self._dirty = True
+        now = time.monotonic()
+        if now - self._last_write < PACE_SECONDS:
+            self._burst += 1
+            if self._burst <= PACE_MAX_LINES:
+                time.sleep(PACE_SECONDS)
+        else:
+            self._burst = 0
         out = sys.stdout if stream == "stdout" else sys.stderr
         out.buffer.write(structured + b"\n")
         out.flush()
+        self._last_write = time.monotonic()
 
     def start_saving(self):
         """Save the logs to the datastore while the task runs (mflog's sigmoid schedule)."""

@@ -1,0 +1,108 @@
+"""Secrets stay off command lines, pip requirements install inside the sandbox, Ctrl-C cleans up."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from .conftest import FLOWS, PYTHON, S3_SECRET, base_env
+
+
+@pytest.mark.parametrize("target", ["local-s3", "daytona-s3", "e2b-s3"], indirect=True)
+def test_no_secret_in_any_cmdline_metadata_or_log(target):
+    """Scan /proc/*/cmdline while a sandboxed step runs; the S3 secret must never appear."""
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def scan():
+        while not stop.is_set():
+            for pid in os.listdir("/proc"):
+                if not pid.isdigit():
+                    continue
+                try:
+                    raw = open("/proc/%s/cmdline" % pid, "rb").read()
+                except OSError:
+                    continue
+                if S3_SECRET.encode() in raw:
+                    seen.append(raw.replace(b"\0", b" ").decode(errors="replace")[:300])
+            time.sleep(0.05)
+
+    scanner = threading.Thread(target=scan, daemon=True)
+    scanner.start()
+    try:
+        run = target.flow("features_flow.py", env={"WORK_SLEEP": "3", "METAFLOW_SANDBOX_FORWARD_ENV": "WORK_SLEEP"})
+    finally:
+        stop.set()
+        scanner.join()
+    assert run.returncode == 0, run.output[-4000:]
+    assert seen == [], "secret visible in a process command line: %s" % seen[:3]
+    assert S3_SECRET not in run.output
+    # Nothing stored by the run (metadata, logs, artifacts) carries it either.
+    hits = []
+    for root, _, files in os.walk(run.cwd / ".metaflow"):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                if S3_SECRET.encode() in f.read():
+                    hits.append(os.path.join(root, name))
+    assert hits == []
+    stored = target.client(
+        """
+        t = Run('FeaturesFlow/%s')['work'].task
+        emit({'meta': [str(m.value) for m in t.metadata], 'logs': t.stdout + t.stderr})
+        """ % run.run_id(),
+        run,
+    )
+    assert all(S3_SECRET not in v for v in stored["meta"]) and S3_SECRET not in stored["logs"]
+
+
+@pytest.mark.parametrize("target", ["local-localds"], indirect=True)
+def test_pip_requirement_installs_inside_the_sandbox(target):
+    """A package the launcher lacks is installed (from PyPI) inside the sandbox and imported there."""
+    with pytest.raises(ImportError):
+        __import__("pyjokes")
+    env = {"METAFLOW_SANDBOX_PIP_CACHE": str(target.tmp / "pipcache")}
+    for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CONSTRAINT"):
+        if key in os.environ:
+            env["METAFLOW_SANDBOX_FORWARD_ENV"] = ",".join(filter(None, [env.get("METAFLOW_SANDBOX_FORWARD_ENV"), key]))
+    run = target.flow("pip_flow.py", env=env, timeout=600)
+    assert run.returncode == 0, run.output[-4000:]
+    data = target.client("t = Run('PipFlow/%s')['joke'].task\nemit([t.data.joke_text, t.data.module_file])" % run.run_id(), run)
+    assert data[0]
+    assert data[1].startswith(str(target.tmp / "pipcache")), data[1]
+
+
+@pytest.mark.parametrize("target", ["local-localds", "daytona-s3", "e2b-s3"], indirect=True)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_destroys_the_sandbox(target, sig):
+    """Ctrl-C (SIGINT to the process group) or SIGTERM while a step runs leaves no sandbox behind."""
+    env = base_env(target.tmp)
+    env.update(target.env)
+    env.update({"WORK_SLEEP": "120", "METAFLOW_SANDBOX_FORWARD_ENV": "WORK_SLEEP"})
+    proc = subprocess.Popen([PYTHON, str(FLOWS / "features_flow.py"), "--no-pylint", "run"], cwd=target.tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    deadline = time.time() + 120
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if "out-line-0" in line or time.time() > deadline:
+            break
+    # the line reached us while the step still sleeps: logs are live
+    assert any("out-line-0" in ln for ln in lines), "".join(lines)[-3000:]
+    os.killpg(proc.pid, sig)
+    try:
+        rest, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode != 0
+    deadline = time.time() + 20
+    while target.live_sandboxes() and time.time() < deadline:
+        time.sleep(0.5)
+    # the fixture asserts again that nothing is left alive
+    assert target.live_sandboxes() == [], "".join(lines)[-2000:] + rest[-2000:]
