@@ -84,12 +84,18 @@ def test_throttled_create_with_idempotency_key_is_retried(emulator):
         assert sb.run(["true"])[0] == 0
 
 
-@pytest.mark.parametrize("close_code", [1000, 1011])
-def test_dropped_log_stream_still_delivers_complete_output(backend, emulator, close_code):
-    """Decision: a log stream that closes early (cleanly or not) falls back to polling the logs
-    endpoint, so the caller still gets every byte, in order per stream, and the real exit code."""
+@pytest.mark.parametrize(
+    "drop, close_code, streams",
+    [(1, 1000, 2), (1, 1011, 2), (True, 1000, 4)],
+    ids=["one-clean-close", "one-error-close", "every-stream"],
+)
+def test_dropped_log_stream_still_delivers_complete_output(backend, emulator, drop, close_code, streams):
+    """Decision: a log stream that ends early (cleanly or not) is reconnected (it replays from the start and
+    what was already delivered is skipped); if it keeps failing, the logs endpoint is polled. Either way the
+    caller gets every byte exactly once, in order per stream, and the real exit code."""
     with backend.create(SandboxSpec(labels=_labels())) as sb:
-        emulator.set_faults(drop_log_stream=1, drop_close_code=close_code)
+        emulator.clear_requests()
+        emulator.set_faults(drop_log_stream=drop, drop_close_code=close_code)
         out: list[str] = []
         err: list[str] = []
         script = "for i in 1 2 3 4 5; do echo out$i; echo err$i >&2; sleep 0.2; done; exit 3"
@@ -97,7 +103,8 @@ def test_dropped_log_stream_still_delivers_complete_output(backend, emulator, cl
         assert result.exit_code == 3
         assert "".join(out) == "".join("out%d\n" % i for i in range(1, 6))
         assert "".join(err) == "".join("err%d\n" % i for i in range(1, 6))
-        assert emulator.faults()["drop_log_stream"] == 0, "the fault was not exercised"
+        follows = [r for r in emulator.requests() if r["endpoint"] == "logs" and "follow" in r["query"]]
+        assert len(follows) == streams
 
 
 def test_sandbox_vanishing_mid_command_is_not_found(backend, emulator):

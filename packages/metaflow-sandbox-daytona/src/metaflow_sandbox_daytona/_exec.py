@@ -5,13 +5,15 @@ timeout kills exactly this command and nothing else. The command runs as ``bash 
 child of the session shell, so ``exit``/``set -e`` never kill the session shell itself.
 
 Logs arrive over the SDK's WebSocket stream (``get_session_command_logs_async``). If that stream
-fails or closes early (seen with real daemons), we fall back to polling the plain logs endpoint,
-and we always reconcile with the final logs, so output is complete or the call raises.
+fails or closes early (seen with real daemons) we reconnect (it replays; what was sent is skipped),
+then fall back to polling the plain logs endpoint; and we always reconcile with the final logs, so
+output is complete or the call raises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import shlex
 import threading
 import time
@@ -29,6 +31,9 @@ from metaflow_sandbox import (
 from . import _client
 from ._client import NAME, translate
 
+log = logging.getLogger("metaflow_sandbox.daytona")
+
+STREAM_RECONNECTS = 3
 POLL_MIN = 0.05
 POLL_MAX = 1.0
 KILL_GRACE = 5.0
@@ -56,10 +61,15 @@ class _Sink:
         self.closed = False
         self.killed = False
 
-    def stream(self, kind: str, text: str) -> None:
+    def at(self, kind: str, start: int, text: str) -> None:
+        """Text a stream saw at offset ``start`` of its stream; a replay (reconnected stream) skips what was sent."""
         with self.lock:
-            if self.closed or not text:
+            if self.closed:
                 return
+            skip = self.sent[kind] - start
+            if skip >= len(text):
+                return
+            text = text[max(0, skip) :]
             self.sent[kind] += len(text)
             callback = self.callbacks[kind]
         if callback:
@@ -76,12 +86,19 @@ class _Sink:
 
 
 class _Stream(threading.Thread):
-    """The SDK's log WebSocket, in its own thread so our deadline never waits on it."""
+    """One connection of the SDK's log WebSocket (which replays from the start), in its own thread so our
+    deadline never waits on it."""
 
     def __init__(self, process: Any, session: str, cmd_id: str, sink: _Sink):
         super().__init__(daemon=True, name="daytona-logs-%s" % cmd_id[:8])
         self.process, self.session, self.cmd_id, self.sink = process, session, cmd_id, sink
+        self.pos = {"stdout": 0, "stderr": 0}
         self.error: BaseException | None = None
+
+    def _on(self, kind: str, text: str) -> None:
+        start = self.pos[kind]
+        self.pos[kind] += len(text)
+        self.sink.at(kind, start, text)
 
     def run(self) -> None:
         try:
@@ -89,11 +106,11 @@ class _Stream(threading.Thread):
                 self.process.get_session_command_logs_async(
                     self.session,
                     self.cmd_id,
-                    lambda text: self.sink.stream("stdout", text),
-                    lambda text: self.sink.stream("stderr", text),
+                    lambda text: self._on("stdout", text),
+                    lambda text: self._on("stderr", text),
                 )
             )
-        except BaseException as exc:  # reported through .error; the poll fallback takes over
+        except BaseException as exc:  # reported through .error; reconnect or polling takes over
             self.error = exc
 
 
@@ -123,18 +140,29 @@ def run(
         request = SessionExecuteRequest(command=wrap(command, env, cwd), run_async=True)
         response = _call(handle, "start command", lambda: process.execute_session_command(session, request))
         cmd_id = response.cmd_id
-        stream = _Stream(process, session, cmd_id, sink)
-        stream.start()
-        stream.join(_remaining(deadline))
-        if stream.is_alive():
-            _kill(handle, process, session, stream, sink)
-            raise SandboxTimeoutError(
-                "command timed out after %ss and was killed" % timeout,
-                hint="raise the timeout (@timeout) or make the step faster",
-                backend=NAME,
-                sandbox_id=sid,
-            )
-        exit_code = _wait_exit(handle, process, session, cmd_id, sink, deadline, stream, timeout)
+        reconnects = 0
+        while True:
+            stream = _Stream(process, session, cmd_id, sink)
+            stream.start()
+            stream.join(_remaining(deadline))
+            if stream.is_alive():
+                _kill(handle, process, session, stream, sink)
+                raise SandboxTimeoutError(
+                    "command timed out after %ss and was killed" % timeout,
+                    hint="raise the timeout (@timeout) or make the step faster",
+                    backend=NAME,
+                    sandbox_id=sid,
+                )
+            exit_code = _call(handle, "read exit code", lambda: process.get_session_command(session, cmd_id)).exit_code
+            if exit_code is not None:
+                break
+            if reconnects < STREAM_RECONNECTS:  # the stream ended early: it replays, the sink skips what was sent
+                reconnects += 1
+                log.info("daytona: log stream of %s ended early (%s); reconnecting", sid, stream.error or "closed")
+                continue
+            log.warning("daytona: log stream of %s keeps failing (%s); polling the logs instead", sid, stream.error)
+            exit_code = _wait_exit(handle, process, session, cmd_id, sink, deadline, stream, timeout)
+            break
         logs = _call(handle, "read logs", lambda: process.get_session_command_logs(session, cmd_id))
         sink.catch_up("stdout", logs.stdout)
         sink.catch_up("stderr", logs.stderr)

@@ -26,11 +26,11 @@ STATE_DIR = ".daytona-emu"
 # - restore the session's exports and cwd, run the command, save both on exit (persistent shell);
 # - run it as a job in its own process group (set -m) so a kill reaches all its children;
 # - a watcher kills that group when the session's kill flag appears (session delete / sandbox gone).
-# Job-control notices go to the supervisor's stderr, which is /dev/null once the job has started.
+# Job-control notices go to the supervisor's stderr, which is /dev/null (the job gets the real one as fd 3).
 WRAPPER = r"""
 d="$1"; cmd="$2"; wd="$3"
 [ -d "${d%/*}" ] || mkdir -p "${d%/*}" || exit 255
-exec 3>&2
+exec 3>&2 2>/dev/null
 set -m
 {
   if [ -f "$d.env" ]; then . "$d.env" 2>/dev/null; fi
@@ -39,7 +39,7 @@ set -m
   eval "$cmd"
 } 2>&3 3>&- &
 pid=$!
-exec 2>/dev/null 3>&-
+exec 3>&-
 { while [ ! -e "$d.kill" ]; do sleep 0.1; done; kill -KILL -- "-$pid"; } </dev/null >/dev/null &
 w=$!
 wait "$pid"; rc=$?
