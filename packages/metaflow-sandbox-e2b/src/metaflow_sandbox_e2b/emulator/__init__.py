@@ -70,7 +70,11 @@ class Emulator:
 
     def stop(self) -> None:
         if self.proc.stdin:
-            self.proc.stdin.close()  # the emulator stops at stdin EOF
+            self.proc.stdin.close()  # the emulator stops at stdin EOF (and kills its sandboxes)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import threading
@@ -108,9 +109,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 def _wait_stdin_eof(loop: Any, stop: asyncio.Event) -> None:
     try:
-        while sys.stdin.buffer.read(1024):
+        while os.read(0, 1024):  # the raw fd: a buffered reader's lock would trip interpreter shutdown
             pass
-    except (OSError, ValueError):
+    except OSError:
         pass
     try:
         loop.call_soon_threadsafe(stop.set)
