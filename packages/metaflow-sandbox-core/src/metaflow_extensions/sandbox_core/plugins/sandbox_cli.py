@@ -144,6 +144,14 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
     if code_root:
         binds.append(Bind(code_root, read_only=True))
     attrs = deco.attributes
+    backend = load_backend(backend_name, backend_options(backend_name, attrs.get("options")))
+    ttl = float(deco.run_time_limit + int(_config("SANDBOX_TTL_MARGIN", 600)))
+    max_ttl = backend.capabilities().max_ttl_seconds
+    if max_ttl and ttl > max_ttl and not any(d.name == "timeout" for d in node.decorators):
+        # No @timeout: Metaflow's 5-day default is not a request, so the backend's cap applies.
+        # An explicit @timeout above the cap is refused by the backend facade instead.
+        obj.echo_always("Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)." % (step_name, max_ttl, backend_name))
+        ttl = float(max_ttl)
     spec = SandboxSpec(
         image=attrs.get("image"),
         resources=Resources(
@@ -154,7 +162,7 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         ),
         env=env,
         labels=labels,
-        ttl_seconds=float(deco.run_time_limit + int(_config("SANDBOX_TTL_MARGIN", 600))),
+        ttl_seconds=ttl,
         network=attrs.get("network", True),
         binds=tuple(binds),
         idempotency_key=hashlib.sha256(("%s/%s/%s/%s/%d" % (obj.flow.name, run_id, step_name, task_id, retry_count)).encode()).hexdigest()[:32],
@@ -171,7 +179,6 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
 
     from metaflow_sandbox import SandboxError, SandboxNotFoundError, SandboxTimeoutError
 
-    backend = load_backend(backend_name, backend_options(backend_name, attrs.get("options")))
     relay = LogRelay(
         obj.flow_datastore.get_task_datastore(run_id, step_name, task_id, attempt=retry_count, mode="w", allow_not_done=True)
     )
@@ -191,17 +198,11 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
             result = sbx.exec(
                 command,
                 env={"METAFLOW_SANDBOX_ID": sbx.id},
-                timeout=deco.run_time_limit + TIMEOUT_GRACE,
+                timeout=min(deco.run_time_limit + TIMEOUT_GRACE, ttl),
                 on_stdout=relay.stdout,
                 on_stderr=relay.stderr,
             )
-            exit_code = result.exit_code
-            if result.oom_killed:
-                relay.system(
-                    "The task hit the sandbox's memory limit (%s MB) and was killed. Raise it with "
-                    "@sandbox(memory=...) or @resources(memory=...)." % attrs.get("memory"),
-                    err=True,
-                )
+            exit_code = result.exit_code  # an OOM kill is explained on stderr by the backend
         except SandboxTimeoutError:
             relay.system(
                 "Step *%s* ran past its time limit of %ss (@timeout) and its sandbox was stopped."
