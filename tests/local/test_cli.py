@@ -8,7 +8,7 @@ import signal
 import subprocess
 import time
 
-from local_helpers import PY, pids_with, run_cli, wait_until
+from .local_helpers import PY, pids_with, run_cli, wait_until
 
 
 def test_exec_prints_output_and_exits_zero() -> None:

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from local_helpers import PY, pids_with, wait_until
+from .local_helpers import PY, pids_with, wait_until
 from metaflow_sandbox import SandboxNotFoundError, SandboxTimeoutError
 
 
