@@ -50,7 +50,9 @@ def test_missing_api_key_fails_before_any_upload(tmp_path, s3_server, daytona_em
 
     from .conftest import S3_KEY, S3_SECRET
 
-    client = boto3.client("s3", endpoint_url=s3_server["url"], aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    client = boto3.client(
+        "s3", endpoint_url=s3_server["url"], aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET, region_name="us-east-1"
+    )
     listed = client.list_objects_v2(Bucket="metaflow", Prefix="nokey-%s/" % tmp_path.name)
     assert listed.get("KeyCount", 0) == 0, "nothing may be uploaded before credentials are checked"
     assert daytona_emulator.live_sandboxes() == []

@@ -5,7 +5,6 @@ Also proves that `@daytona` without the Daytona package fails at launch naming t
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -7,8 +7,9 @@ import subprocess
 import textwrap
 
 import pytest
-from .local_helpers import PY, pids_with, wait_until
 from metaflow_sandbox import Backend, SandboxError, SandboxSpec, SandboxTimeoutError, UnsupportedOptionError
+
+from .local_helpers import PY, pids_with, wait_until
 
 
 @pytest.fixture

@@ -11,8 +11,9 @@ import threading
 import time
 
 import pytest
-from .local_helpers import PY, pids_with, wait_until
 from metaflow_sandbox import SandboxNotFoundError, SandboxTimeoutError
+
+from .local_helpers import PY, pids_with, wait_until
 
 
 def _root(sb) -> str:  # type: ignore[no-untyped-def]

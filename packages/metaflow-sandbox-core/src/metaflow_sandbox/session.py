@@ -158,7 +158,7 @@ class Backend:
         if spec.image and not caps.images:
             refuse("does not support choosing an image", "remove image=...")
 
-    def create(self, spec: Optional[SandboxSpec] = None) -> "Sandbox":
+    def create(self, spec: Optional[SandboxSpec] = None) -> Sandbox:
         spec = spec or SandboxSpec()
         if self.options and not spec.options:
             spec = _replace(spec, options=self.options)
@@ -166,7 +166,7 @@ class Backend:
         handle = self.call("sandbox_create", idempotent=bool(spec.idempotency_key), spec=spec)
         return Sandbox(self, handle)
 
-    def list(self, labels: Optional[Mapping[str, str]] = None) -> list["Sandbox"]:
+    def list(self, labels: Optional[Mapping[str, str]] = None) -> list[Sandbox]:
         if not self.implements("sandbox_list"):
             raise UnsupportedOptionError(
                 "backend '%s' cannot list its sandboxes" % self.name,
@@ -261,7 +261,7 @@ class Sandbox:
         self.destroyed = True
         return gone
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -20,7 +20,7 @@ from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
 from metaflow.unbounded_foreach import UBF_CONTROL, UBF_TASK
 
 from .sandbox_code_cache import cache_root, prepared_package
-from .sandbox_decorator import SandboxDecorator, SandboxException, backend_options, load_backend
+from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
 from .sandbox_logs import LogRelay
 from .sandbox_task import pip_install_commands, requirements, task_command, task_env
 
@@ -165,7 +165,9 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         ttl_seconds=ttl,
         network=attrs.get("network", True),
         binds=tuple(binds),
-        idempotency_key=hashlib.sha256(("%s/%s/%s/%s/%d" % (obj.flow.name, run_id, step_name, task_id, retry_count)).encode()).hexdigest()[:32],
+        idempotency_key=hashlib.sha256(
+            ("%s/%s/%s/%s/%d" % (obj.flow.name, run_id, step_name, task_id, retry_count)).encode()
+        ).hexdigest()[:32],
     )
 
     def _sync_metadata():
@@ -277,9 +279,8 @@ def list_sandboxes(ctx, backend, run_id, everything):
     name, boxes = _flow_sandboxes(ctx, backend, run_id, everything)
     for box in boxes:
         lab = box.handle.labels
-        ctx.obj.echo_always(
-            "%s  %s/%s/%s attempt %s" % (box.id, lab.get("metaflow.run"), lab.get("metaflow.step"), lab.get("metaflow.task"), lab.get("metaflow.attempt"))
-        )
+        where = "/".join(str(lab.get("metaflow." + k)) for k in ("run", "step", "task"))
+        ctx.obj.echo_always("%s  %s attempt %s" % (box.id, where, lab.get("metaflow.attempt")))
     if not boxes:
         ctx.obj.echo_always("No live '%s' sandboxes." % name)
 

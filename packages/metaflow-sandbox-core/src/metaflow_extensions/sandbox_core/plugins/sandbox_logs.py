@@ -15,7 +15,6 @@ import time
 from metaflow.mflog import TASK_LOG_SOURCE, update_delay
 from metaflow.mflog.mflog import decorate
 
-
 # Metaflow's runtime reads one line per poll event from a buffered pipe, so lines written in a
 # burst can sit in its buffer until the task writes again. Short bursts are paced so each line
 # is displayed as it arrives; long ones (bulk output) are not slowed down.
