@@ -191,3 +191,11 @@ def test_emulator_exits_when_its_parent_dies(tmp_path):
             return
         time.sleep(0.2)
     pytest.fail("the emulator (pid %d) outlived its parent" % emulator_pid)
+
+
+def test_unemulated_endpoint_is_a_clear_sdk_error(sandbox):
+    from daytona.common.errors import DaytonaError
+
+    with pytest.raises(DaytonaError, match="not emulated") as err:
+        sandbox.fs.list_files("/tmp")
+    assert err.value.status_code == 501

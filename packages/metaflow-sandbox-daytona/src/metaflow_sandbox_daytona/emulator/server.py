@@ -193,6 +193,8 @@ class Emulator:
                 response = await handler(request)
         except web.HTTPException as exc:
             response = exc
+            if exc.status in (404, 405) and exc.content_type != "application/json":  # no such route
+                response = _error(501, "%s %s is not emulated" % (request.method, request.path), "NOT_IMPLEMENTED")
         entry["status"] = response.status
         entry["ms"] = round((time.perf_counter() - start) * 1000, 2)
         return response
