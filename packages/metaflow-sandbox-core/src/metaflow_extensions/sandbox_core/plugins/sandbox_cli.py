@@ -50,7 +50,8 @@ def _on_sigterm(signum, frame):
 def _reexec_with_launcher_python():
     """@pypi/@conda may point the trampoline at the step's env, which lacks our SDKs."""
     launcher = os.environ.get("METAFLOW_SANDBOX_LAUNCHER_PYTHON")
-    if launcher and os.path.realpath(launcher) != os.path.realpath(sys.executable) and os.path.exists(launcher):
+    # Compare paths, not resolved binaries: two venvs share one interpreter binary.
+    if launcher and os.path.abspath(launcher) != os.path.abspath(sys.executable) and os.path.exists(launcher):
         os.environ.pop("PYTHONNOUSERSITE", None)
         os.environ.pop("METAFLOW_SANDBOX_LAUNCHER_PYTHON", None)
         os.execv(launcher, [launcher] + sys.argv)
