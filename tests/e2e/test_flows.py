@@ -18,8 +18,10 @@ def test_features_artifacts_env_resources_logs_metadata(target):
     data = target.client(
         """
         t = Run('FeaturesFlow/%s')['work'].task
+        from metaflow.cards import get_cards
         emit({k: getattr(t.data, k) for k in ('y', 'cpus', 'env_deco', 'sandbox_env', 'in_sandbox', 'backend_keys_seen')}
-             | {'meta': t.metadata_dict, 'stdout': t.stdout, 'stderr': t.stderr})
+             | {'meta': t.metadata_dict, 'stdout': t.stdout, 'stderr': t.stderr,
+                'cards': [c.get() for c in get_cards(t)]})
         """
         % rid,
         run,
@@ -32,6 +34,8 @@ def test_features_artifacts_env_resources_logs_metadata(target):
     assert data["cpus"] == 2
     assert data["meta"]["sandbox-backend"] == target.backend
     assert data["meta"]["sandbox-id"]
+    # @card made inside the sandbox is found where the client looks
+    assert any("made in a sandbox" in html for html in data["cards"])
     # Logs: every line once, in order, stdout and stderr apart.
     out = [ln for ln in data["stdout"].splitlines() if ln.startswith("out-line")]
     err = [ln for ln in data["stderr"].splitlines() if ln.startswith("err-line")]
@@ -110,7 +114,8 @@ def test_resume_clones_and_reruns_in_a_sandbox(target):
 
 
 def test_with_sandbox_runs_every_step_in_a_sandbox(target):
-    run = target.flow("plain_flow.py", "run", "--with", "sandbox:cpu=1,memory=1024")
+    # dict attributes round-trip too (the runtime re-serializes --with for trampoline and task)
+    run = target.flow("plain_flow.py", "run", "--with", 'sandbox:cpu=1,memory=1024,env={"WITH_VAR": "with-ok"}')
     _ok(run)
     data = target.client(
         """

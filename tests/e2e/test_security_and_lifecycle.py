@@ -106,3 +106,35 @@ def test_interrupt_destroys_the_sandbox(target, sig):
         time.sleep(0.5)
     # the fixture asserts again that nothing is left alive
     assert target.live_sandboxes() == [], "".join(lines)[-2000:] + rest[-2000:]
+
+
+@pytest.mark.parametrize("target", ["daytona-s3", "e2b-s3"], indirect=True)
+def test_flow_sandbox_list_and_kill(target):
+    """`python flow.py sandbox list|kill` find a running step's sandbox by its labels and end it."""
+    env = base_env(target.tmp)
+    env.update(target.env)
+    env.update({"WORK_SLEEP": "120", "METAFLOW_SANDBOX_FORWARD_ENV": "WORK_SLEEP"})
+    proc = subprocess.Popen([PYTHON, str(FLOWS / "features_flow.py"), "--no-pylint", "run"], cwd=target.tmp, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "out-line-0" in line:
+            break
+    try:
+        run_id = next(ln.split("run-id ")[1].split(")")[0] for ln in lines if "run-id " in ln)
+        listed = target.flow("features_flow.py", "sandbox", "list", "--run-id", run_id)
+        assert listed.returncode == 0, listed.output
+        live = target.live_sandboxes()
+        assert len(live) == 1 and live[0]["id"] in listed.output, listed.output
+        assert "%s/work/" % run_id in listed.output
+        killed = target.flow("features_flow.py", "sandbox", "kill", "--run-id", run_id)
+        assert killed.returncode == 0 and "Destroyed %s" % live[0]["id"] in killed.output, killed.output
+        rest, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0, "the step whose sandbox was killed must fail"
+        assert "disappeared" in rest or "failed" in rest.lower()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -84,7 +84,7 @@ def test_launcher_python_is_on_path(sandbox: Sandbox) -> None:
 
 
 def test_background_process_ends_with_its_exec(sandbox: Sandbox) -> None:
-    from local_helpers import pids_with, wait_until
+    from .local_helpers import pids_with, wait_until
 
     token = "318.%d" % (os.getpid() % 1000)
     code, _, _ = sh(sandbox, "sleep %s >/dev/null 2>&1 &" % token)

@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from metaflow import FlowSpec, environment, resources, sandbox, step
+from metaflow import FlowSpec, card, current, environment, resources, sandbox, step
 
 
 class FeaturesFlow(FlowSpec):
@@ -13,6 +13,7 @@ class FeaturesFlow(FlowSpec):
         self.x = 21
         self.next(self.work)
 
+    @card
     @environment(vars={"FROM_ENV_DECO": "env-ok"})
     @resources(cpu=2, memory=1024)
     @sandbox(cpu=1, memory=512, env={"FROM_SANDBOX_ENV": "sandbox-ok"})
@@ -24,6 +25,7 @@ class FeaturesFlow(FlowSpec):
         self.sandbox_env = os.environ.get("FROM_SANDBOX_ENV")
         self.in_sandbox = os.environ.get("METAFLOW_SANDBOX_WORKLOAD")
         self.backend_keys_seen = sorted(k for k in os.environ if k.startswith(("DAYTONA_", "E2B_")))
+        current.card.append(__import__("metaflow").cards.Markdown("# made in a sandbox"))
         for i in range(5):
             print("out-line-%d" % i)
             print("err-line-%d" % i, file=sys.stderr)

@@ -9,6 +9,7 @@ class PlainFlow(FlowSpec):
     @step
     def start(self):
         self.where = [os.environ.get("METAFLOW_SANDBOX_WORKLOAD")]
+        self.with_var = os.environ.get("WITH_VAR")
         self.next(self.end)
 
     @step

@@ -271,11 +271,16 @@ def _default_backend():
     return resolve_backend(None)[0]
 
 
+def _selection(func):
+    """--backend/--run-id/--all, shared by `list` and `kill`."""
+    func = click.option("--all", "everything", is_flag=True, help="Every run of this flow.")(func)
+    func = click.option("--run-id", default=None, help="This run (default: the latest).")(func)
+    func = click.option("--backend", default=None, help="Backend to ask (default: METAFLOW_SANDBOX_BACKEND or local).")(func)
+    return click.pass_context(func)
+
+
 @sandbox.command("list", help="List live sandboxes of this flow (latest run by default).")
-@click.option("--backend", default=None, help="Backend to ask (default: METAFLOW_SANDBOX_BACKEND or local).")
-@click.option("--run-id", default=None, help="List the sandboxes of this run.")
-@click.option("--all", "everything", is_flag=True, help="List the sandboxes of every run of this flow.")
-@click.pass_context
+@_selection
 def list_sandboxes(ctx, backend, run_id, everything):
     name, boxes = _flow_sandboxes(ctx, backend, run_id, everything)
     for box in boxes:
@@ -287,10 +292,7 @@ def list_sandboxes(ctx, backend, run_id, everything):
 
 
 @sandbox.command(help="Destroy live sandboxes of this flow (latest run by default).")
-@click.option("--backend", default=None, help="Backend to ask (default: METAFLOW_SANDBOX_BACKEND or local).")
-@click.option("--run-id", default=None, help="Destroy the sandboxes of this run.")
-@click.option("--all", "everything", is_flag=True, help="Destroy the sandboxes of every run of this flow.")
-@click.pass_context
+@_selection
 def kill(ctx, backend, run_id, everything):
     name, boxes = _flow_sandboxes(ctx, backend, run_id, everything)
     for box in boxes:
