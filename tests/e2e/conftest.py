@@ -109,7 +109,6 @@ def s3_env(s3: dict, prefix: str) -> dict[str, str]:
         "METAFLOW_DEFAULT_DATASTORE": "s3",
         "METAFLOW_DATASTORE_SYSROOT_S3": "s3://metaflow/%s/mf" % prefix,
         "METAFLOW_DATATOOLS_S3ROOT": "s3://metaflow/%s/data" % prefix,
-        "METAFLOW_CARD_S3ROOT": "s3://metaflow/%s/cards" % prefix,
         "METAFLOW_S3_ENDPOINT_URL": s3["url"],
         "AWS_ACCESS_KEY_ID": S3_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,

@@ -195,6 +195,8 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
             obj.echo_always("Could not start a '%s' sandbox for step *%s*: %s" % (backend_name, step_name, err), err=True)
             _sync_metadata()
             sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+        if obj.metadata.TYPE == "local" and datastore_type != "local":
+            _seed_local_metadata(sbx, obj.flow.name, run_id, step_name, task_id)
         relay.system("Task is starting in %s sandbox %s." % (backend_name, sbx.id))
         relay.start_saving()
         try:
@@ -237,6 +239,30 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
                 obj.echo_always("Could not destroy sandbox %s: %s" % (sbx.id, err), err=True)
             _sync_metadata()
     sys.exit(exit_code)
+
+
+def _seed_local_metadata(sbx, flow_name, run_id, step_name, task_id):
+    """Give the sandbox's local metadata the flow/run/step/task records the runtime wrote here.
+
+    With local metadata and a remote datastore the task's metadata starts empty in the sandbox,
+    so Metaflow code that looks the task up from inside (`card create`, the client) would not
+    find it. Only the small `_self.json` records travel; the task's own metadata comes back
+    through the datastore at the end (sync_local_metadata_*).
+    """
+    from metaflow.plugins.datastores.local_storage import LocalStorage
+    from metaflow_sandbox import UploadItem
+
+    root = LocalStorage.get_datastore_root_from_config(lambda *a, **k: None, create_on_absent=False)
+    if not root:
+        return
+    items = []
+    for parts in ([flow_name], [flow_name, run_id], [flow_name, run_id, step_name], [flow_name, run_id, step_name, task_id]):
+        rel = os.path.join(*(str(p) for p in parts), "_meta", "_self.json")
+        if os.path.isfile(os.path.join(root, rel)):
+            with open(os.path.join(root, rel), "rb") as f:
+                items.append(UploadItem(os.path.join(sbx.handle.workdir, "metaflow", DATASTORE_LOCAL_DIR, rel), content=f.read()))
+    if items:
+        sbx.upload(items)
 
 
 def _config(name, default):

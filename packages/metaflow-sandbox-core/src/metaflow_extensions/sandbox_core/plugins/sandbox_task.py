@@ -181,7 +181,7 @@ def local_package_commands(package_dir, code_metadata, datastore_root):
             exports.append("export %s=%s" % (key[:-1], value))
         else:
             exports.append("export %s=%s:$(printenv %s)" % (key, value, key))
-    cmds = ["mkdir metaflow", "cd metaflow"]
+    cmds = ["mkdir -p metaflow", "cd metaflow"]
     if datastore_root:
         # Code that looks for .metaflow from the cwd upward must find the shared root.
         cmds += [
@@ -189,7 +189,7 @@ def local_package_commands(package_dir, code_metadata, datastore_root):
             "export METAFLOW_DATASTORE_SYSROOT_LOCAL=%s" % shlex.quote(os.path.dirname(datastore_root)),
         ]
     else:
-        cmds.append("mkdir .metaflow")
+        cmds.append("mkdir -p .metaflow")
     return cmds + setup + exports
 
 
@@ -199,7 +199,9 @@ def task_command(environment, step_name, step_cli, code, datastore_type, datasto
         init_cmds = local_package_commands(package_dir, code["metadata"], datastore_root if datastore_type == "local" else None)
     else:
         init_cmds = environment.get_package_commands(code["url"], datastore_type, code["metadata"])
-        init_cmds = [c for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
+        # The trampoline may have seeded metaflow/.metaflow (local metadata) before this runs.
+        seeded = {"mkdir metaflow": "mkdir -p metaflow", "mkdir .metaflow": "mkdir -p .metaflow"}
+        init_cmds = [seeded.get(c, c) for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
     cmds = [ECHO_MFLOG, NO_FLUSH, "mflog 'Setting up task environment.'"] + init_cmds
     cmds += pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]
     # get_package_commands' quoting assumes exactly this shlex pass (as in @batch).
