@@ -20,6 +20,7 @@ from metaflow.mflog.mflog import decorate
 # is displayed as it arrives; long ones (bulk output) are not slowed down.
 PACE_SECONDS = 0.002
 PACE_MAX_LINES = 200
+SAVE_BYTES_PER_SECOND = 2 * 1024 * 1024
 
 
 class LogRelay:
@@ -33,6 +34,7 @@ class LogRelay:
         self._saver = None
         self._last_write = 0.0
         self._burst = 0
+        self._bytes = 0
 
     def stdout(self, chunk):
         self._feed("stdout", chunk)
@@ -50,6 +52,7 @@ class LogRelay:
     def _emit(self, stream, line):
         structured = decorate(TASK_LOG_SOURCE, line.rstrip("\r"))
         self._lines[stream].append(structured)
+        self._bytes += len(structured) + 1
         self._dirty = True
         now = time.monotonic()
         if now - self._last_write < PACE_SECONDS:
@@ -70,7 +73,9 @@ class LogRelay:
         started = time.time()
 
         def loop():
-            while not self._stop.wait(update_delay(time.time() - started)):
+            # Each save rewrites the whole log (as Metaflow's own uploader does), so space saves
+            # out as the log grows: at least a second per 2 MB already written.
+            while not self._stop.wait(max(update_delay(time.time() - started), self._bytes / SAVE_BYTES_PER_SECOND)):
                 self.save()
 
         self._saver = threading.Thread(target=loop, name="sandbox-log-saver", daemon=True)
