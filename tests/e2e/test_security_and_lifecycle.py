@@ -138,3 +138,17 @@ def test_flow_sandbox_list_and_kill(target):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("target", ["daytona-s3"], indirect=True)
+def test_sandbox_that_cannot_start_is_not_retried(target, daytona_emulator):
+    """An infrastructure failure before user code ran ends the task, even under @retry."""
+    daytona_emulator.set_faults(error_next=100, error_status=500, error_endpoints=["create"])
+    try:
+        run = target.flow("failures_flow.py")
+    finally:  # the emulator is shared by the session: put the defaults back
+        daytona_emulator.set_faults(error_next=0, error_status=503, error_endpoints=["list", "get"])
+    assert run.returncode != 0
+    assert "Could not start a 'daytona' sandbox for step flaky" in run.output
+    assert "This failed task will not be retried" in run.output
+    assert "flaky attempt" not in run.output, "user code must not have run"
