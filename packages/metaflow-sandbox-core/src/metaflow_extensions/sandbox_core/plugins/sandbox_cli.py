@@ -19,7 +19,7 @@ from metaflow.metadata_provider.util import sync_local_metadata_from_datastore
 from metaflow.metaflow_config import DATASTORE_LOCAL_DIR
 from metaflow.unbounded_foreach import UBF_CONTROL, UBF_TASK
 
-from .sandbox_code_cache import cache_root, prepared_package
+from .sandbox_code_cache import prepared_package
 from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
 from .sandbox_logs import LogRelay
 from .sandbox_task import pip_install_commands, requirements, task_command, task_env
@@ -84,161 +84,169 @@ def _sandbox_deco(node):
 def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_url, **kwargs):
     _reexec_with_launcher_python()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from metaflow_sandbox import Bind
+
     obj = ctx.obj
     node = obj.graph[step_name]
     deco = _sandbox_deco(node)
-    run_id, task_id = kwargs["run_id"], kwargs["task_id"]
-    retry_count = int(kwargs.get("retry_count") or 0)
-    datastore_type = obj.flow_datastore.TYPE
-    datastore_root = obj.flow_datastore.datastore_root
-    backend_name = deco.backend_name
-    local = backend_name == "local"
+    task = {
+        "step": step_name,
+        "run_id": kwargs["run_id"],
+        "task_id": kwargs["task_id"],
+        "attempt": int(kwargs.get("retry_count") or 0),
+        "user": util.get_username(),
+    }
+    _sleep_before_retry(obj, node, task)
+    local = deco.backend_name == "local"
+    code = {"metadata": code_package_metadata, "sha": code_package_sha, "url": code_package_url}
+    step_cli, env_extra = _step_cli(ctx, deco, step_name, kwargs, local)
 
+    env = task_env(obj, deco, task["run_id"], obj.flow_datastore.TYPE, code, task["user"], deco.backend_name)
+    env.update(env_extra)
+    binds = []
+    package_dir = pip_cache = None
+    if local:  # the sandbox shares this machine's files: reuse what can be shared, read-only
+        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
+        pip_cache = _cache_dir("SANDBOX_PIP_CACHE", "pip")
+        code_root = _cache_dir("SANDBOX_CODE_CACHE", "code")
+        package_dir = prepared_package(obj.flow_datastore, code_package_sha, code_root)
+        binds = [Bind(pip_cache), Bind(code_root, read_only=True)]
+        if obj.flow_datastore.TYPE == "local":
+            binds.append(Bind(obj.flow_datastore.datastore_root))
+    pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), pip_cache)
+    command = task_command(
+        obj.environment, step_name, step_cli, code, obj.flow_datastore.TYPE, obj.flow_datastore.datastore_root, pip_cmds, package_dir
+    )
+    backend = load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
+    spec = _sandbox_spec(obj, node, deco, backend, task, env, binds)
+    sys.exit(_run_task(obj, backend, spec, command, deco, task))
+
+
+def _sleep_before_retry(obj, node, task):
+    """Like @batch, wait `minutes_between_retries` before a retry (the local runtime does not)."""
+    retry_decos = [d for d in node.decorators if d.name == "retry"]
+    if task["attempt"] and retry_decos:
+        minutes = int(retry_decos[0].attributes.get("minutes_between_retries", 1) or 0)
+        if minutes:
+            obj.echo_always("Sleeping %d minute(s) before retry %d of step *%s*." % (minutes, task["attempt"], task["step"]))
+            time.sleep(minutes * 60)
+
+
+def _step_cli(ctx, deco, step_name, kwargs, local):
+    """The `python flow.py ... step ...` command the sandbox runs, and env vars it refers to."""
     executable = deco.attributes.get("executable") or (sys.executable if local else "python")
-    entrypoint = "%s -u %s" % (obj.environment.executable(step_name, executable), os.path.basename(sys.argv[0]))
+    entrypoint = "%s -u %s" % (ctx.obj.environment.executable(step_name, executable), os.path.basename(sys.argv[0]))
     top_args = " ".join(util.dict_to_cli_options(ctx.parent.parent.params))
-    env_extra = {}
+    env = {}
     input_paths = kwargs.get("input_paths")
     if input_paths:  # long input paths travel as env vars, like @batch
         chunk = 30 * 1024
-        split = {"METAFLOW_INPUT_PATHS_%d" % (i // chunk): input_paths[i : i + chunk] for i in range(0, len(input_paths), chunk)}
-        env_extra.update(split)
-        kwargs["input_paths"] = "".join("${%s}" % k for k in split)
-    step_cli = "%s %s step %s %s" % (entrypoint, top_args, step_name, " ".join(util.dict_to_cli_options(kwargs)))
+        env = {"METAFLOW_INPUT_PATHS_%d" % (i // chunk): input_paths[i : i + chunk] for i in range(0, len(input_paths), chunk)}
+        kwargs = dict(kwargs, input_paths="".join("${%s}" % k for k in env))
+    return "%s %s step %s %s" % (entrypoint, top_args, step_name, " ".join(util.dict_to_cli_options(kwargs))), env
 
-    retry_decos = [d for d in node.decorators if d.name == "retry"]
-    if retry_count and retry_decos:
-        minutes = int(retry_decos[0].attributes.get("minutes_between_retries", 1) or 0)
-        if minutes:
-            obj.echo_always("Sleeping %d minute(s) before retry %d of step *%s*." % (minutes, retry_count, step_name))
-            time.sleep(minutes * 60)
 
-    user = util.get_username()
-    code = {"metadata": code_package_metadata, "sha": code_package_sha, "url": code_package_url}
-    env = task_env(obj, deco, run_id, datastore_type, code, user, backend_name)
-    env.update(env_extra)
-    if local:
-        env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
-    cache_dir = _pip_cache_dir() if local else None
-    pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), cache_dir)
-    package_dir = code_root = None
-    if local:
-        code_root = cache_root(_config("SANDBOX_CODE_CACHE", None))
-        package_dir = prepared_package(obj.flow_datastore, code_package_sha, code_root)
-    command = task_command(obj.environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds, package_dir)
-    labels = {
-        "metaflow-sandbox": "1",
-        "metaflow.flow": obj.flow.name,
-        "metaflow.run": str(run_id),
-        "metaflow.step": step_name,
-        "metaflow.task": str(task_id),
-        "metaflow.attempt": str(retry_count),
-        "metaflow.user": user,
-    }
-    from metaflow_sandbox import Bind, Resources, SandboxSpec
+def _sandbox_spec(obj, node, deco, backend, task, env, binds):
+    from metaflow_sandbox import Resources, SandboxSpec
 
-    binds = []
-    if local and datastore_type == "local":
-        binds.append(Bind(datastore_root))
-    if cache_dir:
-        binds.append(Bind(cache_dir))
-    if code_root:
-        binds.append(Bind(code_root, read_only=True))
     attrs = deco.attributes
-    backend = load_backend(backend_name, backend_options(backend_name, attrs.get("options")))
     ttl = float(deco.run_time_limit + int(_config("SANDBOX_TTL_MARGIN", 600)))
     max_ttl = backend.capabilities().max_ttl_seconds
     if max_ttl and ttl > max_ttl and not any(d.name == "timeout" for d in node.decorators):
         # No @timeout: Metaflow's 5-day default is not a request, so the backend's cap applies.
         # An explicit @timeout above the cap is refused by the backend facade instead.
-        obj.echo_always("Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)." % (step_name, max_ttl, backend_name))
+        obj.echo_always(
+            "Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)." % (task["step"], max_ttl, backend.name)
+        )
         ttl = float(max_ttl)
-    spec = SandboxSpec(
+    labels = {
+        "metaflow-sandbox": "1",
+        "metaflow.flow": obj.flow.name,
+        "metaflow.run": str(task["run_id"]),
+        "metaflow.step": task["step"],
+        "metaflow.task": str(task["task_id"]),
+        "metaflow.attempt": str(task["attempt"]),
+        "metaflow.user": task["user"],
+    }
+
+    def number(key, cast):
+        return cast(float(attrs[key])) if attrs.get(key) else None
+
+    key = "%s/%s/%s/%s/%d" % (obj.flow.name, task["run_id"], task["step"], task["task_id"], task["attempt"])
+    return SandboxSpec(
         image=attrs.get("image"),
-        resources=Resources(
-            cpu=float(attrs["cpu"]) if attrs.get("cpu") else None,
-            memory_mb=int(float(attrs["memory"])) if attrs.get("memory") else None,
-            gpu=int(float(attrs["gpu"])) if attrs.get("gpu") else None,
-            disk_mb=int(float(attrs["disk"])) if attrs.get("disk") else None,
-        ),
+        resources=Resources(cpu=number("cpu", float), memory_mb=number("memory", int), gpu=number("gpu", int), disk_mb=number("disk", int)),
         env=env,
         labels=labels,
         ttl_seconds=ttl,
         network=attrs.get("network", True),
         binds=tuple(binds),
-        idempotency_key=hashlib.sha256(
-            ("%s/%s/%s/%s/%d" % (obj.flow.name, run_id, step_name, task_id, retry_count)).encode()
-        ).hexdigest()[:32],
+        idempotency_key=hashlib.sha256(key.encode()).hexdigest()[:32],
     )
 
-    def _sync_metadata():
-        if obj.metadata.TYPE == "local" and datastore_type != "local":
+
+def _run_task(obj, backend, spec, command, deco, task):
+    """Create, run with live logs, destroy in every case; returns the exit code for Metaflow."""
+    from metaflow_sandbox import SandboxError, SandboxNotFoundError, SandboxTimeoutError
+
+    datastore = obj.flow_datastore
+    relay = LogRelay(
+        datastore.get_task_datastore(task["run_id"], task["step"], task["task_id"], attempt=task["attempt"], mode="w", allow_not_done=True)
+    )
+    remote_metadata = obj.metadata.TYPE == "local" and datastore.TYPE != "local"
+
+    def sync_metadata():
+        if remote_metadata:
             try:
-                sync_local_metadata_from_datastore(
-                    DATASTORE_LOCAL_DIR, obj.flow_datastore.get_task_datastore(run_id, step_name, task_id)
-                )
+                task_ds = datastore.get_task_datastore(task["run_id"], task["step"], task["task_id"])
+                sync_local_metadata_from_datastore(DATASTORE_LOCAL_DIR, task_ds)
             except Exception as err:  # the task may have died before it saved any metadata
                 obj.echo_always("Could not sync task metadata back from the datastore: %s" % err, err=True)
 
-    from metaflow_sandbox import SandboxError, SandboxNotFoundError, SandboxTimeoutError
-
-    relay = LogRelay(
-        obj.flow_datastore.get_task_datastore(run_id, step_name, task_id, attempt=retry_count, mode="w", allow_not_done=True)
-    )
-    sbx = None
+    try:
+        sbx = backend.create(spec)
+    except SandboxError as err:
+        # Infrastructure failure before any user code ran: never blindly retried.
+        obj.echo_always("Could not start a '%s' sandbox for step *%s*: %s" % (backend.name, task["step"], err), err=True)
+        return METAFLOW_EXIT_DISALLOW_RETRY
     exit_code = 1
     try:
-        try:
-            sbx = backend.create(spec)
-        except SandboxError as err:
-            # Infrastructure failure before any user code ran: never blindly retried.
-            obj.echo_always("Could not start a '%s' sandbox for step *%s*: %s" % (backend_name, step_name, err), err=True)
-            _sync_metadata()
-            sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
-        if obj.metadata.TYPE == "local" and datastore_type != "local":
-            _seed_local_metadata(sbx, obj.flow.name, run_id, step_name, task_id)
-        relay.system("Task is starting in %s sandbox %s." % (backend_name, sbx.id))
+        if remote_metadata:
+            _seed_local_metadata(sbx, obj.flow.name, task["run_id"], task["step"], task["task_id"])
+        relay.system("Task is starting in %s sandbox %s." % (backend.name, sbx.id))
         relay.start_saving()
-        try:
-            result = sbx.exec(
-                command,
-                env={"METAFLOW_SANDBOX_ID": sbx.id},
-                timeout=min(deco.run_time_limit + TIMEOUT_GRACE, ttl),
-                on_stdout=relay.stdout,
-                on_stderr=relay.stderr,
-            )
-            exit_code = result.exit_code  # an OOM kill is explained on stderr by the backend
-        except SandboxTimeoutError:
-            relay.system(
-                "Step *%s* ran past its time limit of %ss (@timeout) and its sandbox was stopped."
-                % (step_name, deco.run_time_limit),
-                err=True,
-            )
-            exit_code = 1
-        except SandboxNotFoundError as err:
-            relay.system("Sandbox %s disappeared while the task ran: %s" % (sbx.id, err), err=True)
-            exit_code = 1
-        except SandboxError as err:
-            relay.system("Sandbox %s failed while the task ran: %s" % (sbx.id, err), err=True)
-            exit_code = 1
+        result = sbx.exec(
+            command,
+            env={"METAFLOW_SANDBOX_ID": sbx.id},
+            timeout=min(deco.run_time_limit + TIMEOUT_GRACE, spec.ttl_seconds),
+            on_stdout=relay.stdout,
+            on_stderr=relay.stderr,
+        )
+        exit_code = result.exit_code  # an OOM kill is explained on stderr by the backend
+    except SandboxTimeoutError:
+        relay.system(
+            "Step *%s* ran past its time limit of %ss (@timeout) and its sandbox was stopped." % (task["step"], deco.run_time_limit),
+            err=True,
+        )
+    except SandboxNotFoundError as err:
+        relay.system("Sandbox %s disappeared while the task ran: %s" % (sbx.id, err), err=True)
+    except SandboxError as err:
+        relay.system("Sandbox %s failed while the task ran: %s" % (sbx.id, err), err=True)
     except (KeyboardInterrupt, _Terminated):
-        obj.echo_always("Interrupted: destroying the sandbox of step *%s*." % step_name, err=True)
+        obj.echo_always("Interrupted: destroying the sandbox of step *%s*." % task["step"], err=True)
         exit_code = METAFLOW_EXIT_DISALLOW_RETRY
-    except SystemExit:
-        raise
     except Exception:
         traceback.print_exc()
         exit_code = METAFLOW_EXIT_DISALLOW_RETRY
     finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the teardown finish
         relay.close()
-        if sbx is not None:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the teardown finish
-            try:
-                sbx.destroy()
-            except Exception as err:
-                obj.echo_always("Could not destroy sandbox %s: %s" % (sbx.id, err), err=True)
-            _sync_metadata()
-    sys.exit(exit_code)
+        try:
+            sbx.destroy()
+        except Exception as err:
+            obj.echo_always("Could not destroy sandbox %s: %s" % (sbx.id, err), err=True)
+        sync_metadata()
+    return exit_code
 
 
 def _seed_local_metadata(sbx, flow_name, run_id, step_name, task_id):
@@ -272,9 +280,9 @@ def _config(name, default):
     return default if value in (None, "") else value
 
 
-def _pip_cache_dir():
-    root = _config("SANDBOX_PIP_CACHE", None) or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "metaflow-sandbox", "pip"
+def _cache_dir(setting, name):
+    root = _config(setting, None) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "metaflow-sandbox", name
     )
     os.makedirs(root, exist_ok=True)
     return root

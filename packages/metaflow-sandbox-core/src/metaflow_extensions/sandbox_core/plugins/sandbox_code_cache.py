@@ -17,14 +17,6 @@ import tempfile
 READY = ".mfsb_ready"
 
 
-def cache_root(configured=None):
-    root = configured or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "metaflow-sandbox", "code"
-    )
-    os.makedirs(root, exist_ok=True)
-    return root
-
-
 def prepared_package(flow_datastore, sha, root):
     """Directory holding the extracted, compiled package `sha`; built once, concurrency-safe."""
     dest = os.path.join(root, sha)
