@@ -15,7 +15,7 @@ class HelloSandboxFlow(FlowSpec):
         self.words = ["isolated", "fast", "reproducible"]
         self.next(self.shout, foreach="words")
 
-    @sandbox(cpu=1, memory=1024)
+    @sandbox(cpu=1)
     @step
     def shout(self):
         import os
