@@ -88,18 +88,29 @@ def test_interrupt_destroys_the_sandbox(target, sig):
     lines = []
     deadline = time.time() + 120
     assert proc.stdout is not None
-    for line in proc.stdout:
-        lines.append(line)
-        if "out-line-0" in line or time.time() > deadline:
-            break
-    # the line reached us while the step still sleeps: logs are live
-    assert any("out-line-0" in ln for ln in lines), "".join(lines)[-3000:]
-    os.killpg(proc.pid, sig)
     try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "out-line-0" in line or time.time() > deadline:
+                break
+        # the line reached us while the step still sleeps: logs are live
+        assert any("out-line-0" in ln for ln in lines), "".join(lines)[-3000:]
+        # ... and `python flow.py logs` already shows it, before the task ends
+        run_id = next(ln.split("run-id ")[1].split(")")[0] for ln in lines if "run-id " in ln)
+        deadline = time.time() + 15
+        while True:
+            logs = target.flow("features_flow.py", "logs", "%s/work" % run_id)
+            if "out-line-4" in logs.stdout or time.time() > deadline:
+                break
+            time.sleep(0.5)
+        assert "out-line-4" in logs.stdout, logs.output[-2000:]
+        assert proc.poll() is None, "the step must still be running"
+        os.killpg(proc.pid, sig)
         rest, _ = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode != 0
     deadline = time.time() + 20
     while target.live_sandboxes() and time.time() < deadline:

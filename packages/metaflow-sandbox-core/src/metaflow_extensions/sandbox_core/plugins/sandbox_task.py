@@ -181,7 +181,7 @@ def local_package_commands(package_dir, code_metadata, datastore_root):
             exports.append("export %s=%s" % (key[:-1], value))
         else:
             exports.append("export %s=%s:$(printenv %s)" % (key, value, key))
-    cmds = ["mkdir -p metaflow", "cd metaflow"]
+    cmds = ["mflog 'Setting up task environment.'", "mkdir -p metaflow", "cd metaflow"]
     if datastore_root:
         # Code that looks for .metaflow from the cwd upward must find the shared root.
         cmds += [
@@ -202,7 +202,7 @@ def task_command(environment, step_name, step_cli, code, datastore_type, datasto
         # The trampoline may have seeded metaflow/.metaflow (local metadata) before this runs.
         seeded = {"mkdir metaflow": "mkdir -p metaflow", "mkdir .metaflow": "mkdir -p .metaflow"}
         init_cmds = [seeded.get(c, c) for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
-    cmds = [ECHO_MFLOG, NO_FLUSH, "mflog 'Setting up task environment.'"] + init_cmds
+    cmds = [ECHO_MFLOG, NO_FLUSH] + init_cmds
     cmds += pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]
     # get_package_commands' quoting assumes exactly this shlex pass (as in @batch).
     return shlex.split('bash -c "true && %s"' % " && ".join(cmds))
