@@ -58,7 +58,7 @@ def build_plugin_manager(name: str, plugin: Any, dist: str = "<in-process>") -> 
         pm.register(plugin, name=name)
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise BackendLoadError(name, dist, _first_line(exc), hook=_hook_in(str(exc))) from exc
+        raise BackendLoadError(name, dist, _one_line(exc), hook=_hook_in(str(exc))) from exc
     missing = [h for h in REQUIRED_HOOKS if not getattr(pm.hook, h).get_hookimpls()]
     if missing:
         raise BackendLoadError(name, dist, "it does not implement %s" % ", ".join(missing), hook=missing[0])
@@ -70,7 +70,7 @@ def _hook_in(text: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def _first_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException) -> str:
     """pluggy's message on one line: its later lines say WHICH argument is wrong, so keep them."""
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return "; ".join(lines) if lines else type(exc).__name__
