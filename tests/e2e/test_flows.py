@@ -12,7 +12,9 @@ def _ok(run):
 
 
 def test_features_artifacts_env_resources_logs_metadata(target):
-    run = target.flow("features_flow.py")
+    key_file = target.tmp / "gcp-key.json"
+    key_file.write_text('{"type": "service_account", "marker": "%s"}' % target.tmp.name)
+    run = target.flow("features_flow.py", env={"GOOGLE_APPLICATION_CREDENTIALS": str(key_file)})
     _ok(run)
     rid = run.run_id()
     data = target.client(
@@ -22,7 +24,7 @@ def test_features_artifacts_env_resources_logs_metadata(target):
         from metaflow.cards import get_cards
         def card_text(html):  # the default card embeds its data as base64 JSON
             return ' '.join(base64.b64decode(b).decode('utf-8', 'replace') for b in re.findall(r'__MF_DATA__.[^]]+. = "([^"]+)"', html))
-        emit({k: getattr(t.data, k) for k in ('y', 'cpus', 'env_deco', 'sandbox_env', 'in_sandbox', 'backend_keys_seen')}
+        emit({k: getattr(t.data, k) for k in ('y', 'cpus', 'env_deco', 'sandbox_env', 'in_sandbox', 'backend_keys_seen', 'gcp_key')}
              | {'meta': t.metadata_dict, 'stdout': t.stdout, 'stderr': t.stderr,
                 'cards': [card_text(c.get()) for c in get_cards(t)]})
         """
@@ -33,6 +35,8 @@ def test_features_artifacts_env_resources_logs_metadata(target):
     assert data["env_deco"] == "env-ok" and data["sandbox_env"] == "sandbox-ok"
     assert data["in_sandbox"] == "1"
     assert data["backend_keys_seen"] == [], "backend API keys must not reach the sandbox"
+    # a key-file credential arrives as a file inside the sandbox, not as a launcher path
+    assert data["gcp_key"] == key_file.read_text()
     # @resources(cpu=2) beats @sandbox(cpu=1): the task sees 2 CPUs.
     assert data["cpus"] == 2
     assert data["meta"]["sandbox-backend"] == target.backend

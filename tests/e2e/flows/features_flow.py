@@ -25,6 +25,8 @@ class FeaturesFlow(FlowSpec):
         self.sandbox_env = os.environ.get("FROM_SANDBOX_ENV")
         self.in_sandbox = os.environ.get("METAFLOW_SANDBOX_WORKLOAD")
         self.backend_keys_seen = sorted(k for k in os.environ if k.startswith(("DAYTONA_", "E2B_")))
+        key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        self.gcp_key = open(key_file).read() if key_file and os.path.exists(key_file) else None
         current.card.append(__import__("metaflow").cards.Markdown("# made in a sandbox"))
         for i in range(5):
             print("out-line-%d" % i)

@@ -23,7 +23,7 @@ from metaflow.unbounded_foreach import UBF_CONTROL, UBF_TASK
 from .sandbox_code_cache import prepared_package
 from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
 from .sandbox_logs import LogRelay
-from .sandbox_task import pip_install_commands, requirements, task_command, task_env
+from .sandbox_task import CREDENTIAL_FILE_ENV, pip_install_commands, requirements, task_command, task_env
 
 # Seconds past the step's time limit before the sandbox itself is stopped: @timeout's own
 # SIGALRM inside the task must win, so the failure reads as a timeout (metaflow-internals 2.7).
@@ -214,12 +214,14 @@ def _run_task(obj, backend, spec, command, deco, task):
     try:
         if remote_metadata:
             _seed_local_metadata(sbx, obj.flow.name, task["run_id"], task["step"], task["task_id"])
+        exec_env = {"METAFLOW_SANDBOX_ID": sbx.id}
+        exec_env.update(_upload_credential_files(sbx))
         relay.system("Task is starting in %s sandbox %s." % (backend.name, sbx.id))
         relay.start_saving()
         result = _interruptible(
             sbx.exec,
             command,
-            env={"METAFLOW_SANDBOX_ID": sbx.id},
+            env=exec_env,
             timeout=min(deco.run_time_limit + TIMEOUT_GRACE, spec.ttl_seconds),
             on_stdout=relay.stdout,
             on_stderr=relay.stderr,
@@ -272,6 +274,21 @@ def _interruptible(func, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _upload_credential_files(sbx):
+    """Credentials that are file paths (GCP's) travel as files, not as launcher paths.
+
+    Returns the variables pointing at the copies inside the sandbox.
+    """
+    env = {}
+    for name in CREDENTIAL_FILE_ENV:
+        path = os.environ.get(name)
+        if path and os.path.isfile(path):
+            inside = os.path.join(sbx.handle.workdir, ".metaflow-sandbox", "credentials", name.lower() + ".json")
+            sbx.write_file(inside, source=path)
+            env[name] = inside
+    return env
 
 
 def _seed_local_metadata(sbx, flow_name, run_id, step_name, task_id):

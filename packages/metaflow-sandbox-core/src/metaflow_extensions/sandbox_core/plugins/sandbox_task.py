@@ -37,6 +37,9 @@ CREDENTIAL_ENV = (
     "GOOGLE_CLOUD_PROJECT",
     "STORAGE_EMULATOR_HOST",
 )
+# Credentials given as a path to a key file: the trampoline uploads the file into the sandbox
+# and points the variable at the copy (a launcher path means nothing in a remote sandbox).
+CREDENTIAL_FILE_ENV = ("GOOGLE_APPLICATION_CREDENTIALS",)
 NEVER_FORWARD_PREFIXES = ("DAYTONA_", "E2B_", "METAFLOW_SANDBOX_DAYTONA_", "METAFLOW_SANDBOX_E2B_")
 
 # Metaflow settings the task needs (the same set @batch/@kubernetes forward).
