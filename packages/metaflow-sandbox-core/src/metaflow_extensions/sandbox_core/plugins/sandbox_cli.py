@@ -116,7 +116,15 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
             binds.append(Bind(obj.flow_datastore.datastore_root))
     pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), pip_cache)
     command = task_command(
-        obj.environment, step_name, step_cli, code, obj.flow_datastore.TYPE, obj.flow_datastore.datastore_root, pip_cmds, package_dir
+        obj.environment,
+        step_name,
+        step_cli,
+        code,
+        obj.flow_datastore.TYPE,
+        obj.flow_datastore.datastore_root,
+        pip_cmds,
+        package_dir,
+        seeded=_seeds_metadata(obj),
     )
     backend = load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
     spec = _sandbox_spec(obj, node, deco, backend, task, env, binds)
@@ -194,7 +202,7 @@ def _run_task(obj, backend, spec, command, deco, task):
     relay = LogRelay(
         datastore.get_task_datastore(task["run_id"], task["step"], task["task_id"], attempt=task["attempt"], mode="w", allow_not_done=True)
     )
-    remote_metadata = obj.metadata.TYPE == "local" and datastore.TYPE != "local"
+    remote_metadata = _seeds_metadata(obj)
 
     def sync_metadata():
         if remote_metadata:
@@ -274,6 +282,11 @@ def _interruptible(func, *args, **kwargs):
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+def _seeds_metadata(obj):
+    """Local metadata with a remote datastore: the sandbox starts with an empty `.metaflow`."""
+    return obj.metadata.TYPE == "local" and obj.flow_datastore.TYPE != "local"
 
 
 def _upload_credential_files(sbx):

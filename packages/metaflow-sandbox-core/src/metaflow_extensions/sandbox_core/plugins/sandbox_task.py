@@ -196,7 +196,13 @@ def local_package_commands(package_dir, code_metadata, datastore_root):
     return cmds + setup + exports
 
 
-def task_command(environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds, package_dir=None):
+# The trampoline seeds these records into a remote sandbox (sandbox_cli._seed_local_metadata).
+# Dated to the epoch, they never travel back: Metaflow's sync copies only files newer than the
+# launcher's, and many tasks rewriting the same run-level file at once race with its readers.
+AGE_SEEDED_METADATA = "find .metaflow -name _self.json -exec touch -d @0 {} +"
+
+
+def task_command(environment, step_name, step_cli, code, datastore_type, datastore_root, pip_cmds, package_dir=None, seeded=False):
     """argv for the sandbox: bash -c "<code package> && <pip> && <bootstrap> && <step>"."""
     if package_dir:
         init_cmds = local_package_commands(package_dir, code["metadata"], datastore_root if datastore_type == "local" else None)
@@ -205,7 +211,7 @@ def task_command(environment, step_name, step_cli, code, datastore_type, datasto
         # The trampoline may have seeded metaflow/.metaflow (local metadata) before this runs.
         seeded = {"mkdir metaflow": "mkdir -p metaflow", "mkdir .metaflow": "mkdir -p .metaflow"}
         init_cmds = [seeded.get(c, c) for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
-    cmds = [ECHO_MFLOG, NO_FLUSH] + init_cmds
+    cmds = [ECHO_MFLOG, NO_FLUSH] + init_cmds + ([AGE_SEEDED_METADATA] if seeded else [])
     cmds += pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]
     # get_package_commands' quoting assumes exactly this shlex pass (as in @batch).
     return shlex.split('bash -c "true && %s"' % " && ".join(cmds))
