@@ -251,3 +251,12 @@ def test_line_splitter_joins_chunks_into_lines() -> None:
     assert lines == ["first\n", "second\n", "\n"]
     flush()
     assert lines[-1] == "last"
+
+
+def test_open_sandbox_runs_a_command_in_a_real_local_sandbox():
+    from metaflow_sandbox import open_sandbox
+
+    with open_sandbox("local") as sb:
+        code, out, err = sb.run(["sh", "-c", "echo hi; echo oops >&2; exit 3"])
+    assert (code, out, err) == (3, "hi\n", "oops\n")
+    assert sb.destroyed

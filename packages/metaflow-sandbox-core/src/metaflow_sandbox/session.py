@@ -6,6 +6,7 @@ operations retry, and only on ``TransientBackendError``: user code is never re-r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -161,7 +162,7 @@ class Backend:
     def create(self, spec: Optional[SandboxSpec] = None) -> Sandbox:
         spec = spec or SandboxSpec()
         if self.options and not spec.options:
-            spec = _replace(spec, options=self.options)
+            spec = dataclasses.replace(spec, options=self.options)
         self.validate(spec)
         handle = self.call("sandbox_create", idempotent=bool(spec.idempotency_key), spec=spec)
         return Sandbox(self, handle)
@@ -175,12 +176,6 @@ class Backend:
             )
         handles = self.call("sandbox_list", idempotent=True, labels=dict(labels or {}), options=self.options)
         return [Sandbox(self, h) for h in handles]
-
-
-def _replace(spec: SandboxSpec, **changes: Any) -> SandboxSpec:
-    import dataclasses
-
-    return dataclasses.replace(spec, **changes)
 
 
 class Sandbox:

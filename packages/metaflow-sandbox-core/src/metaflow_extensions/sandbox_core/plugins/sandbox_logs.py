@@ -25,9 +25,11 @@ SAVE_BYTES_PER_SECOND = 2 * 1024 * 1024
 
 class LogRelay:
     def __init__(self, task_datastore=None):
+        from metaflow_sandbox import line_splitter  # trampoline only: not on Metaflow's import path
+
         self._datastore = task_datastore
         self._lock = threading.Lock()
-        self._pending = {"stdout": "", "stderr": ""}
+        self._splitters = {s: line_splitter(lambda line, s=s: self._emit(s, line.rstrip("\n"))) for s in ("stdout", "stderr")}
         self._lines = {"stdout": [], "stderr": []}
         self._dirty = False
         self._stop = threading.Event()
@@ -44,10 +46,7 @@ class LogRelay:
 
     def _feed(self, stream, chunk):
         with self._lock:
-            text = self._pending[stream] + chunk
-            *lines, self._pending[stream] = text.split("\n")
-            for line in lines:
-                self._emit(stream, line)
+            self._splitters[stream][0](chunk)
 
     def _emit(self, stream, line):
         structured = decorate(TASK_LOG_SOURCE, line.rstrip("\r"))
@@ -94,10 +93,8 @@ class LogRelay:
     def close(self):
         """Emit partial last lines, stop the periodic saver and save a final time."""
         with self._lock:
-            for stream in ("stdout", "stderr"):
-                if self._pending[stream]:
-                    self._emit(stream, self._pending[stream])
-                    self._pending[stream] = ""
+            for _, flush in self._splitters.values():
+                flush()
         self._stop.set()
         if self._saver is not None:
             self._saver.join()

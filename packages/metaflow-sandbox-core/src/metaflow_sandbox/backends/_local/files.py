@@ -65,16 +65,6 @@ def download_one(layout: Layout, item: DownloadItem) -> FileResult:
         return FileResult(item.path, error=file_error(exc))  # type: ignore[arg-type]
 
 
-def _file_error(exc: OSError) -> str:
-    if isinstance(exc, FileNotFoundError):
-        return "file_not_found"
-    if isinstance(exc, IsADirectoryError):
-        return "is_directory"
-    if isinstance(exc, NotADirectoryError):
-        return "invalid_path"
-    return "permission_denied"
-
-
 def file_error(exc: OSError) -> str:
     if isinstance(exc, FileNotFoundError):
         return "file_not_found"
