@@ -22,6 +22,7 @@ from .errors import (
 )
 from .hookspecs import PROJECT
 from .model import (
+    DEFAULT_LEASE_SECONDS,
     FILE_ERROR_CODES,
     MARKER_LABEL,
     Bind,
@@ -51,6 +52,7 @@ __all__ = [
     "BackendNotConfiguredError",
     "Bind",
     "Capabilities",
+    "DEFAULT_LEASE_SECONDS",
     "DownloadItem",
     "ExecResult",
     "FILE_ERROR_CODES",

@@ -13,6 +13,10 @@ OutputCallback = Callable[[str], None]
 FileErrorCode = Literal["file_not_found", "permission_denied", "is_directory", "invalid_path"]
 FILE_ERROR_CODES: tuple[str, ...] = ("file_not_found", "permission_denied", "is_directory", "invalid_path")
 
+#: The lease a sandbox is kept alive by when nobody sets one (``METAFLOW_SANDBOX_LEASE_SECONDS``).
+DEFAULT_LEASE_SECONDS = 300.0
+LEASE_ENV = "METAFLOW_SANDBOX_LEASE_SECONDS"
+
 #: Label every sandbox we create carries, so list/gc never touches a user's own sandboxes.
 MARKER_LABEL = "metaflow-sandbox"
 
@@ -46,7 +50,10 @@ class SandboxSpec:
     """Everything needed to provision one sandbox.
 
     ``ttl_seconds`` is the provider-side lifetime: the sandbox must die on its own after it,
-    even if the launcher is SIGKILLed. ``options`` carries backend-specific settings
+    even if the launcher is SIGKILLed. ``lease_seconds`` is the shorter lease a backend that can
+    renew a sandbox's lifetime (E2B's timeout, Daytona's auto-stop) keeps it alive by, renewing
+    while the sandbox is in use; if every process on the launcher dies, the sandbox ends at most
+    this long after the last renewal (never later than ``ttl_seconds``). ``options`` carries backend-specific settings
     (credentials, snapshot, template, ...) gathered from Metaflow config by the extension layer.
     """
 
@@ -55,6 +62,7 @@ class SandboxSpec:
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     labels: Mapping[str, str] = field(default_factory=dict)
     ttl_seconds: Optional[float] = None
+    lease_seconds: Optional[float] = None
     network: bool = True
     binds: tuple[Bind, ...] = ()
     idempotency_key: Optional[str] = None

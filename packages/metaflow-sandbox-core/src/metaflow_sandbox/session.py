@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections import defaultdict
 from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
@@ -22,6 +23,8 @@ from .errors import (
     UnsupportedOptionError,
 )
 from .model import (
+    DEFAULT_LEASE_SECONDS,
+    LEASE_ENV,
     Capabilities,
     DownloadItem,
     ExecResult,
@@ -163,6 +166,8 @@ class Backend:
         spec = spec or SandboxSpec()
         if self.options and not spec.options:
             spec = dataclasses.replace(spec, options=self.options)
+        if spec.lease_seconds is None:
+            spec = dataclasses.replace(spec, lease_seconds=default_lease_seconds())
         self.validate(spec)
         handle = self.call("sandbox_create", idempotent=bool(spec.idempotency_key), spec=spec)
         return Sandbox(self, handle)
@@ -266,6 +271,23 @@ class Sandbox:
             log.error("could not destroy sandbox %s: %s", self.id, err)
             if exc[0] is None:
                 raise
+
+
+def default_lease_seconds() -> float:
+    """``METAFLOW_SANDBOX_LEASE_SECONDS`` (at least 60), else ``DEFAULT_LEASE_SECONDS``."""
+    raw = os.environ.get(LEASE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_LEASE_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (60 <= value <= 86400):
+        raise SandboxError(
+            "%s=%r is not a number of seconds between 60 and 86400" % (LEASE_ENV, raw),
+            hint="set %s to e.g. 300 (the default), or unset it" % LEASE_ENV,
+        )
+    return value
 
 
 def open_sandbox(backend: str, spec: Optional[SandboxSpec] = None, options: Optional[Mapping[str, Any]] = None) -> Sandbox:
