@@ -57,9 +57,10 @@ def test_backends_table() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("NAME") and "\nlocal " in proc.stdout
 
 
-def test_list_and_kill_local() -> None:
-    assert run_cli("list", "--backend", "local", "--json").stdout.strip() == "[]"
-    proc = run_cli("kill", "--backend", "local", "--label", "run=1")
+def test_list_and_kill_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env = dict(os.environ, METAFLOW_SANDBOX_LOCAL_ROOT=str(tmp_path))  # list shows every live sandbox under the root
+    assert run_cli("list", "--backend", "local", "--json", env=env).stdout.strip() == "[]"
+    proc = run_cli("kill", "--backend", "local", "--label", "run=1", env=env)
     assert proc.returncode == 0 and "no sandboxes" in proc.stdout
 
 
@@ -101,9 +102,11 @@ def test_ctrl_c_destroys_the_sandbox() -> None:
     assert wait_until(lambda: not pids_with("sleep " + token))
 
 
-def test_list_kill_gc_in_process(make, capsys) -> None:  # type: ignore[no-untyped-def]
-    # Local sandboxes belong to their process, so list/kill/gc are exercised in-process here.
+def test_list_kill_gc_in_process(make, capsys, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # In-process; a private root, since list shows every live sandbox under it (other processes' too).
     from metaflow_sandbox.cli import main
+
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(tmp_path))
 
     ours_a = make(labels={"metaflow-sandbox": "1", "metaflow.run": "7"})
     ours_b = make(labels={"metaflow-sandbox": "1", "metaflow.run": "8"})

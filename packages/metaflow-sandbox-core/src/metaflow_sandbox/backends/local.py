@@ -36,11 +36,14 @@ from ._local.sandbox import (
     NAME,
     LocalSandbox,
     destroy_all,
+    destroy_elsewhere,
     live_sandbox,
     live_sandboxes,
     lookup,
+    other_sandboxes,
     register,
     start_once,
+    sweep,
 )
 
 __all__ = ["NAME", "LocalSandbox", "destroy_all"]
@@ -158,6 +161,9 @@ def sandbox_exec(
             sb.running = {p for p in sb.running if p.poll() is None}
     if sb.destroyed:
         raise sb.gone("went away while the command ran")
+    if not os.path.isdir(sb.root):  # destroyed by another process (the lifeline's reaper, `metaflow-sandbox gc`)
+        sb.destroy()
+        raise sb.gone("was destroyed by another process")
     if sb.bwrap and code == 1 and watch.head.startswith("bwrap: "):  # bwrap's own failure, before the command
         if watch.head.startswith("bwrap: execvp"):
             code = 126 if "Permission denied" in watch.head else 127  # the shell's codes for these
@@ -214,10 +220,13 @@ def sandbox_download(handle: SandboxHandle, files: Sequence[DownloadItem]) -> li
 @hookimpl
 def sandbox_destroy(handle: SandboxHandle) -> bool:
     sb = lookup(handle)
-    return sb.destroy() if sb is not None else False
+    if sb is not None:
+        return sb.destroy()
+    return destroy_elsewhere(handle)  # e.g. the lifeline's reaper, for an owner that was killed
 
 
 @hookimpl
 def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[SandboxHandle]:
-    start_once(options)  # so `metaflow-sandbox gc` also sweeps what dead launchers left behind
-    return [sb.handle for sb in live_sandboxes() if all(sb.labels.get(k) == v for k, v in labels.items())]
+    sweep(options)  # a dead owner's sandbox is garbage: removed, not listed
+    handles = [sb.handle for sb in live_sandboxes()] + other_sandboxes(options)
+    return [h for h in handles if all(h.labels.get(k) == v for k, v in labels.items())]

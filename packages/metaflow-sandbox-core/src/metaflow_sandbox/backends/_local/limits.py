@@ -131,27 +131,36 @@ class MemoryCgroup:
         return 0
 
     def kill_all(self) -> None:
-        for _ in range(20):
-            try:
-                with open(self.procs) as f:
-                    pids = [int(p) for p in f.read().split()]
-            except OSError:
-                return
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.01)
+        kill_cgroup(self.path)
 
     def remove(self) -> None:
-        self.kill_all()
-        for _ in range(50):
-            if _rmdir(self.path):
-                return
-            time.sleep(0.02)
+        remove_cgroup(self.path)
+
+
+def kill_cgroup(path: str) -> None:
+    """SIGKILL every process in the cgroup at ``path`` (any version), including ones forked meanwhile."""
+    for _ in range(20):
+        try:
+            with open(os.path.join(path, "cgroup.procs")) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            return
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+def remove_cgroup(path: str) -> None:
+    kill_cgroup(path)
+    for _ in range(50):
+        if _rmdir(path):
+            return
+        time.sleep(0.02)
 
 
 def _optional_write(path: str, value: str) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -22,7 +20,7 @@ from typing import Any, Mapping
 
 from metaflow_sandbox import SandboxError, SandboxHandle, SandboxNotFoundError, SandboxSpec, UnsupportedOptionError
 
-from . import isolation, limits, proc
+from . import isolation, limits, ondisk, proc
 from .mounts import Layout, PathError
 
 NAME = "local"
@@ -34,7 +32,6 @@ try:
     _PIDNS = os.stat("/proc/self/ns/pid").st_ino
 except OSError:
     _PIDNS = 0
-_DIR_RE = re.compile(r"^mfsb-(\d+)-(\d+)-")
 _live: dict[str, LocalSandbox] = {}
 _lock = threading.RLock()  # re-entrant: the SIGTERM handler may run while the main thread holds it
 _started = False
@@ -60,12 +57,20 @@ class LocalSandbox:
         self.labels = dict(spec.labels)
         self.memory_mb = spec.resources.memory_mb
         self.cpus = limits.pick_cpus(spec.resources.cpu)
-        self.cgroup, self.rlimit_mb = _memory_limit(self.name, self.memory_mb, spec.options)
-        try:
-            os.makedirs(os.path.join(self.root, "work"))
-            os.mkdir(os.path.join(self.root, "tmp"))
-        except OSError:
+        os.mkdir(self.root, 0o700)
+        try:  # the state first: from here on another process can list and destroy this sandbox
+            self.state: dict[str, Any] = {"id": self.sid, "owner": self.owner, "labels": self.labels, "workdir": self.layout.workdir}
+            self.state["cgroups"] = []
+            ondisk.write_state(self.root, self.state)
+            self.cgroup, self.rlimit_mb = _memory_limit(self.name, self.memory_mb, spec.options)
             if self.cgroup:
+                self.state["cgroups"] = [self.cgroup.path]
+                ondisk.write_state(self.root, self.state)
+            os.mkdir(os.path.join(self.root, "work"))
+            os.mkdir(os.path.join(self.root, "tmp"))
+        except BaseException:
+            ondisk.remove(self.root, scan=False)
+            if getattr(self, "cgroup", None):
                 self.cgroup.remove()
             raise
         self.env = {
@@ -134,9 +139,7 @@ class LocalSandbox:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 log.warning("process %d of sandbox %s did not die within 5s", p.pid, self.sid)
-        _rmtree(self.root)
-        if self.cgroup:
-            self.cgroup.remove()
+        ondisk.remove(self.root, scan=False)
         return True
 
 
@@ -196,21 +199,6 @@ def _warn_rlimit_once() -> None:
         )
 
 
-def _rmtree(path: str) -> None:
-    def fix(func: Any, p: str, _exc: Any) -> None:
-        try:
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-            func(p)
-        except OSError:
-            pass
-
-    for _ in range(3):
-        shutil.rmtree(path, onerror=fix)
-        if not os.path.exists(path):
-            return
-
-
 def lookup(handle: SandboxHandle) -> LocalSandbox | None:
     return handle.native if isinstance(handle.native, LocalSandbox) else _live.get(handle.sandbox_id)
 
@@ -237,18 +225,24 @@ def start_once(options: Mapping[str, Any]) -> None:
         if _started:
             return
         _started = True
-    base = _base_dir(options)
-    stale = [os.path.join(base, n) for n in os.listdir(base)] + limits.stale_cgroups("mfsb-")
-    for path in stale:
-        m = _DIR_RE.match(os.path.basename(path))
-        if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
-            if path.startswith(base):
-                _rmtree(path)
-            else:
-                limits.MemoryCgroup(0, path).remove()
+    sweep(options)
     atexit.register(destroy_all)
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def sweep(options: Mapping[str, Any]) -> None:
+    """Remove what owners that died without cleaning up left: sandboxes (processes included), cgroups."""
+    base = _base_dir(options)
+    for root, pidns, pid, _ in list(ondisk.entries(base)):
+        if pidns == _PIDNS and not _alive(pid):
+            ondisk.remove(root)
+    for doomed in ondisk.half_removed(base):
+        ondisk.remove(doomed)
+    for path in limits.stale_cgroups("mfsb-"):
+        m = ondisk.DIR_RE.match(os.path.basename(path))
+        if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
+            limits.remove_cgroup(path)
 
 
 def _alive(pid: int) -> bool:
@@ -265,6 +259,26 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     destroy_all()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def destroy_elsewhere(handle: SandboxHandle) -> bool:
+    """Destroy a sandbox this process did not create (its owner may be dead), found by its id under the
+    base dir of ``handle.options``: kill its processes, remove its files and cgroups. False if none is there."""
+    removed = [ondisk.remove(root) for root in ondisk.find(_base_dir(handle.options), handle.sandbox_id)]
+    return any(removed)
+
+
+def other_sandboxes(options: Mapping[str, Any]) -> list[SandboxHandle]:
+    """Handles (without ``native``) of the sandboxes under the base dir that this process does not own."""
+    found = []
+    for root, _, _, sid in ondisk.entries(_base_dir(options)):
+        state = ondisk.read_state(root)
+        if sid in _live or state is None:  # ours, or not yet described (its creator writes that first)
+            continue
+        labels = state.get("labels") if isinstance(state.get("labels"), dict) else {}
+        workdir = str(state.get("workdir") or "/tmp")
+        found.append(SandboxHandle(NAME, sid, workdir=workdir, labels=labels, options=dict(options)))
+    return found
 
 
 def register(sb: LocalSandbox) -> None:

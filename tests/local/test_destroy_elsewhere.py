@@ -1,0 +1,115 @@
+"""Destroying and listing a local sandbox from a process that did not create it (the lifeline's reaper,
+``metaflow-sandbox gc``): real owner processes, killed with real signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import uuid
+
+import pytest
+from metaflow_sandbox import Backend, Sandbox, SandboxHandle, SandboxSpec
+
+from .local_helpers import PY, pids_with, wait_until
+
+OWNER = textwrap.dedent(
+    """
+    import json, sys
+    from metaflow_sandbox import Backend, Resources, SandboxSpec
+    isolation, token, run = sys.argv[1:4]
+    spec = SandboxSpec(labels={"metaflow-sandbox": "1", "run": run}, resources=Resources(memory_mb=200),
+                       options={"isolation": isolation, "root": sys.argv[4]})
+    sb = Backend("local").create(spec)
+    cg = sb.handle.native.cgroup.path if sb.handle.native.cgroup else None
+    print(json.dumps({"id": sb.id, "root": sb.handle.native.root, "cgroup": cg}), flush=True)
+    sb.run(["sh", "-c", "sleep %s & sleep %s; wait" % (token, token)])
+    """
+)
+
+
+@pytest.fixture
+def base(tmp_path) -> str:  # type: ignore[no-untyped-def]
+    d = tmp_path / "sandboxes"
+    d.mkdir(mode=0o700)
+    return str(d)
+
+
+def _start_owner(isolation: str, base: str) -> tuple[subprocess.Popen, dict, str, str]:
+    token = "323.%d%d" % (os.getpid() % 1000, len(isolation))
+    run = uuid.uuid4().hex[:8]
+    owner = subprocess.Popen([PY, "-c", OWNER, isolation, token, run, base], stdout=subprocess.PIPE, text=True)
+    info = json.loads(owner.stdout.readline())  # type: ignore[union-attr]
+    assert wait_until(lambda: len(pids_with("sleep " + token)) == 2, timeout=10)
+    return owner, info, token, run
+
+
+def _bare(sandbox_id: str, base: str, isolation: str) -> Sandbox:
+    backend = Backend("local", options={"isolation": isolation, "root": base})
+    return Sandbox(backend, SandboxHandle("local", sandbox_id, options={"isolation": isolation, "root": base}))
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+def test_destroy_by_id_after_the_owner_was_sigkilled(isolation: str, base: str) -> None:
+    owner, info, token, _ = _start_owner(isolation, base)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    if isolation == "none":  # without bwrap nothing ties the processes to their owner: they live on
+        assert pids_with("sleep " + token)
+    assert os.path.isdir(info["root"])
+    assert _bare(info["id"], base, isolation).destroy() is True
+    assert wait_until(lambda: not pids_with("sleep " + token))
+    assert not os.path.exists(info["root"])
+    if info["cgroup"]:
+        assert not os.path.exists(info["cgroup"])
+    assert _bare(info["id"], base, isolation).destroy() is False  # nothing there any more
+
+
+@pytest.mark.parametrize("isolation", ["bwrap", "none"])
+def test_list_removes_the_sandbox_of_a_sigkilled_owner(isolation: str, base: str) -> None:
+    owner, info, token, run = _start_owner(isolation, base)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    assert os.path.isdir(info["root"])
+    assert Backend("local", options={"isolation": isolation, "root": base}).list({"run": run}) == []
+    assert wait_until(lambda: not pids_with("sleep " + token))
+    assert not os.path.exists(info["root"])
+    if info["cgroup"]:
+        assert not os.path.exists(info["cgroup"])
+
+
+def test_destroy_by_id_while_the_owner_still_runs(base: str) -> None:
+    owner, info, token, _ = _start_owner("bwrap", base)
+    try:
+        assert _bare(info["id"], base, "bwrap").destroy() is True
+        assert wait_until(lambda: not pids_with("sleep " + token))
+        assert not os.path.exists(info["root"])
+        owner.wait(10)  # its exec ended: the owner learns the sandbox is gone and exits with the error
+        assert owner.returncode != 0
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_list_sees_other_processes_sandboxes_and_their_labels(base: str) -> None:
+    owner, info, _, run = _start_owner("bwrap", base)
+    try:
+        backend = Backend("local", options={"root": base})
+        mine = backend.create(SandboxSpec(labels={"metaflow-sandbox": "1", "run": run, "who": "me"}, options={"root": base}))
+        try:
+            assert sorted(s.id for s in backend.list({"run": run})) == sorted([info["id"], mine.id])
+            assert [s.id for s in backend.list({"who": "me"})] == [mine.id]
+            assert backend.list({"run": "nobody"}) == []
+        finally:
+            mine.destroy()
+    finally:
+        owner.kill()
+        owner.wait()
+        _bare(info["id"], base, "bwrap").destroy()
+
+
+@pytest.mark.parametrize("bad_id", ["local-../../etc", "nope", "", "local-0123456789ab"])
+def test_destroy_of_an_unknown_or_malformed_id_is_false(bad_id: str, base: str) -> None:
+    assert _bare(bad_id, base, "bwrap").destroy() is False
