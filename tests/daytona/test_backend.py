@@ -122,10 +122,11 @@ def test_caps_refuse_more_than_the_org_allows(backend):
         backend.create(SandboxSpec(image="python:3.12", resources=Resources(cpu=8)))
 
 
-def test_auto_stop_off_auto_delete_and_ttl_set(backend, emulator):
-    with backend.create(SandboxSpec(labels=_labels(), ttl_seconds=3 * 3600 + 1)) as sb:
+@pytest.mark.parametrize("lease, minutes", [(None, 5), (61, 2), (600, 10)])
+def test_lease_is_auto_stop_then_delete_and_ttl_stays_the_cap(backend, emulator, lease, minutes):
+    with backend.create(SandboxSpec(labels=_labels(), ttl_seconds=3 * 3600 + 1, lease_seconds=lease)) as sb:
         body = _request(emulator, sb.id)
-    assert body["autoStopInterval"] == 0, "processes inside do not count as activity: never auto-stop a step"
+    assert body["autoStopInterval"] == minutes, "the lease (default 300 s) rounds up to whole minutes of auto-stop"
     assert body["autoDeleteInterval"] == 0, "a stopped sandbox must be deleted, not kept"
     assert body["ttlMinutes"] == 181, "ttl rounds up to whole minutes"
 

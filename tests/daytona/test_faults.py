@@ -68,13 +68,14 @@ def test_seeded_error_rate_is_repeatable(emulator):
         assert 429 in runs[0] and runs[0].count(200) == 6
 
 
-def test_throttled_create_is_not_retried_without_idempotency_key(emulator):
+def test_throttled_create_without_idempotency_key_is_retried_once_made(emulator):
+    """Every sandbox gets a unique name, so even a create without an idempotency key is safe to retry."""
     backend = Backend("daytona", backoff=0.01)
     before = len(emulator.records())
-    emulator.set_faults(error_next=1, error_status=429, error_endpoints=["create"])
-    with pytest.raises(TransientBackendError):
-        backend.create(SandboxSpec(labels=_labels()))
-    assert len(emulator.records()) == before
+    emulator.set_faults(error_next=2, error_status=429, error_endpoints=["create"])
+    with backend.create(SandboxSpec(labels=_labels())) as sb:
+        assert sb.run(["true"])[0] == 0
+    assert len(emulator.records()) == before + 1
 
 
 def test_throttled_create_with_idempotency_key_is_retried(emulator):

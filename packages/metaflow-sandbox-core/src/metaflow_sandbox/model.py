@@ -140,3 +140,8 @@ class Capabilities:
     shares_host_filesystem: bool = False
     #: Environment variables that configure the backend (shown by ``metaflow-sandbox backends``).
     config_env: tuple[str, ...] = ()
+    #: Provider quotas the facade keeps to across every process of this user (see ``limits_rate``):
+    #: sandboxes alive at once, and creates per minute. None: no limit. Options ``concurrency`` /
+    #: ``create_rate`` override them (0 turns a limit off).
+    max_concurrent_sandboxes: Optional[int] = None
+    max_creates_per_minute: Optional[float] = None

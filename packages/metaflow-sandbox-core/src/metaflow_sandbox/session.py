@@ -22,6 +22,7 @@ from .errors import (
     TransientBackendError,
     UnsupportedOptionError,
 )
+from .limits_rate import hold_slot, limiter_for, release_slot
 from .model import (
     DEFAULT_LEASE_SECONDS,
     LEASE_ENV,
@@ -169,7 +170,13 @@ class Backend:
         if spec.lease_seconds is None:
             spec = dataclasses.replace(spec, lease_seconds=default_lease_seconds())
         self.validate(spec)
-        handle = self.call("sandbox_create", idempotent=bool(spec.idempotency_key), spec=spec)
+        slot = limiter_for(self.name, self.capabilities(), spec.options).acquire()  # provider quotas, across processes
+        try:
+            handle = self.call("sandbox_create", idempotent=bool(spec.idempotency_key), spec=spec)
+        except BaseException:
+            slot.release()
+            raise
+        hold_slot(self.name, handle.sandbox_id, slot)
         return Sandbox(self, handle)
 
     def list(self, labels: Optional[Mapping[str, str]] = None) -> list[Sandbox]:
@@ -259,6 +266,7 @@ class Sandbox:
         """Idempotent; True only the first time the sandbox is actually destroyed."""
         gone = self._call("sandbox_destroy", idempotent=True)
         self.destroyed = True
+        release_slot(self.backend.name, self.id)
         return gone
 
     def __enter__(self) -> Sandbox:

@@ -23,8 +23,11 @@ from metaflow_sandbox import (
 NAME = "daytona"
 ENV_VARS = ("DAYTONA_API_KEY", "DAYTONA_API_URL", "DAYTONA_TARGET")
 
+DEFAULT_URL = "https://app.daytona.io/api"
+
 _clients: dict[tuple[str, str | None, str | None], Any] = {}
 _lock = threading.Lock()
+_last_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +57,9 @@ def resolve_config(options: Mapping[str, Any]) -> Config:
 
 def client(options: Mapping[str, Any]) -> Any:
     """One cached ``daytona.Daytona`` per configuration (building one opens a socket.io attempt)."""
+    global _last_url
     cfg = resolve_config(options)
+    _last_url = cfg.api_url or DEFAULT_URL
     cache_key = (cfg.api_key, cfg.api_url, cfg.target)
     with _lock:
         found = _clients.get(cache_key)
@@ -85,70 +90,85 @@ def sdk_timeout(seconds: float) -> float:
     return seconds
 
 
+URL_HINT = "check DAYTONA_API_URL (or METAFLOW_SANDBOX_DAYTONA_API_URL; default %s) and DAYTONA_API_KEY" % DEFAULT_URL
+KEY_HINT = "check DAYTONA_API_KEY (or METAFLOW_SANDBOX_DAYTONA_API_KEY) and that DAYTONA_API_URL (%s) is the API it belongs to"
+
+
+def api_url() -> str:
+    """The API URL the last client was built for (for messages)."""
+    return _last_url or os.environ.get("DAYTONA_API_URL") or DEFAULT_URL
+
+
 def translate(exc: BaseException, *, op: str, sandbox_id: str | None = None, retry_safe: bool = True) -> NoReturn:
     """Raise the metaflow_sandbox error matching an SDK exception (always raises).
 
     ``retry_safe`` says whether the server certainly did nothing (then 429/5xx/connection
     errors are transient); pass False for calls whose effect is unknown after a dropped reply.
+    A failure ``_retry.call`` already retried to its budget is final: not transient any more.
     """
     from daytona.common import errors
+
+    from . import _retry
 
     if isinstance(exc, SandboxError):
         raise exc
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
-    status = getattr(exc, "status_code", None)
+    status = _retry.status_of(exc)
     kw: dict[str, Any] = {"backend": NAME, "op": op, "sandbox_id": sandbox_id}
+    url = api_url()
     if isinstance(exc, errors.DaytonaAuthenticationError) or status == 401:
-        raise SandboxError(
-            "Daytona rejected the API key: %s" % message,
-            hint="check DAYTONA_API_KEY (or METAFLOW_SANDBOX_DAYTONA_API_KEY) and DAYTONA_API_URL",
-            **kw,
-        ) from exc
+        raise SandboxError("Daytona at %s rejected the API key (401): %s" % (url, message), hint=KEY_HINT % url, **kw) from exc
     if isinstance(exc, errors.DaytonaNotFoundError) or status == 404:
         raise SandboxNotFoundError(
             "Daytona sandbox not found: %s" % message,
-            hint="the sandbox was deleted or expired (ttl/auto-delete); rerun the task",
+            hint="the sandbox was deleted or expired (its lease, ttl or auto-delete); rerun the task",
             **kw,
         ) from exc
-    transient_types = (
-        errors.DaytonaRateLimitError,
-        errors.DaytonaServiceUnavailableError,
-        errors.DaytonaBadGatewayError,
-        errors.DaytonaInternalServerError,
-    )
-    refused = isinstance(exc, (errors.DaytonaRateLimitError, errors.DaytonaServiceUnavailableError)) or status in (
-        429,
-        503,
-    )
-    if isinstance(exc, transient_types) or status in (500, 502, 503, 504) or _is_connection_error(exc):
+    attempts = getattr(exc, "retry_attempts_made", None)
+    connection = _retry.is_connection_error(exc)
+    if connection:
+        what = "could not reach Daytona at %s" % url
+        if attempts:
+            what += " (%d attempts over %.0fs)" % (attempts, getattr(exc, "retry_seconds_spent", 0.0))
+        cls = TransientBackendError if retry_safe and not attempts else SandboxError
+        raise cls("%s: %s" % (what, _short(message)), hint=URL_HINT + "; is the network up?", **kw) from exc
+    if _retry.is_transient(exc):
+        if attempts:
+            raise SandboxError(
+                "Daytona kept failing during %s (%s, %d attempts over %.0fs): %s"
+                % (op, status, attempts, getattr(exc, "retry_seconds_spent", 0.0), message),
+                hint="Daytona is unavailable or throttling; retry later, or allow more with METAFLOW_SANDBOX_DAYTONA_RETRY_SECONDS "
+                "and fewer sandboxes at once with METAFLOW_SANDBOX_DAYTONA_CONCURRENCY",
+                **kw,
+            ) from exc
         # 429/503 mean the server refused the call, so even a non-idempotent one did not happen.
-        if retry_safe or refused:
-            raise TransientBackendError("Daytona is unavailable or throttling (%s): %s" % (status or "connection", message), **kw) from exc
+        if retry_safe or status in (429, 503):
+            raise TransientBackendError("Daytona is unavailable or throttling (%s): %s" % (status, message), **kw) from exc
         raise SandboxError(
-            "Daytona failed during %s (%s): %s" % (op, status or "connection", message),
+            "Daytona failed during %s (%s): %s" % (op, status, message),
             hint="the outcome is unknown; check `metaflow-sandbox list --backend daytona` and retry the run",
             **kw,
         ) from exc
     if isinstance(exc, errors.DaytonaTimeoutError):
         raise SandboxTimeoutError("Daytona %s timed out: %s" % (op, message), hint="raise the timeout or retry later", **kw) from exc
     if isinstance(exc, errors.DaytonaForbiddenError) or status == 403:
-        hint = "your Daytona plan or organisation limits refuse this; lower cpu/memory/disk or ask Daytona to raise limits"
+        hint = (
+            "your Daytona plan or organisation limits refuse this (lower cpu/memory/disk or ask Daytona to raise them), "
+            "or the key lacks the permission: " + KEY_HINT % url
+        )
     elif status == 400 or isinstance(exc, errors.DaytonaBadRequestError):
         hint = "Daytona refused the request; check the daytona options (snapshot, image, resources)"
+    elif status is None:
+        raise SandboxError(
+            "Daytona at %s gave an answer the SDK could not read during %s: %s" % (url, op, _short(message)),
+            hint="is DAYTONA_API_URL the Daytona API (it ends in /api)? " + URL_HINT,
+            **kw,
+        ) from exc
     else:
-        hint = "see the Daytona message above; if it persists, report it with the sandbox id"
-    raise SandboxError("Daytona %s failed: %s" % (op, message), hint=hint, **kw) from exc
+        hint = "Daytona answered %s from %s; if it persists, report it with the sandbox id (%s)" % (status, url, URL_HINT)
+    raise SandboxError("Daytona %s failed (%s): %s" % (op, status, message), hint=hint, **kw) from exc
 
 
-def _is_connection_error(exc: BaseException) -> bool:
-    from daytona.common import errors
-
-    if isinstance(exc, errors.DaytonaConnectionError):
-        return True
-    try:
-        import httpx
-        import urllib3
-
-        return isinstance(exc, (urllib3.exceptions.HTTPError, httpx.TransportError, ConnectionError))
-    except ImportError:  # pragma: no cover - both ship with the SDK
-        return isinstance(exc, ConnectionError)
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shlex
 import threading
 import time
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from metaflow_sandbox import (
     ExecResult,
@@ -28,7 +29,7 @@ from metaflow_sandbox import (
     SandboxTimeoutError,
 )
 
-from . import _client
+from . import _client, _retry
 from ._client import NAME, translate
 
 log = logging.getLogger("metaflow_sandbox.daytona")
@@ -37,6 +38,8 @@ STREAM_RECONNECTS = 3
 POLL_MIN = 0.05
 POLL_MAX = 1.0
 KILL_GRACE = 5.0
+#: The lease is renewed this many times per lease period while a command runs.
+RENEWALS_PER_LEASE = 3
 
 
 def wrap(command: Sequence[str], env: Mapping[str, str], cwd: str | None) -> str:
@@ -134,12 +137,14 @@ def run(
     process = sandbox.process
     session = "mf-" + uuid.uuid4().hex[:16]
     deadline = time.monotonic() + timeout if timeout else None
-    _call(handle, "create session", lambda: process.create_session(session))
+    policy = _retry.Policy.from_options(handle.options)
+    _create_session(handle, process, session, policy)
     sink = _Sink(on_stdout, on_stderr)
+    renewer = _LeaseRenewer(handle, sandbox)
     try:
         request = SessionExecuteRequest(command=wrap(command, env, cwd), run_async=True)
-        response = _call(handle, "start command", lambda: process.execute_session_command(session, request))
-        cmd_id = response.cmd_id
+        cmd_id = _start(handle, process, session, request, policy)
+        renewer.start()
         reconnects = 0
         while True:
             stream = _Stream(process, session, cmd_id, sink)
@@ -177,6 +182,7 @@ def run(
             )
         return ExecResult(exit_code=int(exit_code))
     finally:
+        renewer.stop()
         if not sink.killed:
             _delete_session(process, session)
 
@@ -217,7 +223,7 @@ def _kill(handle: SandboxHandle, process: Any, session: str, stream: _Stream, si
     """Deleting the session kills every process it started; then stop delivering output."""
     sink.closed = sink.killed = True
     try:
-        process.delete_session(session)
+        _retry.call(lambda: process.delete_session(session), "kill the command", _retry.Policy.from_options(handle.options))
     except Exception as exc:
         from daytona.common.errors import DaytonaNotFoundError
 
@@ -234,21 +240,26 @@ def _delete_session(process: Any, session: str) -> None:
 
 
 def _call(handle: SandboxHandle, what: str, fn: Any) -> Any:
-    """Run one toolbox call; a 404 means the sandbox (or our session in it) is gone."""
+    """Run one idempotent toolbox call (retried); a 404 means the sandbox (or our session in it) is gone."""
     try:
-        return fn()
+        return _retry.call(fn, what, _retry.Policy.from_options(handle.options))
     except Exception as exc:
-        from daytona.common.errors import DaytonaNotFoundError
-
-        if isinstance(exc, DaytonaNotFoundError):
-            _raise_gone(handle, what, exc)
-        translate(exc, op="sandbox_exec (%s)" % what, sandbox_id=handle.sandbox_id, retry_safe=False)
+        _failed(handle, what, exc)
 
 
-def _raise_gone(handle: SandboxHandle, what: str, exc: Exception) -> None:
+def _failed(handle: SandboxHandle, what: str, exc: Exception) -> NoReturn:
+    from daytona.common.errors import DaytonaNotFoundError
+
+    if isinstance(exc, DaytonaNotFoundError):
+        _raise_gone(handle, what, exc)
+    translate(exc, op="sandbox_exec (%s)" % what, sandbox_id=handle.sandbox_id, retry_safe=False)
+
+
+def _raise_gone(handle: SandboxHandle, what: str, exc: Exception) -> NoReturn:
     gone = True
     try:
-        state = str(_client.client(handle.options).get(handle.sandbox_id).state).lower()
+        daytona = _client.client(handle.options)
+        state = str(_retry.call(lambda: daytona.get(handle.sandbox_id), "get", _retry.Policy.from_options(handle.options)).state).lower()
         gone = state.endswith(("destroyed", "destroying", "error"))
     except Exception:
         gone = True
@@ -265,3 +276,70 @@ def _raise_gone(handle: SandboxHandle, what: str, exc: Exception) -> None:
         backend=NAME,
         sandbox_id=handle.sandbox_id,
     ) from exc
+
+
+def _create_session(handle: SandboxHandle, process: Any, session: str, policy: _retry.Policy) -> None:
+    """Create our private session, retried; a 409 on a retry means an earlier attempt made it."""
+    from daytona.common.errors import DaytonaConflictError
+
+    tries = {"n": 0}
+
+    def attempt() -> None:
+        tries["n"] += 1
+        try:
+            process.create_session(session)
+        except DaytonaConflictError:
+            if tries["n"] == 1:
+                raise
+
+    _call(handle, "create session", attempt)
+
+
+def _start(handle: SandboxHandle, process: Any, session: str, request: Any, policy: _retry.Policy) -> str:
+    """Start the command exactly once. Its start is never retried blindly: when the answer is lost, the
+    session (ours alone, fresh) tells whether it started. One command in it: that is ours; none: it did
+    not start, so starting again cannot run the user's code twice."""
+    attempts = 0
+    started = time.monotonic()
+    while True:
+        attempts += 1
+        try:
+            return str(process.execute_session_command(session, request).cmd_id)
+        except Exception as exc:
+            if not _retry.is_transient(exc):
+                _failed(handle, "start command", exc)
+            if attempts >= policy.attempts or time.monotonic() - started > policy.seconds:
+                exc.retry_attempts_made, exc.retry_seconds_spent = attempts, time.monotonic() - started  # type: ignore[attr-defined]
+                translate(exc, op="sandbox_exec (start command)", sandbox_id=handle.sandbox_id, retry_safe=False)
+            time.sleep(random.uniform(0, min(_retry.MAX_DELAY, _retry.BASE_DELAY * 2**attempts)) + (_retry.retry_after(exc) or 0))
+            commands = _call(handle, "look for the started command", lambda: process.get_session(session)).commands or []
+            if commands:
+                log.info("daytona: the start of a command in %s lost its answer; found it running", handle.sandbox_id)
+                return str(commands[0].id)
+
+
+class _LeaseRenewer(threading.Thread):
+    """Renews the sandbox's lease (``refresh_activity``) while a command runs: Daytona does not count processes
+    inside a sandbox as activity, so without this a step longer than the lease would be stopped and deleted."""
+
+    def __init__(self, handle: SandboxHandle, sandbox: Any):
+        super().__init__(daemon=True, name="daytona-lease-%s" % handle.sandbox_id[:8])
+        self.sandbox = sandbox
+        lease_minutes = getattr(sandbox, "auto_stop_interval", None) or 0
+        every = handle.options.get("lease_renew_seconds")
+        self.every = float(every) if every not in (None, "") else lease_minutes * 60.0 / RENEWALS_PER_LEASE
+        self.halt = threading.Event()
+
+    def start(self) -> None:
+        if self.every > 0:
+            super().start()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every):
+            try:
+                self.sandbox.refresh_activity()
+            except Exception as exc:  # the next renewal (a third of the lease later) tries again
+                log.info("daytona: could not renew the lease of %s: %s", self.sandbox.id, exc)
+
+    def stop(self) -> None:
+        self.halt.set()

@@ -12,7 +12,13 @@ from typing import Any, Sequence
 
 from metaflow_sandbox import DownloadItem, FileResult, SandboxHandle, UploadItem
 
+from . import _retry
 from ._client import translate
+
+
+def _retried(handle: SandboxHandle, what: str, fn: Any) -> Any:
+    """A transfer is safe to repeat (same bytes to the same paths), so transient failures retry."""
+    return _retry.call(fn, what, _retry.Policy.from_options(handle.options))
 
 
 def _invalid(path: str) -> bool:
@@ -47,7 +53,7 @@ def upload(handle: SandboxHandle, sandbox: Any, files: Sequence[UploadItem]) -> 
         todo.append((i, FileUpload(source=source, destination=item.path)))
     if todo:
         try:
-            sandbox.fs.upload_files([f for _, f in todo])
+            _retried(handle, "upload", lambda: sandbox.fs.upload_files([f for _, f in todo]))
             for i, _ in todo:
                 results[i] = FileResult(files[i].path)
         except Exception as exc:
@@ -56,7 +62,7 @@ def upload(handle: SandboxHandle, sandbox: Any, files: Sequence[UploadItem]) -> 
             else:
                 for i, one in todo:
                     try:
-                        sandbox.fs.upload_files([one])
+                        _retried(handle, "upload", lambda one=one: sandbox.fs.upload_files([one]))
                         results[i] = FileResult(files[i].path)
                     except Exception as exc1:
                         results[i] = _failed(handle, files[i].path, exc1)
@@ -96,7 +102,7 @@ def download(handle: SandboxHandle, sandbox: Any, files: Sequence[DownloadItem])
             batches.append([(key, req)])
     for batch in batches:
         try:
-            responses = sandbox.fs.download_files([req for _, req in batch])
+            responses = _retried(handle, "download", lambda batch=batch: sandbox.fs.download_files([req for _, req in batch]))
         except Exception as exc:
             translate(exc, op="sandbox_download", sandbox_id=handle.sandbox_id)
         for (key, _), resp in zip(batch, responses, strict=False):

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import re
-from typing import Any, Mapping, Sequence
+import uuid
+from typing import Any, Mapping, NoReturn, Sequence
 
 from metaflow_sandbox import (
+    DEFAULT_LEASE_SECONDS,
     MARKER_LABEL,
     Capabilities,
     DownloadItem,
@@ -22,7 +24,7 @@ from metaflow_sandbox import (
     hookimpl,
 )
 
-from . import _client, _exec, _files
+from . import _client, _exec, _files, _retry
 from ._client import NAME, translate
 
 log = logging.getLogger("metaflow_sandbox.daytona")
@@ -35,6 +37,11 @@ DEFAULT_SNAPSHOT_RESOURCES = {"cpu": 1.0, "memory": 1, "disk": 3}
 #: Lifetime when the caller gives no ttl: long enough for a long step, short enough that an orphan dies.
 DEFAULT_TTL_MINUTES = 24 * 60
 CREATE_TIMEOUT = 300.0
+#: Daytona's published quotas (daytona.io/docs/en/rate-limits: "Sandbox Creation: 600 requests / 60 seconds";
+#: daytona.io/docs/en/limits: Tier 1's compute pool holds 10 default-size sandboxes of 1 vCPU / 1 GiB / 3 GiB).
+#: Override with options concurrency / create_rate (METAFLOW_SANDBOX_DAYTONA_CONCURRENCY / _CREATE_RATE).
+DEFAULT_CONCURRENCY = 10
+DEFAULT_CREATES_PER_MINUTE = 600.0
 
 
 def _float_opt(options: Mapping[str, Any], key: str, default: float) -> float:
@@ -53,6 +60,8 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
         images=True,
         shares_host_filesystem=False,
         config_env=_client.ENV_VARS,
+        max_concurrent_sandboxes=DEFAULT_CONCURRENCY,
+        max_creates_per_minute=DEFAULT_CREATES_PER_MINUTE,
     )
 
 
@@ -114,7 +123,7 @@ def _snapshot(daytona: Any, name: str) -> Any:
     key = (id(daytona), name)
     if key not in _snapshots:
         try:
-            _snapshots[key] = daytona.snapshot.get(name)
+            _snapshots[key] = _retry.call(lambda: daytona.snapshot.get(name), "snapshot lookup", _retry.Policy())
         except Exception as exc:
             _recover_named(daytona, _Named(name), exc)
     return _snapshots[key]
@@ -127,8 +136,14 @@ class _Named:
         self.snapshot, self.name = snapshot, None
 
 
-def _name(key: str) -> str:
-    return "mf-" + re.sub(r"[^a-zA-Z0-9-]+", "-", key).strip("-")[:60]
+def _name(key: str | None) -> str:
+    """Every sandbox gets a unique name, so a create whose answer was lost is found, never duplicated."""
+    return "mf-" + re.sub(r"[^a-zA-Z0-9-]+", "-", key or uuid.uuid4().hex).strip("-")[:60]
+
+
+def lease_minutes(spec: SandboxSpec) -> int:
+    """The provider-side lease: auto-stop after this many idle minutes (then deleted), renewed while a command runs."""
+    return max(1, math.ceil((spec.lease_seconds or DEFAULT_LEASE_SECONDS) / 60))
 
 
 def _params(spec: SandboxSpec, daytona: Any) -> Any:
@@ -139,13 +154,13 @@ def _params(spec: SandboxSpec, daytona: Any) -> Any:
     common: dict[str, Any] = dict(
         labels={MARKER_LABEL: "1", **{str(k): str(v) for k, v in spec.labels.items()}},
         env_vars={str(k): str(v) for k, v in spec.env.items()},
-        # Processes inside a sandbox do not count as activity: never auto-stop a running step.
-        auto_stop_interval=0,
-        # Ephemeral: deleted as soon as it stops; ttl_minutes is the hard wall-clock lifetime.
+        # The lease: stopped after this many minutes without API activity, and deleted as soon as it stops.
+        # Processes inside a sandbox do not count as activity, so _exec renews it while a command runs.
+        auto_stop_interval=lease_minutes(spec),
         auto_delete_interval=0,
         ttl_minutes=max(1, math.ceil(ttl / 60)) if ttl else int(_float_opt(opts, "ttl_minutes", DEFAULT_TTL_MINUTES)),
         network_block_all=True if not spec.network else None,
-        name=_name(spec.idempotency_key) if spec.idempotency_key else None,
+        name=_name(spec.idempotency_key),
     )
     if opts.get("target"):
         common["target"] = str(opts["target"])
@@ -165,20 +180,66 @@ def _params(spec: SandboxSpec, daytona: Any) -> Any:
 @hookimpl
 def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     _client.resolve_config(spec.options)  # missing key: fail before anything else happens
+    policy = _retry.Policy.from_options(spec.options)
     daytona = _client.client(spec.options)
     params = _params(spec, daytona)
     timeout = _client.sdk_timeout(_float_opt(spec.options, "create_timeout", CREATE_TIMEOUT))
     try:
-        sandbox = daytona.create(params, timeout=timeout)
+        sandbox = _create_once(daytona, params, timeout, policy)
     except Exception as exc:
-        sandbox = _recover_named(daytona, params, exc)
-    workdir = _workdir(sandbox)
+        _delete_by_name(daytona, params.name, policy)  # a create that may have happened leaves nothing behind
+        _recover_named(daytona, params, exc)
+    workdir = _workdir(sandbox, policy)
     return _handle(sandbox, spec.options, workdir)
 
 
-def _recover_named(daytona: Any, params: Any, exc: Exception) -> Any:
-    """With an idempotency key the name is unique, so a retried create finds the first one."""
-    from daytona.common.errors import DaytonaConflictError, DaytonaNotFoundError
+def _create_once(daytona: Any, params: Any, timeout: float, policy: _retry.Policy) -> Any:
+    """POST the create, retrying what may be retried: the name is unique, so a create that happened
+    although its answer was lost (5xx, reset, timeout) answers 409 the next time and is fetched by name."""
+    from daytona.common.errors import DaytonaConflictError
+
+    def attempt() -> Any:
+        try:
+            return daytona.create(params, timeout=timeout)
+        except DaytonaConflictError:
+            return _adopt(daytona, params.name, timeout, policy)
+
+    return _retry.call(attempt, "create", policy)
+
+
+def _adopt(daytona: Any, name: str, timeout: float, policy: _retry.Policy) -> Any:
+    """The sandbox an earlier attempt of this very create made (ours only if it carries our marker)."""
+    from daytona.common.errors import DaytonaConflictError
+
+    found = _retry.call(lambda: daytona.get(name), "get %s" % name, policy)
+    if (found.labels or {}).get(MARKER_LABEL) != "1":
+        raise DaytonaConflictError("a sandbox named %s exists and was not made by metaflow-sandbox" % name, status_code=409)
+    if not str(found.state).lower().endswith("started"):
+        found.wait_for_sandbox_start(timeout=timeout)
+    log.info("daytona: found sandbox %s (%s) made by an earlier attempt of this create", found.id, name)
+    return found
+
+
+def _delete_by_name(daytona: Any, name: str | None, policy: _retry.Policy) -> None:
+    """Best effort after a failed create: delete what may have been made under ``name``; the lease covers the rest."""
+    if not name:
+        return
+    from daytona.common.errors import DaytonaNotFoundError
+
+    try:
+        found = _retry.call(lambda: daytona.get(name), "get %s" % name, policy)
+    except DaytonaNotFoundError:
+        return
+    except Exception as exc:
+        log.warning("daytona: could not check for a half-made sandbox %s (%s); its lease deletes it", name, exc)
+        return
+    if (found.labels or {}).get(MARKER_LABEL) == "1":
+        _delete_quietly(found, policy)
+
+
+def _recover_named(daytona: Any, params: Any, exc: Exception) -> NoReturn:
+    """Turn a failed create into the error that names its fix."""
+    from daytona.common.errors import DaytonaNotFoundError
 
     if isinstance(exc, DaytonaNotFoundError):
         what = "snapshot %r" % params.snapshot if getattr(params, "snapshot", None) else "the default snapshot"
@@ -189,29 +250,14 @@ def _recover_named(daytona: Any, params: Any, exc: Exception) -> Any:
             backend=NAME,
             op="sandbox_create",
         ) from exc
-    if params.name and isinstance(exc, DaytonaConflictError):
-        try:
-            found = daytona.get(params.name)
-            if (found.labels or {}).get(MARKER_LABEL) == "1":
-                if not str(found.state).lower().endswith("started"):
-                    found.wait_for_sandbox_start(timeout=_client.sdk_timeout(CREATE_TIMEOUT))
-                return found
-        except Exception as exc2:
-            translate(exc2, op="sandbox_create")
-    orphan = getattr(exc, "sandbox_id", None)
-    if orphan:  # created, but not started in time: do not leave it to the ttl
-        try:
-            _delete_quietly(daytona.get(orphan))
-        except Exception:
-            pass
-    translate(exc, op="sandbox_create", sandbox_id=orphan, retry_safe=False)
+    translate(exc, op="sandbox_create", sandbox_id=getattr(exc, "sandbox_id", None))
 
 
-def _workdir(sandbox: Any) -> str:
+def _workdir(sandbox: Any, policy: _retry.Policy) -> str:
     try:
-        return str(sandbox.get_work_dir())
+        return str(_retry.call(sandbox.get_work_dir, "read the work dir", policy))
     except Exception as exc:
-        _delete_quietly(sandbox)
+        _delete_quietly(sandbox, policy)
         translate(exc, op="sandbox_create", sandbox_id=sandbox.id, retry_safe=False)
 
 
@@ -224,8 +270,9 @@ def sdk_sandbox(handle: SandboxHandle) -> Any:
     """The SDK Sandbox for a handle (a handle rebuilt from an id costs one GET)."""
     if handle.native is not None:
         return handle.native
+    daytona = _client.client(handle.options)
     try:
-        return _client.client(handle.options).get(handle.sandbox_id)
+        return _retry.call(lambda: daytona.get(handle.sandbox_id), "get", _retry.Policy.from_options(handle.options))
     except Exception as exc:
         translate(exc, op="get", sandbox_id=handle.sandbox_id)
 
@@ -255,28 +302,38 @@ def sandbox_download(handle: SandboxHandle, files: Sequence[DownloadItem]) -> li
 
 @hookimpl
 def sandbox_destroy(handle: SandboxHandle) -> bool:
+    """Delete, retrying until it is gone (404 counts as gone); after the retry budget, say so and leave it to the lease."""
+    from daytona.common.errors import DaytonaNotFoundError
+
     try:
         sandbox = sdk_sandbox(handle)
     except SandboxNotFoundError:
         return False
     if str(getattr(sandbox, "state", "")).lower().endswith(("destroyed", "destroying")):
         return False
+    policy = _retry.Policy.from_options(handle.options)
     try:
-        sandbox.delete(timeout=_client.sdk_timeout(60))
+        _retry.call(lambda: sandbox.delete(timeout=_client.sdk_timeout(60)), "delete", policy)
+    except DaytonaNotFoundError:
+        return False
     except Exception as exc:
-        from daytona.common.errors import DaytonaNotFoundError
-
-        if isinstance(exc, DaytonaNotFoundError):
-            return False
-        translate(exc, op="sandbox_destroy", sandbox_id=handle.sandbox_id)
+        lease = getattr(sandbox, "auto_stop_interval", None) or "a few"
+        raise SandboxError(
+            "could not delete Daytona sandbox %s: %s" % (handle.sandbox_id, getattr(exc, "message", None) or exc),
+            hint="nothing to do: its lease stops and deletes it within %s minutes (the lease is METAFLOW_SANDBOX_LEASE_SECONDS); "
+            "`metaflow-sandbox list --backend daytona` shows it until then" % lease,
+            backend=NAME,
+            op="sandbox_destroy",
+            sandbox_id=handle.sandbox_id,
+        ) from exc
     return True
 
 
-def _delete_quietly(sandbox: Any) -> None:
+def _delete_quietly(sandbox: Any, policy: _retry.Policy | None = None) -> None:
     try:
-        sandbox.delete(timeout=_client.sdk_timeout(60))
-    except Exception as exc:  # best effort: ttl/auto-delete still reap it
-        log.warning("daytona: could not delete sandbox %s: %s", sandbox.id, exc)
+        _retry.call(lambda: sandbox.delete(timeout=_client.sdk_timeout(60)), "delete", policy or _retry.Policy())
+    except Exception as exc:  # best effort: the lease (auto-stop, then auto-delete) and the ttl still reap it
+        log.warning("daytona: could not delete sandbox %s (%s); its lease deletes it", sandbox.id, exc)
 
 
 @hookimpl
@@ -286,7 +343,7 @@ def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[
     daytona = _client.client(options)
     query = ListSandboxesQuery(labels={MARKER_LABEL: "1", **{str(k): str(v) for k, v in labels.items()}})
     try:
-        found = list(daytona.list(query))
+        found = _retry.call(lambda: list(daytona.list(query)), "list", _retry.Policy.from_options(options))
     except Exception as exc:
         translate(exc, op="sandbox_list")
     live = [s for s in found if not str(s.state).lower().endswith(("destroyed", "destroying"))]

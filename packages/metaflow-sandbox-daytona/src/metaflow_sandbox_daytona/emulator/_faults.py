@@ -31,8 +31,17 @@ class Faults:
     error_rate: float = 0.0
     #: The next N requests to ``error_endpoints`` are answered with ``error_status`` (fully deterministic).
     error_next: int = 0
-    error_status: int = 503
+    #: One status, or a list to pick from at random (seeded), e.g. [429, 503].
+    error_status: Any = 503
     error_endpoints: tuple[str, ...] = ("list", "get")
+    #: Seconds sent as ``Retry-After`` with every injected error (None: no header).
+    retry_after: Any = None
+    #: Share (0..1) / next N requests to ``lost_reply_endpoints`` that are carried out, but whose answer is
+    #: replaced by ``lost_reply_status`` (a reply lost on the way back: the client cannot know it happened).
+    lost_reply_rate: float = 0.0
+    lost_reply_next: int = 0
+    lost_reply_status: int = 504
+    lost_reply_endpoints: tuple[str, ...] = ("create",)
     seed: int = 0
     #: Close the next N log WebSockets early (True: all of them), with ``drop_close_code``.
     drop_log_stream: Any = 0
@@ -61,7 +70,7 @@ class Faults:
         if unknown:
             raise ValueError("unknown fault(s) %s; known: %s" % (sorted(unknown), sorted(names)))
         for key, value in changes.items():
-            if key == "error_endpoints":
+            if key in ("error_endpoints", "lost_reply_endpoints"):
                 value = tuple([value] if isinstance(value, str) else value)
             setattr(self, key, value)
         if "seed" in changes:
@@ -76,10 +85,24 @@ class Faults:
             return None
         if self.error_next > 0:
             self.error_next -= 1
-            return self.error_status
+            return self._status()
         if self.error_rate and self._rng.random() < self.error_rate:
-            return self.error_status
+            return self._status()
         return None
+
+    def _status(self) -> int:
+        if isinstance(self.error_status, (list, tuple)):
+            return int(self._rng.choice(list(self.error_status)))
+        return int(self.error_status)
+
+    def lose_reply(self, endpoint: str) -> bool:
+        """Whether to carry out this request but answer ``lost_reply_status`` instead of its result."""
+        if endpoint not in self.lost_reply_endpoints:
+            return False
+        if self.lost_reply_next > 0:
+            self.lost_reply_next -= 1
+            return True
+        return bool(self.lost_reply_rate) and self._rng.random() < self.lost_reply_rate
 
     def take(self, name: str) -> bool:
         """Consume one unit of a countdown switch (True means: inject now)."""

@@ -185,12 +185,13 @@ class Emulator:
             elif auth != "Bearer %s" % self.api_key:
                 response = _error(401, "Invalid credentials", "UNAUTHORIZED")
             elif (status := self.faults.error_for(entry["endpoint"])) is not None:
-                response = _error(status, "injected fault: %s" % status, "INJECTED", path=request.path)
+                response = self._injected(status, request.path)
             else:
-                sid = request.match_info.get("id")
-                if sid and sid in self.sandboxes:
-                    self.sandboxes[sid].last_activity = time.monotonic()
+                self._touch(request.match_info.get("id"))
                 response = await handler(request)
+                if self.faults.lose_reply(entry["endpoint"]) and not getattr(response, "prepared", False):
+                    entry["lost_reply"] = True
+                    response = self._injected(self.faults.lost_reply_status, request.path)
         except web.HTTPException as exc:
             response = exc
             if exc.status in (404, 405) and exc.content_type != "application/json":  # no such route
@@ -198,6 +199,20 @@ class Emulator:
         entry["status"] = response.status
         entry["ms"] = round((time.perf_counter() - start) * 1000, 2)
         return response
+
+    def _injected(self, status: int, path: str) -> web.Response:
+        response = _error(status, "injected fault: %s" % status, "INJECTED", path=path)
+        if self.faults.retry_after is not None:
+            response.headers["Retry-After"] = str(self.faults.retry_after)
+        return response
+
+    def _touch(self, sid: str | None) -> None:
+        """API or toolbox activity on a sandbox (by id or name) resets its auto-stop timer, as in Daytona."""
+        if not sid:
+            return
+        sb = self.sandboxes.get(sid) or next((s for s in self.sandboxes.values() if s.dto["name"] == sid), None)
+        if sb is not None:
+            sb.last_activity = time.monotonic()
 
     def _sandbox(self, request: web.Request) -> EmuSandbox:
         sid = request.match_info["id"]

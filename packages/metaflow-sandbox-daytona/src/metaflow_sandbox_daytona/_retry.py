@@ -1,0 +1,142 @@
+"""Retries for the Daytona calls that are safe to repeat (reads, session creation, deletes, file ops).
+
+Exponential backoff with full jitter, never shorter than the server's ``Retry-After``, bounded in
+attempts and in total time (options ``retry_attempts`` / ``retry_seconds``). What gave up carries
+``retry_attempts_made`` so ``_client.translate`` says so and the facade does not retry it again.
+Starting a command is never passed through here: that would run user code twice (see ``_exec``).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Optional, TypeVar
+
+log = logging.getLogger("metaflow_sandbox.daytona")
+T = TypeVar("T")
+
+#: Statuses worth another try: throttled, timed out, or a server/proxy failure.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+DEFAULT_ATTEMPTS = 8
+DEFAULT_SECONDS = 60.0
+BASE_DELAY = 0.2
+MAX_DELAY = 10.0
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How hard to try: at most ``attempts`` calls, and no new one after ``seconds``."""
+
+    attempts: int = DEFAULT_ATTEMPTS
+    seconds: float = DEFAULT_SECONDS
+    base: float = BASE_DELAY
+    cap: float = MAX_DELAY
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> Policy:
+        """``retry_attempts`` (>= 1) and ``retry_seconds`` (> 0) from the backend options."""
+        from metaflow_sandbox import SandboxError
+
+        def number(key: str, default: float, low: float) -> float:
+            raw = options.get(key)
+            if raw in (None, ""):
+                return default
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                value = float("nan")
+            if not (low <= value < float("inf")):
+                raise SandboxError(
+                    "daytona option %s=%r is not a number >= %s" % (key, raw, low),
+                    hint="set METAFLOW_SANDBOX_DAYTONA_%s to e.g. %s, or unset it" % (key.upper(), default),
+                    backend="daytona",
+                )
+            return value
+
+        return cls(attempts=int(number("retry_attempts", DEFAULT_ATTEMPTS, 1)), seconds=number("retry_seconds", DEFAULT_SECONDS, 0.001))
+
+
+def status_of(exc: BaseException) -> Optional[int]:
+    status = getattr(exc, "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """A refused, reset or timed-out connection anywhere in the exception's cause chain."""
+    import httpx
+    import urllib3
+    from daytona.common import errors
+
+    seen = 0
+    cur: Optional[BaseException] = exc
+    while cur is not None and seen < 8:
+        if isinstance(cur, (errors.DaytonaConnectionError, urllib3.exceptions.HTTPError, httpx.TransportError, ConnectionError)):
+            return True
+        if isinstance(cur, TimeoutError) and not isinstance(cur, errors.DaytonaError):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    text = str(exc)
+    return "Max retries exceeded" in text or "Connection refused" in text or "Connection reset" in text
+
+
+def is_transient(exc: BaseException) -> bool:
+    from daytona.common import errors
+
+    if status_of(exc) in RETRY_STATUSES:
+        return True
+    if isinstance(
+        exc,
+        (
+            errors.DaytonaRateLimitError,
+            errors.DaytonaServiceUnavailableError,
+            errors.DaytonaBadGatewayError,
+            errors.DaytonaInternalServerError,
+        ),
+    ):
+        return True
+    return is_connection_error(exc)
+
+
+def retry_after(exc: BaseException) -> Optional[float]:
+    """Seconds the server asked us to wait (``Retry-After``: seconds or an HTTP date), if any."""
+    headers = getattr(exc, "headers", None) or {}
+    raw = next((v for k, v in headers.items() if str(k).lower() == "retry-after"), None)
+    if raw in (None, ""):
+        return None
+    try:
+        return max(0.0, float(raw))
+    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(str(raw))
+            return max(0.0, when.timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+def call(fn: Callable[[], T], what: str, policy: Policy, retry_if: Optional[Callable[[BaseException], bool]] = None) -> T:
+    """``fn()``, retried on transient failures; the last failure is re-raised, marked with the attempts made."""
+    check = retry_if or is_transient
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return fn()
+        except Exception as exc:
+            elapsed = time.monotonic() - start
+            if not check(exc):
+                raise
+            delay = random.uniform(0, min(policy.cap, policy.base * (2 ** (attempt - 1))))
+            asked = retry_after(exc)
+            if asked is not None:
+                delay = max(delay, asked)
+            if attempt >= policy.attempts or elapsed + delay > policy.seconds:
+                exc.retry_attempts_made = attempt  # type: ignore[attr-defined]
+                exc.retry_seconds_spent = elapsed  # type: ignore[attr-defined]
+                raise
+            log.info("daytona: %s failed (%s); retry %d in %.2fs", what, status_of(exc) or "connection", attempt, delay)
+            time.sleep(delay)
