@@ -42,6 +42,10 @@ CLEAR = dict(
     minute_seconds=60.0,
     error_endpoints=["list", "get"],
     error_status=503,
+    retry_after=None,
+    lost_reply_rate=0,
+    lost_reply_next=0,
+    lost_reply_endpoints=["create"],
 )
 
 

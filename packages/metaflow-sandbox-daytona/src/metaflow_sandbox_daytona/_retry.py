@@ -59,9 +59,32 @@ class Policy:
         return cls(attempts=int(number("retry_attempts", DEFAULT_ATTEMPTS, 1)), seconds=number("retry_seconds", DEFAULT_SECONDS, 0.001))
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    cur: Optional[BaseException] = exc
+    while cur is not None and len(out) < 8:
+        out.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
 def status_of(exc: BaseException) -> Optional[int]:
-    status = getattr(exc, "status_code", None)
-    return status if isinstance(status, int) else None
+    """The HTTP status behind an SDK error (the SDK's httpx file calls keep it only in the cause)."""
+    for cur in _chain(exc):
+        status = getattr(cur, "status_code", None)
+        if status is None:
+            status = getattr(getattr(cur, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+    return None
+
+
+def _headers(exc: BaseException) -> Mapping[str, Any]:
+    for cur in _chain(exc):
+        headers = getattr(cur, "headers", None) or getattr(getattr(cur, "response", None), "headers", None)
+        if headers:
+            return headers
+    return {}
 
 
 def is_connection_error(exc: BaseException) -> bool:
@@ -70,15 +93,11 @@ def is_connection_error(exc: BaseException) -> bool:
     import urllib3
     from daytona.common import errors
 
-    seen = 0
-    cur: Optional[BaseException] = exc
-    while cur is not None and seen < 8:
+    for cur in _chain(exc):
         if isinstance(cur, (errors.DaytonaConnectionError, urllib3.exceptions.HTTPError, httpx.TransportError, ConnectionError)):
             return True
         if isinstance(cur, TimeoutError) and not isinstance(cur, errors.DaytonaError):
             return True
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
     text = str(exc)
     return "Max retries exceeded" in text or "Connection refused" in text or "Connection reset" in text
 
@@ -103,8 +122,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def retry_after(exc: BaseException) -> Optional[float]:
     """Seconds the server asked us to wait (``Retry-After``: seconds or an HTTP date), if any."""
-    headers = getattr(exc, "headers", None) or {}
-    raw = next((v for k, v in headers.items() if str(k).lower() == "retry-after"), None)
+    raw = next((v for k, v in _headers(exc).items() if str(k).lower() == "retry-after"), None)
     if raw in (None, ""):
         return None
     try:

@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import signal
@@ -203,7 +204,7 @@ class Emulator:
     def _injected(self, status: int, path: str) -> web.Response:
         response = _error(status, "injected fault: %s" % status, "INJECTED", path=path)
         if self.faults.retry_after is not None:
-            response.headers["Retry-After"] = str(self.faults.retry_after)
+            response.headers["Retry-After"] = "%d" % math.ceil(float(self.faults.retry_after))  # HTTP allows whole seconds only
         return response
 
     def _touch(self, sid: str | None) -> None:
