@@ -15,10 +15,14 @@ import signal
 import sys
 from typing import Any, Sequence
 
+from . import parse
 from .errors import SandboxError
 from .model import MARKER_LABEL, Bind, Resources, SandboxSpec
 from .plugins import available_backends, describe_backends
 from .session import Backend
+
+#: Longest --timeout / --ttl accepted: 30 days (a backend's own cap may be lower).
+MAX_SECONDS = 30 * 86400.0
 
 
 class _Terminated(BaseException):
@@ -26,12 +30,14 @@ class _Terminated(BaseException):
 
 
 def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
+    return dict(parse.key_value(item, what) for item in values or ())
+
+
+def _options(values: Sequence[str] | None) -> dict[str, str]:
+    """--option KEY=VALUE: keys as the METAFLOW_SANDBOX_<BACKEND>_<KEY> settings spell them (lower case)."""
     out = {}
-    for item in values or ():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit("metaflow-sandbox: %s must look like KEY=VALUE, got %r" % (what, item))
-        out[key] = value
+    for key, value in _pairs(values, "--option").items():
+        out[parse.env_name(key, "--option key").lower()] = value
     return out
 
 
@@ -44,10 +50,19 @@ def backend_options(name: str, extra: dict[str, str] | None = None) -> dict[str,
 
 
 def _bind(text: str) -> Bind:
-    """SRC[:DST][:ro]"""
+    """SRC[:DST][:ro]: SRC must exist on this machine, DST is an absolute path inside the sandbox."""
     parts = text.split(":")
-    read_only = parts[-1] in ("ro", "rw") and parts.pop() == "ro"
-    return Bind(os.path.abspath(parts[0]), parts[1] if len(parts) > 1 else None, read_only)
+    read_only = len(parts) > 1 and parts[-1] in ("ro", "rw") and parts.pop() == "ro"
+    fix = "write it as --bind SRC[:DST][:ro] with an existing SRC and an absolute DST, e.g. --bind ./data:/data:ro"
+    if not parts[0] or len(parts) > 2:
+        raise parse.InvalidInputError("--bind", text, "SRC[:DST][:ro]", fix)
+    source = os.path.abspath(parts[0])
+    if not os.path.exists(source):
+        raise parse.InvalidInputError("--bind", text, "a directory or file that exists (%s does not)" % source, fix)
+    dest = parts[1] if len(parts) > 1 else None
+    if dest is not None and (not dest.startswith("/") or ".." in dest.split("/")):
+        raise parse.InvalidInputError("--bind", text, "an absolute destination without '..'", fix)
+    return Bind(source, dest, read_only)
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
@@ -105,19 +120,10 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise SystemExit("metaflow-sandbox exec: give a command after --, e.g. exec --backend local -- echo hi")
-    backend = Backend(args.backend, options=backend_options(args.backend, _pairs(args.option, "--option")))
-    labels = {MARKER_LABEL: "1", "metaflow-sandbox.source": "cli", "metaflow.user": _user()}
-    labels.update(_pairs(args.label, "--label"))
-    spec = SandboxSpec(
-        resources=Resources(cpu=args.cpu, memory_mb=args.memory),
-        env=_pairs(args.env, "--env"),
-        labels=labels,
-        ttl_seconds=args.ttl if args.ttl else (args.timeout + 60 if args.timeout else None),
-        network=not args.no_network,
-        binds=tuple(_bind(b) for b in args.bind or ()),
-        image=args.image,
-    )
+        raise parse.InvalidInputError("exec", "", "given a command after --", "e.g. metaflow-sandbox exec --backend local -- echo hi")
+    spec = _exec_spec(args)  # every option parsed before anything is created
+    name = parse.text(args.backend, "--backend", "--backend local")
+    backend = Backend(name, options=backend_options(name, _options(args.option)))
 
     def out(stream: Any) -> Any:
         def write(text: str) -> None:
@@ -131,7 +137,9 @@ def cmd_exec(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         sandbox = backend.create(spec)
-        result = sandbox.exec(command, cwd=args.cwd, timeout=args.timeout, on_stdout=out(sys.stdout), on_stderr=out(sys.stderr))
+        if args.cwd:
+            _check_cwd(sandbox, args.cwd)
+        result = sandbox.exec(command, cwd=args.cwd, timeout=spec_timeout(args), on_stdout=out(sys.stdout), on_stderr=out(sys.stderr))
         return result.exit_code
     except KeyboardInterrupt:
         print("\nmetaflow-sandbox: interrupted; destroying the sandbox", file=sys.stderr)
@@ -145,6 +153,49 @@ def cmd_exec(args: argparse.Namespace) -> int:
                 sandbox.destroy()
         finally:
             signal.signal(signal.SIGTERM, previous)
+
+
+def spec_timeout(args: argparse.Namespace) -> float | None:
+    return parse.seconds(args.timeout, "--timeout", maximum=MAX_SECONDS) if args.timeout is not None else None
+
+
+def _exec_spec(args: argparse.Namespace) -> SandboxSpec:
+    """The sandbox `exec` asks for, from strictly parsed options (an error names the option and its fix)."""
+    timeout = spec_timeout(args)
+    ttl = parse.seconds(args.ttl, "--ttl", maximum=MAX_SECONDS) if args.ttl is not None else None
+    if ttl is not None and timeout is not None and ttl < timeout:
+        raise parse.InvalidInputError(
+            "--ttl", args.ttl, "at least --timeout (%gs): the sandbox would end first" % timeout, "raise --ttl or lower --timeout"
+        )
+    cpu = memory = None
+    if args.cpu is not None:
+        cpu = parse.positive_number(args.cpu, "--cpu", hint="give a number of CPUs, e.g. --cpu 2")
+    if args.memory is not None:
+        memory = parse.positive_number(args.memory, "--memory", integer=True, hint="give megabytes, e.g. --memory 2048")
+    env = {parse.env_name(k, "--env name"): v for k, v in _pairs(args.env, "--env").items()}
+    labels = {MARKER_LABEL: "1", "metaflow-sandbox.source": "cli", "metaflow.user": _user()}
+    labels.update(parse.labels(args.label or (), "--label"))
+    return SandboxSpec(
+        resources=Resources(cpu=cpu, memory_mb=memory),
+        env=parse.environment(env, "--env"),
+        labels=labels,
+        ttl_seconds=ttl if ttl else (timeout + 60 if timeout else None),
+        network=not args.no_network,
+        binds=tuple(_bind(b) for b in args.bind or ()),
+        image=parse.text(args.image, "--image", "--image python:3.12") if args.image is not None else None,
+    )
+
+
+def _check_cwd(sandbox: Any, cwd: str) -> None:
+    """A missing --cwd is the caller's mistake: say so, instead of the backend's own chdir error."""
+    code, _, _ = sandbox.run(["sh", "-c", 'test -d "$1"', "sh", cwd])
+    if code != 0:
+        raise parse.InvalidInputError(
+            "--cwd",
+            cwd,
+            "a directory that exists in the sandbox (relative paths start at its work dir %s)" % sandbox.handle.workdir,
+            "create it first (e.g. -- sh -c 'mkdir -p DIR && cd DIR && ...') or drop --cwd",
+        )
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -215,11 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("exec", help="run a command in a new sandbox, streaming its output; exits with its code")
     p.add_argument("--backend", required=True)
-    p.add_argument("--cpu", type=float)
-    p.add_argument("--memory", type=int, metavar="MB")
+    p.add_argument("--cpu", metavar="N")
+    p.add_argument("--memory", metavar="MB")
     p.add_argument("--no-network", action="store_true")
-    p.add_argument("--timeout", type=float, metavar="SECONDS")
-    p.add_argument("--ttl", type=float, metavar="SECONDS", help="sandbox lifetime (default: timeout + 60s)")
+    p.add_argument("--timeout", metavar="SECONDS", help="e.g. 90, 15m, 2h")
+    p.add_argument("--ttl", metavar="SECONDS", help="sandbox lifetime (default: timeout + 60s)")
     p.add_argument("--env", action="append", metavar="K=V")
     p.add_argument("--label", action="append", metavar="K=V")
     p.add_argument("--option", action="append", metavar="K=V", help="backend option (api_key, template, ...)")

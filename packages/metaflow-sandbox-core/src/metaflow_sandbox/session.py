@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 import pluggy
 
+from . import parse
 from .errors import (
     BackendContractError,
     SandboxError,
@@ -140,6 +141,11 @@ class Backend:
         caps, res, name = self.capabilities(), spec.resources, self.name
 
         def refuse(what: str, hint: str) -> None:
+        try:
+            parse.check_spec(spec)  # finite, positive numbers, valid env names and size: before any capability
+        except parse.InvalidInputError as err:
+            err.backend, err.op = self.name, "sandbox_create"
+            raise
             raise UnsupportedOptionError("backend '%s' %s" % (name, what), hint=hint, backend=name, op="sandbox_create")
 
         if (res.gpu or res.gpu_type) and not caps.gpu:

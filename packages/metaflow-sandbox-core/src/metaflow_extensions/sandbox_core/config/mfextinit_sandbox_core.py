@@ -4,8 +4,9 @@ from metaflow.metaflow_config_funcs import from_conf
 
 # Backend used when @sandbox has no backend= attribute (default: the embedded "local" backend).
 SANDBOX_BACKEND = from_conf("SANDBOX_BACKEND")
-# Seconds added to a step's time limit for the sandbox's provider-side lifetime.
-SANDBOX_TTL_MARGIN = from_conf("SANDBOX_TTL_MARGIN", 600)
+# Seconds added to a step's time limit for the sandbox's provider-side lifetime (default 600).
+# Read as text and parsed where used (plugins/sandbox_inputs.py): a typo must not break `import metaflow`.
+SANDBOX_TTL_MARGIN = from_conf("SANDBOX_TTL_MARGIN")
 # Extra environment variable names (comma separated) forwarded into every sandbox.
 SANDBOX_FORWARD_ENV = from_conf("SANDBOX_FORWARD_ENV", "")
 # Directory on the launcher caching pip requirements installed into local sandboxes.

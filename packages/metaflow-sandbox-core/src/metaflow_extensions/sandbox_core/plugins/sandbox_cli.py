@@ -156,18 +156,19 @@ def _step_cli(ctx, deco, step_name, kwargs, local):
 
 
 def _sandbox_spec(obj, node, deco, backend, task, env, binds):
-    from metaflow_sandbox import Resources, SandboxSpec
+    """The launch-time shape (sandbox_inputs.launch_spec, already validated) plus this task's env, labels and binds."""
+    import dataclasses
 
-    attrs = deco.attributes
-    ttl = float(deco.run_time_limit + int(_config("SANDBOX_TTL_MARGIN", 600)))
-    max_ttl = backend.capabilities().max_ttl_seconds
-    if max_ttl and ttl > max_ttl and not any(d.name == "timeout" for d in node.decorators):
-        # No @timeout: Metaflow's 5-day default is not a request, so the backend's cap applies.
-        # An explicit @timeout above the cap is refused by the backend facade instead.
+    from .sandbox_inputs import launch_spec, refused, step_ttl
+
+    try:
+        spec = launch_spec(deco, backend, env)
+    except Exception as err:  # a config variable changed since launch: still a clean error
+        raise refused(err, task["step"])
+    if step_ttl(deco, backend)[1]:
         obj.echo_always(
-            "Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)." % (task["step"], max_ttl, backend.name)
+            "Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)." % (task["step"], spec.ttl_seconds, backend.name)
         )
-        ttl = float(max_ttl)
     labels = {
         "metaflow-sandbox": "1",
         "metaflow.flow": obj.flow.name,
@@ -177,18 +178,10 @@ def _sandbox_spec(obj, node, deco, backend, task, env, binds):
         "metaflow.attempt": str(task["attempt"]),
         "metaflow.user": task["user"],
     }
-
-    def number(key, cast):
-        return cast(float(attrs[key])) if attrs.get(key) else None
-
     key = "%s/%s/%s/%s/%d" % (obj.flow.name, task["run_id"], task["step"], task["task_id"], task["attempt"])
-    return SandboxSpec(
-        image=attrs.get("image"),
-        resources=Resources(cpu=number("cpu", float), memory_mb=number("memory", int), gpu=number("gpu", int), disk_mb=number("disk", int)),
-        env=env,
+    return dataclasses.replace(
+        spec,
         labels=labels,
-        ttl_seconds=ttl,
-        network=attrs.get("network", True),
         binds=tuple(binds),
         idempotency_key=hashlib.sha256(key.encode()).hexdigest()[:32],
     )

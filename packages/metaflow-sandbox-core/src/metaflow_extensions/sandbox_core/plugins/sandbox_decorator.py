@@ -18,6 +18,18 @@ from metaflow.metaflow_config import DATASTORE_LOCAL_DIR, FEAT_ALWAYS_UPLOAD_COD
 from metaflow.plugins.aws.aws_utils import compute_resource_attributes
 from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
 
+from .sandbox_inputs import (
+    check_attributes,
+    check_backend_name,
+    check_resources,
+    check_settings,
+    in_workload,
+    launch_spec,
+    refused,
+    step_ttl,
+    user_env,
+)
+
 # Compute decorators that cannot share a step with ours (Metaflow's own remote list + ours).
 OTHER_COMPUTE = {"batch", "kubernetes", "nvidia", "snowpark", "slurm", "nvct", "skypilot_step"}
 SANDBOX_NAMES = {"sandbox", "daytona", "e2b"}
@@ -114,7 +126,6 @@ class SandboxDecorator(StepDecorator):
                     "Use @sandbox(backend=%r) instead." % (self.name, preset, self.attributes["backend"], self.attributes["backend"])
                 )
             self.attributes["backend"] = preset
-        self.attributes["network"] = as_bool(self.attributes["network"])
         for key in ("env", "options"):
             value = as_json(self.attributes[key], key)
             if value is not None and not isinstance(value, dict):
@@ -126,6 +137,10 @@ class SandboxDecorator(StepDecorator):
         if packages is not None and not isinstance(packages, list):
             raise SandboxException("@%s(packages=...) must be a list of pip requirements" % self.name)
         self.attributes["packages"] = packages
+        if in_workload():  # checked at launch; the core may not be installed in the sandbox
+            self.attributes["network"] = as_bool(self.attributes["network"])
+        else:
+            check_attributes(self.name, self.attributes)  # strict: network='no' is off, cpu=-1 is refused
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
         for deco in decorators:
@@ -156,7 +171,12 @@ class SandboxDecorator(StepDecorator):
             )
         self.attributes.update(compute_resource_attributes(decorators, self, self.resource_defaults))
         self.run_time_limit = get_run_time_limit_for_task(decorators)
-        _validate_resources(self.name, self.attributes)
+        self.has_timeout = any(d.name == "timeout" for d in decorators)
+        if not in_workload():
+            try:  # @resources values too, merged above
+                check_resources(self.name, self.attributes)
+            except Exception as err:
+                raise refused(err, step_name)
 
     def runtime_init(self, flow, graph, package, run_id):
         """Launcher only: load the backend and check credentials before any upload."""
@@ -173,6 +193,25 @@ class SandboxDecorator(StepDecorator):
             "Step *%s* runs in a '%s' sandbox (%s)." % (self.step, self.backend_name, self.backend_source),
             system_msg=True,
         )
+        self._refuse_at_launch(backend, graph)
+
+    def _refuse_at_launch(self, backend, graph):
+        """What the backend would refuse at task time (a GPU or an image on `local`, cpu above its cap,
+        a bad setting), refused now: before any task and before the code package upload."""
+        from metaflow_sandbox import SandboxError
+
+        try:
+            check_settings(backend)
+            spec = launch_spec(self, backend, user_env(self, graph[self.step]))
+            if step_ttl(self, backend)[1]:
+                self.logger(
+                    "Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)."
+                    % (self.step, spec.ttl_seconds, self.backend_name),
+                    system_msg=True,
+                )
+            backend.validate(spec)
+        except SandboxError as err:
+            raise refused(err, self.step)
 
     def runtime_task_created(self, task_datastore, task_id, split_index, input_paths, is_cloned, ubf_context):
         if not is_cloned:
@@ -247,19 +286,6 @@ class E2BDecorator(SandboxDecorator):
         super().init()
 
 
-def _validate_resources(deco_name, attrs):
-    for key in ("cpu", "memory", "gpu", "disk"):
-        value = attrs.get(key)
-        if value in (None, ""):
-            continue
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise SandboxException("@%s(%s=%r) must be a number" % (deco_name, key, value))
-        if number < 0 or (key != "gpu" and key in ("cpu", "memory") and number == 0):
-            raise SandboxException("@%s(%s=%r) must be positive" % (deco_name, key, value))
-
-
 def resolve_backend(attribute):
     """(name, where it came from): the attribute, else METAFLOW_SANDBOX_BACKEND, else local."""
     if attribute:
@@ -270,6 +296,12 @@ def resolve_backend(attribute):
         return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
     return "local", "the default; choose another with METAFLOW_SANDBOX_BACKEND or @sandbox(backend=...)"
 
+    if SANDBOX_BACKEND is not None and not in_workload():
+        try:
+            check_backend_name(SANDBOX_BACKEND, "METAFLOW_SANDBOX_BACKEND", "METAFLOW_SANDBOX_BACKEND=local (or unset it)")
+        except Exception as err:
+            raise refused(err)
+        return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
 
 def backend_options(name, attribute_options=None):
     """Backend settings from Metaflow config: METAFLOW_SANDBOX_<NAME>_<KEY> -> options["<key>"].
