@@ -1,0 +1,141 @@
+"""The lifeline: no sandbox outlives its owner, whatever signal ends the run.
+
+A 4-task foreach whose sandboxed tasks sleep 60 s is killed mid-run, by SIGINT, SIGTERM or
+SIGKILL sent to the launcher's PID alone (as a supervisor or `kill` does) or to its whole
+process group (Ctrl-C in a terminal, a CI runner), or by SIGKILL of one trampoline. Ten seconds
+later no sandbox may be alive: the emulators' own lists for Daytona and E2B; for `local`, no
+sandbox process, directory or memory cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import FLOWS, PYTHON, Target, base_env, local_leftovers, s3_env
+
+SIGNALS = [
+    ("SIGINT", "launcher"),
+    ("SIGTERM", "launcher"),
+    ("SIGKILL", "launcher"),
+    ("SIGINT", "group"),
+    ("SIGTERM", "group"),
+    ("SIGKILL", "group"),
+    ("SIGKILL", "trampoline"),
+]
+TASKS = 4
+GRACE = 10.0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open("/proc/%s/stat" % entry).read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open("/proc/%d/cmdline" % pid, "rb").read().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def _local_cgroups(names: set[str]) -> list[str]:
+    from metaflow_sandbox.backends._local import limits
+
+    return [p for p in limits.stale_cgroups("mfsb-") if os.path.basename(p) in names]
+
+
+@pytest.fixture(params=["local", "daytona", "e2b"])
+def killable(request, tmp_path):
+    """A target whose `alive()` lists the live sandboxes of this test's run."""
+    backend = request.param
+    env = {"METAFLOW_SANDBOX_BACKEND": backend}
+    if backend == "local":
+        seen: set[str] = set()
+
+        def alive():
+            left = local_leftovers(tmp_path)
+            seen.update(os.path.basename(p) for p in left if "/mfsb-" in p)
+            return left + _local_cgroups(seen)
+
+    else:
+        emu = request.getfixturevalue("%s_emulator" % backend)
+        env.update(s3_env(request.getfixturevalue("s3_server"), "lifeline-%s" % tmp_path.name))
+        env.update(emu.env)
+        env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"
+        alive = emu.live_sandboxes
+    yield Target(backend, backend, "local" if backend == "local" else "s3", env, alive, tmp_path)
+
+
+def _start(t: Target) -> subprocess.Popen:
+    env = base_env(t.tmp)
+    env.update(t.env)
+    return subprocess.Popen(
+        [PYTHON, str(FLOWS / "sleepy_foreach_flow.py"), "--no-pylint", "run", "--max-workers", str(TASKS)],
+        cwd=t.tmp,
+        env=env,
+        stdout=open(Path(t.tmp) / "flow.log", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own group, as under a terminal or a CI runner
+    )
+
+
+def _wait_for(predicate, timeout: float, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for %s; flow log:\n%s" % (what, log.read_text()[-4000:]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signame,target", SIGNALS, ids=["%s-%s" % s for s in SIGNALS])
+def test_no_sandbox_outlives_a_killed_run(killable, signame, target):
+    t = killable
+    log = Path(t.tmp) / "flow.log"
+    proc = _start(t)
+    try:
+        trampolines = lambda: [p for p in _children(proc.pid) if " sandbox step " in _cmdline(p)]
+        running = lambda: len([x for x in t.live_sandboxes() if "/mfsb-" in str(x)]) if t.backend == "local" else len(t.live_sandboxes())
+        _wait_for(lambda: running() >= TASKS and len(trampolines()) >= TASKS, 120, "%d live sandboxes" % TASKS, log)
+        sig = getattr(signal, signame)
+        if target == "launcher":
+            os.kill(proc.pid, sig)
+        elif target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            victim = trampolines()[0]
+            os.kill(victim, sig)
+        killed_at = time.time()
+        expected = TASKS - 1 if target == "trampoline" else 0
+        deadline = killed_at + GRACE
+        while time.time() < deadline and running() > expected:
+            time.sleep(0.2)
+        left = t.live_sandboxes()
+        if target == "trampoline":
+            # The killed task's sandbox is gone; the others run on (the run then retries or fails it).
+            assert running() <= expected, "the killed trampoline's sandbox is still alive: %s" % left
+        else:
+            assert left == [], "%d s after %s to the %s, still alive: %s\n%s" % (GRACE, signame, target, left, log.read_text()[-3000:])
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(30)
+    # Whatever the signal, once the run is over nothing of it remains.
+    _wait_for(lambda: t.live_sandboxes() == [], 30, "no sandbox left after the run ended", log)
