@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
 import re
-from typing import Any, Iterator
+import time
+from typing import Any, Callable, Iterator, TypeVar
 
 from metaflow_sandbox import (
     SandboxError,
@@ -17,6 +19,7 @@ from metaflow_sandbox import (
 
 from .settings import NAME
 
+T = TypeVar("T")
 _KEY_OK = re.compile(r"^[a-z0-9-]{1,255}$")
 
 
@@ -40,23 +43,82 @@ def is_gone(exc: BaseException) -> bool:
     return isinstance(exc, gone) or "was not found" in str(exc)
 
 
-def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_safe: bool = False) -> SandboxError:
+#: Ops that talk to envd (the sandbox), not to the REST API: their URL setting is E2B_SANDBOX_URL.
+ENVD_OPS = frozenset({"exec", "upload", "download", "workdir", "kill command"})
+_STATUS_PREFIX = re.compile(r"^(\d{3}): ")
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+def status_of(exc: BaseException) -> int | None:
+    """The HTTP status behind an SDK error: its ``status_code``, or envd's ``"503: ..."`` message prefix."""
+    status = getattr(exc, "status_code", None)
+    if isinstance(status, int):
+        return status
+    match = _STATUS_PREFIX.match(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A rate limit, a 5xx or an unreachable sandbox: the same idempotent call may succeed if repeated."""
+    e2b = sdk()
+    if is_gone(exc):
+        return False
+    if isinstance(exc, (e2b.RateLimitException, e2b.ServiceBusyException, e2b.SandboxUnreachableException)):
+        return True
+    return status_of(exc) in _RETRY_STATUSES
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """No answer at all (refused, DNS, TLS): usually a wrong URL setting, or the provider is down."""
+    import httpx
+
+    return isinstance(exc, (httpx.TransportError, OSError)) and not isinstance(exc, httpx.TimeoutException)
+
+
+def _where(op: str, s: Any) -> tuple[str, str]:
+    """(URL, the settings that choose it) for an op, for messages that name what to check."""
+    if op in ENVD_OPS:
+        return (s.sandbox_endpoint if s else "the sandbox URL"), "E2B_SANDBOX_URL or E2B_DOMAIN"
+    return (s.api_endpoint if s else "the API URL"), "E2B_API_URL or E2B_DOMAIN"
+
+
+def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_safe: bool = False, s: Any = None) -> SandboxError:
     """Map an SDK exception to our error tree. Transient only where a retry cannot re-run user code."""
     e2b = sdk()
     text = str(exc).strip() or type(exc).__name__
     kw: dict[str, Any] = {"backend": NAME, "op": op, "sandbox_id": sandbox_id}
-    status = getattr(exc, "status_code", None)
-    if is_gone(exc) or (isinstance(exc, e2b.NotFoundException) and op != "create"):
+    status = status_of(exc)
+    url, setting = _where(op, s)
+    if is_unreachable(exc):
+        cls = TransientBackendError if retry_safe else SandboxError
+        return cls(
+            "cannot reach E2B at %s (%s: %s)" % (url, type(exc).__name__, text),
+            hint="check %s (unset them for E2B's cloud) and that E2B_API_KEY belongs to that endpoint; "
+            "if they are right, E2B is down: retry later" % setting,
+            **kw,
+        )
+    if is_gone(exc) or (isinstance(exc, e2b.NotFoundException) and op not in ("create", "list")):
         return SandboxNotFoundError("E2B sandbox is gone (killed, or it reached its timeout): %s" % text, **kw)
     if isinstance(exc, e2b.AuthenticationException):
-        return SandboxError("E2B rejected the credentials: %s" % text, hint="check E2B_API_KEY (or METAFLOW_SANDBOX_E2B_API_KEY)", **kw)
+        return SandboxError(
+            "E2B at %s rejected the credentials: %s" % (url, text),
+            hint="check E2B_API_KEY (or METAFLOW_SANDBOX_E2B_API_KEY), and %s if you point at another E2B" % setting,
+            **kw,
+        )
     busy = (e2b.RateLimitException, e2b.ServiceBusyException, e2b.SandboxUnreachableException)
+    if isinstance(exc, e2b.SandboxUnreachableException):
+        cls = TransientBackendError if retry_safe else SandboxError
+        return cls(
+            "cannot reach the E2B sandbox at %s: %s" % (url, text),
+            hint="check %s; if it is right, the network to E2B dropped: retry later" % setting,
+            **kw,
+        )
     if isinstance(exc, busy) or (isinstance(status, int) and status >= 500):
         cls = TransientBackendError if retry_safe else SandboxError
         return cls(
-            "E2B is busy or unreachable: %s" % text,
+            "E2B at %s is busy or failing: %s" % (url, text),
             hint="E2B limits concurrent sandboxes (Hobby 20, Pro 100) and creates per second; lower the fan-out "
-            "(--max-workers) or retry later",
+            "(--max-workers, METAFLOW_SANDBOX_E2B_CONCURRENCY) or retry later",
             **kw,
         )
     if isinstance(exc, e2b.TimeoutException):
@@ -65,7 +127,7 @@ def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_
             hint="raise METAFLOW_SANDBOX_E2B_REQUEST_TIMEOUT (seconds) if the network is slow",
             **kw,
         )
-    if op == "create" and (status == 404 or "not found" in text.lower()):
+    if op == "create" and "template" in text.lower() and (status in (400, 404) or "not found" in text.lower()):
         return UnsupportedOptionError(
             "E2B template not found: %s" % text,
             hint="build the templates for your account: python -m metaflow_sandbox_e2b.templates build [--base IMAGE]",
@@ -73,14 +135,40 @@ def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_
         )
     if op == "create" and status == 400:
         return UnsupportedOptionError("E2B refused the sandbox: %s" % text, hint="check the step's options", **kw)
-    return SandboxError("%s failed: %s: %s" % (op, type(exc).__name__, text), **kw)
+    if op == "create" and status == 413:
+        return UnsupportedOptionError(
+            "E2B refused the request as too large: %s" % text,
+            hint="pass large values as files or Metaflow artifacts, not as environment variables or labels",
+            **kw,
+        )
+    return SandboxError(
+        "unexpected answer from E2B at %s to %s (%s: %s)" % (url, op, type(exc).__name__, text),
+        hint="check %s and E2B_API_KEY; if they are right, this is an E2B outage or an SDK change: retry, or report it" % setting,
+        **kw,
+    )
 
 
 @contextlib.contextmanager
-def translated(op: str, sandbox_id: str | None = None, retry_safe: bool = False) -> Iterator[None]:
+def translated(op: str, sandbox_id: str | None = None, retry_safe: bool = False, s: Any = None) -> Iterator[None]:
     try:
         yield
     except SandboxError:
         raise
     except Exception as exc:
-        raise translate(exc, op, sandbox_id, retry_safe) from exc
+        raise translate(exc, op, sandbox_id, retry_safe, s) from exc
+
+
+def retrying(fn: Callable[[], T], attempts: int = 6, base: float = 0.2, cap: float = 5.0) -> T:
+    """Call an idempotent ``fn``, repeating it on a rate limit, a 5xx or an unreachable sandbox.
+
+    REST calls already went through the SDK's own retries, which honour ``Retry-After``; envd's
+    errors carry no headers, so this backs off exponentially (with jitter) instead.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            time.sleep(min(cap, base * 2**attempt) * (0.5 + random.random() / 2))
+    raise AssertionError("unreachable")

@@ -10,6 +10,7 @@ import time
 from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
+    DEFAULT_LEASE_SECONDS,
     Capabilities,
     DownloadItem,
     ExecResult,
@@ -24,6 +25,7 @@ from metaflow_sandbox import (
     hookimpl,
 )
 
+from ._inputs import checked_argv, checked_env, checked_labels
 from .settings import NAME, Settings, require_key, settings
 from .templates import largest, pick_template
 
@@ -34,27 +36,51 @@ CONFIG_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
 
 
 class _Live:
-    """What travels in ``handle.native``: the SDK sandbox and its lifetime lease."""
+    """What travels in ``handle.native``: the SDK sandbox and its lease.
 
-    def __init__(self, sbx: Any, s: Settings, deadline: float, lease_until: float):
+    The sandbox's E2B timeout is a short lease (``SandboxSpec.lease_seconds``), renewed by a
+    heartbeat thread from create until destroy: during commands and between them (uploads,
+    downloads, the launcher's own work). If the owning process dies by any signal, the renewals
+    stop and E2B ends the sandbox within one lease. A renewal never reaches past the deadline (ttl).
+    """
+
+    def __init__(self, sbx: Any, s: Settings, deadline: float, lease: int):
         self.sbx = sbx
         self.settings = s
         self.deadline = deadline
-        self.lease_until = lease_until
+        self.lease = max(1, lease)
+        self.renew_every = float(s.renew_seconds or max(1.0, self.lease / 6.0))
+        self.renewals = 0
         self.lock = threading.Lock()
+        self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
 
-    def renew(self, force: bool = False) -> None:
-        """Push the sandbox's timeout to min(lease, time left) when less than half a lease is left."""
-        now = time.time()
+    def renew(self) -> bool:
+        """Push the sandbox's timeout to min(lease, time left before the deadline); False once it is gone."""
+        from ._client import is_gone, retrying
+
+        left = self.deadline - time.time()
+        if left < 1:
+            return False
         with self.lock:
-            if not force and self.lease_until - now > self.settings.lease_seconds / 2:
+            try:
+                retrying(lambda: self.sbx.set_timeout(int(min(self.lease, left))), attempts=3)
+            except Exception as exc:
+                return not is_gone(exc)  # a failed renewal is retried next tick, several ticks before the lease ends
+            self.renewals += 1
+            return True
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._beat, name="e2b-lease-%s" % self.sbx.sandbox_id, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+    def _beat(self) -> None:
+        while not self.stopped.wait(self.renew_every):
+            if not self.renew():
                 return
-            left = self.deadline - now
-            if left <= 1:
-                return
-            seconds = int(min(self.settings.lease_seconds, left))
-            self.sbx.set_timeout(seconds)
-            self.lease_until = now + seconds
 
 
 @hookimpl
@@ -80,6 +106,12 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
     )
 
 
+def lease_seconds(spec: SandboxSpec, s: Settings, ttl: float) -> int:
+    """The option overrides the spec's lease (the core's METAFLOW_SANDBOX_LEASE_SECONDS); never past the ttl."""
+    lease = s.lease_seconds or spec.lease_seconds or DEFAULT_LEASE_SECONDS
+    return max(1, int(math.ceil(min(ttl, float(lease)))))
+
+
 @hookimpl
 def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     from ._client import idempotency_key, sdk, translated
@@ -97,56 +129,60 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
             op="sandbox_create",
         )
     template = pick_template(spec.resources, spec.image, spec.options)
+    env = checked_env(spec.env, "sandbox_create")
+    metadata = checked_labels(spec.labels)
     key = idempotency_key(spec.idempotency_key)
     now = time.time()
-    lease = int(math.ceil(min(ttl, s.lease_seconds)))
-    with translated("create", retry_safe=bool(key)):
+    lease = lease_seconds(spec, s, ttl)
+    with translated("create", retry_safe=bool(key), s=s):
         sbx = sdk().Sandbox.create(
             template=template,
             timeout=lease,
-            metadata={str(k): str(v) for k, v in spec.labels.items()},
-            envs={str(k): str(v) for k, v in spec.env.items()},
+            metadata=metadata,
+            envs=env,
             allow_internet_access=None if spec.network else False,
             idempotency_key=key,
             **s.api_params(),
         )
     try:
-        workdir = s.workdir or _home(sbx)
+        workdir = s.workdir or _home(sbx, s)
     except BaseException:
         _kill_quietly(sbx.sandbox_id, s)
         raise
-    live = _Live(sbx, s, deadline=now + ttl, lease_until=now + lease)
+    live = _Live(sbx, s, deadline=now + ttl, lease=lease)
+    live.start()
     return SandboxHandle(NAME, sbx.sandbox_id, workdir=workdir, labels=dict(spec.labels), options=spec.options, native=live)
 
 
-def _home(sbx: Any) -> str:
+def _home(sbx: Any, s: Settings) -> str:
     """The sandbox user's home, as envd resolves it (``/home/user`` on E2B)."""
-    from ._client import translated
+    from ._client import retrying, translated
 
-    with translated("create", sbx.sandbox_id):
-        return sbx.files.get_info(".").path or DEFAULT_WORKDIR
+    with translated("workdir", sbx.sandbox_id, s=s):
+        return retrying(lambda: sbx.files.get_info(".")).path or DEFAULT_WORKDIR
 
 
 def _kill_quietly(sandbox_id: str, s: Settings) -> None:
-    from ._client import sdk
+    from ._client import retrying, sdk
 
     try:
-        sdk().Sandbox.kill(sandbox_id, **s.api_params())
-    except Exception:  # best effort: the sandbox dies at its timeout anyway
+        retrying(lambda: sdk().Sandbox.kill(sandbox_id, **s.api_params()))
+    except Exception:  # best effort: the sandbox dies at the end of its lease anyway
         pass
 
 
 def _live(handle: SandboxHandle) -> _Live:
-    """The handle's SDK sandbox; handles from ``sandbox_list`` reconnect on first use."""
+    """The handle's SDK sandbox; handles from ``sandbox_list`` reconnect on first use (and renew from then on)."""
     if isinstance(handle.native, _Live):
         return handle.native
-    from ._client import sdk, translated
+    from ._client import retrying, sdk, translated
 
     s = settings(handle.options)
-    with translated("connect", handle.sandbox_id, retry_safe=True):
-        sbx = sdk().Sandbox.connect(handle.sandbox_id, timeout=s.lease_seconds, **s.api_params())
-    now = time.time()
-    live = _Live(sbx, s, deadline=now + s.plan.max_ttl_seconds, lease_until=now + s.lease_seconds)
+    lease = int(s.lease_seconds or DEFAULT_LEASE_SECONDS)
+    with translated("connect", handle.sandbox_id, retry_safe=True, s=s):
+        sbx = retrying(lambda: sdk().Sandbox.connect(handle.sandbox_id, timeout=lease, **s.api_params()))
+    live = _Live(sbx, s, deadline=time.time() + s.plan.max_ttl_seconds, lease=lease)
+    live.start()
     object.__setattr__(handle, "native", live)
     return live
 
@@ -163,16 +199,18 @@ def sandbox_exec(
 ) -> ExecResult:
     from ._client import is_gone, translated
 
+    argv = checked_argv(command)
+    envs = checked_env(env, "sandbox_exec")
     live = _live(handle)
     sid = handle.sandbox_id
-    with translated("exec", sid):
-        live.renew()
+    with translated("exec", sid, s=live.settings):
         # timeout=0 at the SDK level: its 60 s default would kill long steps. Our own limit is enforced
         # below (kill + SandboxTimeoutError); the SDK deadline is only a backstop should the kill fail.
+        # Starting the command is never retried: a lost answer may mean it runs already.
         proc = live.sbx.commands.run(
-            shlex.join(list(command)),
+            shlex.join(argv),
             background=True,
-            envs={str(k): str(v) for k, v in env.items()} or None,
+            envs=envs or None,
             cwd=cwd or handle.workdir,
             timeout=(timeout + BACKSTOP_SECONDS) if timeout else 0,
             retain_output=False,
@@ -181,18 +219,12 @@ def sandbox_exec(
 
     def on_timeout() -> None:
         timed_out.set()
-        try:
-            proc.kill()
-        except Exception:  # the backstop deadline still ends the stream
-            pass
+        _kill_command(proc)
 
     watchdog = threading.Timer(timeout, on_timeout) if timeout else None
-    stop_heartbeat = threading.Event()
-    heartbeat = threading.Thread(target=_heartbeat, args=(live, stop_heartbeat), daemon=True)
     if watchdog:
         watchdog.daemon = True
         watchdog.start()
-    heartbeat.start()
     try:
         code = _wait(proc, on_stdout, on_stderr)
     except SandboxError:
@@ -204,10 +236,7 @@ def sandbox_exec(
             raise SandboxNotFoundError(
                 "E2B sandbox is gone (killed, or it reached its timeout): %s" % exc, backend=NAME, sandbox_id=sid
             ) from exc
-        try:
-            proc.kill()  # never leave a command running that nobody watches; it is not re-run either
-        except Exception:
-            pass
+        _kill_command(proc)  # never leave a command running that nobody watches; it is not re-run either
         raise SandboxError(
             "lost the command's output stream (%s: %s); the command was killed and NOT retried" % (type(exc).__name__, exc),
             hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
@@ -218,10 +247,18 @@ def sandbox_exec(
     finally:
         if watchdog:
             watchdog.cancel()
-        stop_heartbeat.set()
     if timed_out.is_set():
         raise SandboxTimeoutError("command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid)
     return ExecResult(exit_code=code)
+
+
+def _kill_command(proc: Any) -> None:
+    from ._client import retrying
+
+    try:
+        retrying(proc.kill)
+    except Exception:  # the backstop deadline (or the lease) still ends it
+        pass
 
 
 def _wait(proc: Any, on_stdout: Any, on_stderr: Any) -> int:
@@ -231,16 +268,6 @@ def _wait(proc: Any, on_stdout: Any, on_stderr: Any) -> int:
         return int(proc.wait(on_stdout=on_stdout, on_stderr=on_stderr).exit_code)
     except sdk().CommandExitException as exc:  # a non-zero exit is a result, not an error
         return int(exc.exit_code)
-
-
-def _heartbeat(live: _Live, stop: threading.Event) -> None:
-    """Keep renewing the lease while a command runs (the step may outlive one lease)."""
-    interval = max(5.0, live.settings.lease_seconds / 3)
-    while not stop.wait(interval):
-        try:
-            live.renew()
-        except Exception:  # a failed renewal is retried next tick; the command's own errors surface in exec
-            pass
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -269,78 +296,90 @@ def _file_code(exc: BaseException) -> str | None:
 
 @hookimpl
 def sandbox_upload(handle: SandboxHandle, files: Sequence[UploadItem]) -> list[FileResult]:
-    from ._client import translate
-
     live = _live(handle)
     out = []
     for item in files:
         if _bad_path(item.path):
             out.append(FileResult(item.path, error="invalid_path"))
             continue
-        # A file object makes the SDK stream an octet-stream body with no client deadline.
-        data = open(item.source, "rb") if item.source is not None else io.BytesIO(item.content or b"")
-        try:
+
+        def write(item: UploadItem = item) -> None:
+            # A file object makes the SDK stream an octet-stream body with no client deadline;
+            # opened anew on each try, so a retried upload sends the whole file again.
+            data = open(item.source, "rb") if item.source is not None else io.BytesIO(item.content or b"")
             with data:
                 live.sbx.files.write(item.path, data)
-            out.append(FileResult(item.path))
-        except Exception as exc:
-            code = _file_code(exc)
-            if code is None:
-                raise translate(exc, "upload", handle.sandbox_id, retry_safe=True) from exc
-            out.append(FileResult(item.path, error=code))  # type: ignore[arg-type]
+
+        out.append(_file_op(handle, live, "upload", item.path, write))
     return out
 
 
 @hookimpl
 def sandbox_download(handle: SandboxHandle, files: Sequence[DownloadItem]) -> list[FileResult]:
-    from ._client import translate
-
     live = _live(handle)
     out = []
     for item in files:
         if _bad_path(item.path):
             out.append(FileResult(item.path, error="invalid_path"))
             continue
-        try:
+
+        def read(item: DownloadItem = item) -> bytes | None:
             stream = live.sbx.files.read(item.path, format="stream")
             with stream:
-                if item.destination is not None:
-                    with open(item.destination, "wb") as f:
-                        for chunk in stream:
-                            f.write(chunk)
-                    out.append(FileResult(item.path))
-                else:
-                    out.append(FileResult(item.path, content=b"".join(stream)))
-        except Exception as exc:
-            code = _file_code(exc)
-            if code is None:
-                raise translate(exc, "download", handle.sandbox_id, retry_safe=True) from exc
-            out.append(FileResult(item.path, error=code))  # type: ignore[arg-type]
+                if item.destination is None:
+                    return b"".join(stream)
+                with open(item.destination, "wb") as f:  # truncated on each try
+                    for chunk in stream:
+                        f.write(chunk)
+                return None
+
+        out.append(_file_op(handle, live, "download", item.path, read))
     return out
+
+
+def _file_op(handle: SandboxHandle, live: _Live, op: str, path: str, fn: Any) -> FileResult:
+    """One idempotent file transfer, retried through rate limits and 5xx; per-file errors become results."""
+    from ._client import retrying, translate
+
+    try:
+        content = retrying(fn)
+    except Exception as exc:
+        code = _file_code(exc)
+        if code is None:
+            raise translate(exc, op, handle.sandbox_id, retry_safe=True, s=live.settings) from exc
+        return FileResult(path, error=code)  # type: ignore[arg-type]
+    return FileResult(path, content=content) if content is not None else FileResult(path)
 
 
 @hookimpl
 def sandbox_destroy(handle: SandboxHandle) -> bool:
-    from ._client import sdk, translated
+    from ._client import retrying, sdk, translated
 
+    if isinstance(handle.native, _Live):
+        handle.native.stop()  # no renewal after this: if the kill fails, the lease ends the sandbox
     s = settings(handle.options)
-    with translated("destroy", handle.sandbox_id, retry_safe=True):
-        return bool(sdk().Sandbox.kill(handle.sandbox_id, **s.api_params()))
+    with translated("destroy", handle.sandbox_id, retry_safe=True, s=s):
+        return bool(retrying(lambda: sdk().Sandbox.kill(handle.sandbox_id, **s.api_params())))
 
 
 @hookimpl
 def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[SandboxHandle]:
-    from ._client import sdk, translated
+    from ._client import retrying, sdk, translated
 
     e2b = sdk()
     s = settings(options)
     require_key(s)
     query = e2b.SandboxQuery(metadata=dict(labels) or None, state=[e2b.SandboxState.RUNNING])
-    found = []
-    with translated("list", retry_safe=True):
+
+    def every_page() -> list[Any]:
+        found: list[Any] = []
         pages = e2b.Sandbox.list(query=query, limit=100, **s.api_params())
         while pages.has_next:
             found.extend(pages.next_items())
+        return found
+
+    with translated("list", retry_safe=True, s=s):
+        found = retrying(every_page)
     workdir = s.workdir or DEFAULT_WORKDIR
     return [
         SandboxHandle(NAME, info.sandbox_id, workdir=workdir, labels=dict(info.metadata or {}), options=dict(options))

@@ -38,12 +38,24 @@ class Settings:
     plan_name: str
     plan: Plan
     template: str | None
-    #: The sandbox is created with (and renewed to) at most this TTL while a command runs,
-    #: so a dead launcher leaves an orphan for minutes, not for the whole step budget.
-    lease_seconds: int
+    #: Overrides ``SandboxSpec.lease_seconds`` (the core's METAFLOW_SANDBOX_LEASE_SECONDS) when set:
+    #: the sandbox's E2B timeout, renewed while its owner lives, so an orphan ends within one lease.
+    lease_seconds: int | None
+    #: Seconds between lease renewals; None: a sixth of the lease (several tries before it runs out).
+    renew_seconds: float | None
     default_ttl_seconds: int
     request_timeout: float
     workdir: str | None
+
+    @property
+    def api_endpoint(self) -> str:
+        """Where the REST API is, as the SDK resolves it (for error messages)."""
+        return self.api_url or "https://api.%s" % (self.domain or "e2b.app")
+
+    @property
+    def sandbox_endpoint(self) -> str:
+        """Where envd is reached, as the SDK resolves it (for error messages)."""
+        return self.sandbox_url or "https://<port>-<sandbox id>.%s" % (self.domain or "e2b.app")
 
     def api_params(self) -> dict[str, Any]:
         """Keyword arguments every SDK call gets (classmethods do not inherit them)."""
@@ -61,18 +73,32 @@ def _opt(options: Mapping[str, Any], key: str, env: str | None = None) -> str | 
     return None if value in (None, "") else str(value)
 
 
-def _int(options: Mapping[str, Any], key: str, default: int) -> int:
+def _number(options: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
+    """A finite number in [low, high] from option ``key``, or None if unset; anything else names the fix."""
     raw = _opt(options, key)
     if raw is None:
-        return default
+        return None
     try:
-        return int(float(raw))
+        value = float(raw)
     except ValueError:
+        value = float("nan")
+    if not (low <= value <= high):  # NaN fails both comparisons
         raise UnsupportedOptionError(
-            "option '%s' must be a number, got %r" % (key, raw),
-            hint="fix METAFLOW_SANDBOX_E2B_%s" % key.upper(),
+            "option '%s' must be a number between %g and %g, got %r" % (key, low, high, raw),
+            hint="fix or unset METAFLOW_SANDBOX_E2B_%s" % key.upper(),
             backend=NAME,
-        ) from None
+        )
+    return value
+
+
+def _int(options: Mapping[str, Any], key: str, default: int) -> int:
+    value = _number(options, key, 1, 10**9)
+    return default if value is None else int(value)
+
+
+def _positive(options: Mapping[str, Any], key: str) -> int | None:
+    value = _number(options, key, 1, 86400)
+    return None if value is None else int(value)
 
 
 def settings(options: Mapping[str, Any]) -> Settings:
@@ -97,9 +123,10 @@ def settings(options: Mapping[str, Any]) -> Settings:
         plan_name=plan_name,
         plan=plan,
         template=_opt(options, "template"),
-        lease_seconds=max(5, _int(options, "lease_seconds", 900)),
+        lease_seconds=_positive(options, "lease_seconds"),
+        renew_seconds=_positive(options, "renew_seconds"),
         default_ttl_seconds=_int(options, "default_ttl_seconds", plan.max_ttl_seconds),
-        request_timeout=float(_opt(options, "request_timeout") or 60),
+        request_timeout=_number(options, "request_timeout", 1, 3600) or 60.0,
         workdir=_opt(options, "workdir"),
     )
 

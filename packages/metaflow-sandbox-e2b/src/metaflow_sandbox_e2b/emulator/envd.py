@@ -85,6 +85,11 @@ def make_envd_app(world: World) -> web.Application:
         world.count("envd_requests")
         if world.faults.latency:
             await asyncio.sleep(world.faults.latency)
+        if request.path != "/process.Process/Start":
+            status = world.injected_error(envd=True)
+            if status is not None:
+                world.count("injected_%d" % status)
+                return _injected(world, request, status)
         sid = request.headers.get("E2b-Sandbox-Id", "")
         sb = world.sandboxes.get(sid)
         if sb is None or not sb.alive:
@@ -288,6 +293,16 @@ async def _spool(read: Callable[..., Awaitable[bytes]]) -> str:
     return tmp
 
 
+def _injected(world: World, request: web.Request, status: int) -> web.Response:
+    """An injected 429/5xx as envd's proxy answers it: Connect JSON for RPCs, envd's JSON for /files."""
+    headers = {"Retry-After": str(world.faults.retry_after)} if world.faults.retry_after is not None else None
+    message = "injected fault: %d" % status
+    if request.path.startswith("/files") or request.path == "/health":
+        return web.json_response({"code": status, "message": message}, status=status, headers=headers)
+    code = {429: "resource_exhausted", 503: "unavailable", 504: "deadline_exceeded"}.get(status, "internal")
+    return web.json_response({"code": code, "message": message}, status=status, headers=headers)
+
+
 def _file_error(code: str, path: str) -> web.Response:
     status, text = {
         "file_not_found": (404, "path '%s' does not exist"),
@@ -332,10 +347,13 @@ def _schedule_faults(world: World, sb: EmuSandbox, request: web.Request) -> list
     loop = asyncio.get_running_loop()
     timers = []
     f = world.faults
-    if f.drop_stream_after is not None:
+    if f.drop_stream_after is not None and (f.drop_streams is None or world.streams_dropped < f.drop_streams):
         transport = request.transport
 
         def drop() -> None:
+            if f.drop_streams is not None and world.streams_dropped >= f.drop_streams:
+                return
+            world.streams_dropped += 1
             world.count("stream_dropped")
             if transport is not None:
                 transport.abort()

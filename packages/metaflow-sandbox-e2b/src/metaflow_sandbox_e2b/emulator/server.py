@@ -32,10 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--error-rate", type=float, default=0.0)
     p.add_argument("--error-next", type=int, default=0, help="fail the next N REST requests")
     p.add_argument("--error-statuses", default="429,503")
+    p.add_argument("--error-scope", choices=["api", "all"], default="api", help="all: envd requests too (never Process/Start)")
     p.add_argument("--error-after-create", action="store_true")
     p.add_argument("--retry-after", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--drop-stream-after", type=float, default=None)
+    p.add_argument("--drop-streams", type=int, default=None, help="drop only the first N command streams")
+    p.add_argument("--time-scale", type=float, default=1.0, help="real seconds per emulated second of sandbox timeouts")
     p.add_argument("--vanish-after", type=float, default=None)
     p.add_argument("--keepalive-every", type=float, default=None)
     p.add_argument("--faults", default=None, help="faults as JSON (overrides the flags)")
@@ -52,10 +55,13 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
         error_rate=args.error_rate,
         error_next=args.error_next,
         error_statuses=tuple(int(s) for s in args.error_statuses.split(",") if s),
+        error_scope=args.error_scope,
         error_after_create=args.error_after_create,
         retry_after=args.retry_after,
         seed=args.seed,
         drop_stream_after=args.drop_stream_after,
+        drop_streams=args.drop_streams,
+        time_scale=args.time_scale,
         vanish_after=args.vanish_after,
         keepalive_every=args.keepalive_every,
     )

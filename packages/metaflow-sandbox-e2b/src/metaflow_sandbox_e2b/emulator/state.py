@@ -27,16 +27,25 @@ _SIZED = re.compile(r"-c(\d+)-m(\d+)$")
 
 @dataclasses.dataclass
 class Faults:
-    """Fault injection switches; all off by default. ``error_rate`` applies to the REST API only."""
+    """Fault injection switches; all off by default. One seeded RNG drives every random choice.
+
+    ``error_rate``/``error_next`` hit the REST API only, unless ``error_scope="all"``: then every
+    REST and envd request except ``Process/Start`` (starting the command is never faulted, so a
+    test can count exactly how often user code ran).
+    """
 
     latency: float = 0.0  # seconds added to every REST and envd request
-    error_rate: float = 0.0  # share of REST requests answered with one of error_statuses
-    error_next: int = 0  # answer the next N REST requests with an error (deterministic)
+    error_rate: float = 0.0  # share of requests answered with one of error_statuses
+    error_next: int = 0  # answer the next N requests with an error (deterministic)
     error_statuses: tuple[int, ...] = (429, 503)
+    error_scope: str = "api"  # "api": REST only; "all": REST and envd (never Process/Start)
     error_after_create: bool = False  # an injected error on create hits AFTER the sandbox was made
     retry_after: int | None = None  # Retry-After header value on injected errors
     seed: int = 0
     drop_stream_after: float | None = None  # abort Process/Start connections after N seconds
+    drop_streams: int | None = None  # ... but only the first N streams (None: every stream)
+    #: Real seconds per emulated second for sandbox timeouts (0.05: a 60 s timeout ends after 3 s).
+    time_scale: float = 1.0
     vanish_after: float | None = None  # the sandbox running a command dies N seconds after it starts
     keepalive_every: float | None = None  # overrides the client's keepalive-ping-interval (seconds)
 
@@ -49,7 +58,12 @@ class Faults:
         values = dict(values)
         if "error_statuses" in values:
             values["error_statuses"] = tuple(int(s) for s in values["error_statuses"])
-        return cls(**values)
+        faults = cls(**values)
+        if faults.error_scope not in ("api", "all"):
+            raise ValueError("error_scope must be 'api' or 'all', not %r" % faults.error_scope)
+        if not faults.time_scale > 0:
+            raise ValueError("time_scale must be > 0, not %r" % faults.time_scale)
+        return faults
 
 
 @dataclasses.dataclass
@@ -152,6 +166,7 @@ class World:
     def set_faults(self, faults: Faults) -> None:
         self.faults = faults
         self.rng = random.Random(faults.seed)
+        self.streams_dropped = 0
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -166,8 +181,10 @@ class World:
             self._local = Backend("local", retries=0)
         return self._local
 
-    def injected_error(self) -> int | None:
+    def injected_error(self, envd: bool = False) -> int | None:
         f = self.faults
+        if envd and f.error_scope != "all":
+            return None
         if f.error_next > 0:
             f.error_next -= 1
             return f.error_statuses[0]
@@ -228,7 +245,7 @@ class World:
             env=envs,
             token="tok-" + secrets.token_hex(12),
             started_at=now,
-            end_at=now + timeout,
+            end_at=now + timeout * self.faults.time_scale,
             allow_internet=allow is not False,
         )
         spec = SandboxSpec(env=envs, labels={"e2b-emulator-sandbox": sid}, network=sb.allow_internet)
@@ -269,8 +286,9 @@ class World:
 
     def set_timeout(self, sid: str, seconds: int, extend_only: bool = False) -> EmuSandbox:
         sb = self.get(sid)
-        end = time.time() + max(0, int(seconds))
-        end = min(end, sb.started_at + self.max_timeout())
+        scale = self.faults.time_scale
+        end = time.time() + max(0, int(seconds)) * scale
+        end = min(end, sb.started_at + self.max_timeout() * scale)
         sb.end_at = max(sb.end_at, end) if extend_only else end
         return sb
 
