@@ -67,7 +67,10 @@ class Settings:
 
 
 def _opt(options: Mapping[str, Any], key: str, env: str | None = None) -> str | None:
+    """``options[key]``, else ``METAFLOW_SANDBOX_E2B_<KEY>`` (library use without Metaflow's config), else E2B's ``env``."""
     value = options.get(key)
+    if value in (None, ""):
+        value = os.environ.get("METAFLOW_SANDBOX_E2B_" + key.upper())
     if value in (None, "") and env:
         value = os.environ.get(env)
     return None if value in (None, "") else str(value)
