@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Iterator
 
 import pytest
@@ -44,3 +45,16 @@ def make(backend: Backend) -> Iterator[Callable[..., Sandbox]]:
 @pytest.fixture
 def sandbox(make: Callable[..., Sandbox]) -> Sandbox:
     return make()
+
+
+@pytest.fixture
+def sandbox_root() -> Iterator[str]:
+    """A private sandbox root (METAFLOW_SANDBOX_LOCAL_ROOT) reachable by a root launcher's sandbox users:
+    pytest's own tmp_path sits in a 0700 directory."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mfsb-test-root-", dir="/tmp")
+    os.chmod(d, 0o711)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import time
@@ -57,8 +58,8 @@ def test_backends_table() -> None:
     assert proc.returncode == 0 and proc.stdout.startswith("NAME") and "\nlocal " in proc.stdout
 
 
-def test_list_and_kill_local(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = dict(os.environ, METAFLOW_SANDBOX_LOCAL_ROOT=str(tmp_path))  # list shows every live sandbox under the root
+def test_list_and_kill_local(sandbox_root) -> None:  # type: ignore[no-untyped-def]
+    env = dict(os.environ, METAFLOW_SANDBOX_LOCAL_ROOT=sandbox_root)  # list shows every live sandbox under the root
     assert run_cli("list", "--backend", "local", "--json", env=env).stdout.strip() == "[]"
     proc = run_cli("kill", "--backend", "local", "--label", "run=1", env=env)
     assert proc.returncode == 0 and "no sandboxes" in proc.stdout
@@ -102,11 +103,11 @@ def test_ctrl_c_destroys_the_sandbox() -> None:
     assert wait_until(lambda: not pids_with("sleep " + token))
 
 
-def test_list_kill_gc_in_process(make, capsys, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_list_kill_gc_in_process(make, capsys, monkeypatch, sandbox_root) -> None:  # type: ignore[no-untyped-def]
     # In-process; a private root, since list shows every live sandbox under it (other processes' too).
     from metaflow_sandbox.cli import main
 
-    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", str(tmp_path))
+    monkeypatch.setenv("METAFLOW_SANDBOX_LOCAL_ROOT", sandbox_root)
 
     ours_a = make(labels={"metaflow-sandbox": "1", "metaflow.run": "7"})
     ours_b = make(labels={"metaflow-sandbox": "1", "metaflow.run": "8"})
@@ -139,9 +140,9 @@ def test_gc_sweeps_what_a_killed_launcher_left() -> None:
     assert not os.path.exists(root)
 
 
-def test_exec_bind_and_root_option(tmp_path) -> None:
+def test_exec_bind_and_root_option(tmp_path, sandbox_root) -> None:  # type: ignore[no-untyped-def]
     (tmp_path / "in.txt").write_text("bound")
-    root = tmp_path / "sandboxes"
+    root = pathlib.Path(sandbox_root) / "sandboxes"
     proc = run_cli(
         "exec", "--backend", "local", "--bind", "%s:/data:ro" % tmp_path, "--option", "root=%s" % root, "--",
         "sh", "-c", "cat /data/in.txt; touch /data/x",

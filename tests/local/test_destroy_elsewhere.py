@@ -31,10 +31,8 @@ OWNER = textwrap.dedent(
 
 
 @pytest.fixture
-def base(tmp_path) -> str:  # type: ignore[no-untyped-def]
-    d = tmp_path / "sandboxes"
-    d.mkdir(mode=0o700)
-    return str(d)
+def base(sandbox_root: str) -> str:
+    return sandbox_root
 
 
 def _start_owner(isolation: str, base: str) -> tuple[subprocess.Popen, dict, str, str]:

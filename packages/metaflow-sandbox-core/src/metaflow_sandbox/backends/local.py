@@ -11,6 +11,7 @@ directories left by dead launchers.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
@@ -30,6 +31,7 @@ from metaflow_sandbox import (
 
 from ._local import files as files_
 from ._local import isolation, limits, proc
+from ._local import options as options_
 from ._local.sandbox import (
     ENV_MEMORY_LIMITER,
     ENV_ROOT,
@@ -59,7 +61,14 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
         binds=True,
         images=False,
         shares_host_filesystem=True,
-        config_env=(isolation.ENV_ISOLATION, isolation.ENV_BWRAP, ENV_ROOT, ENV_MEMORY_LIMITER),
+        config_env=(
+            isolation.ENV_ISOLATION,
+            isolation.ENV_BWRAP,
+            ENV_ROOT,
+            ENV_MEMORY_LIMITER,
+            options_.ENV_PIDS_LIMIT,
+            options_.ENV_DISK_MB,
+        ),
     )
 
 
@@ -72,6 +81,7 @@ def _physical_memory_mb() -> int | None:
 
 @hookimpl
 def sandbox_check_config(options: Mapping[str, Any]) -> bool:
+    options_.check(options)  # at launch: a typo in a setting is refused before any task starts
     return True
 
 
@@ -84,6 +94,8 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
             backend=NAME,
             op="sandbox_create",
         )
+    options_.check(spec.options)
+    options_.disk_mb(spec.options, spec.resources.disk_mb)
     bwrap = isolation.select(spec.options)
     _check_binds(spec, isolated=bwrap is not None)
     start_once(spec.options)
@@ -135,6 +147,7 @@ def sandbox_exec(
             return ExecResult(exit_code=1)
     watch = _StderrWatch(on_stderr)
     oom_before = sb.cgroup.oom_kills() if sb.cgroup else 0
+    pids_before = sb.pids.hits() if sb.pids else 0
     try:
         code = proc.run(
             argv,
@@ -143,7 +156,7 @@ def sandbox_exec(
             timeout,
             on_stdout,
             watch,
-            limits.preexec(sb.cpus, sb.cgroup, sb.rlimit_mb),
+            sb.preexec(),
             started=sb.track,
         )
     except proc.Timeout:
@@ -185,7 +198,26 @@ def sandbox_exec(
             "\nmetaflow-sandbox: the command hit the sandbox memory limit of %d MB and was killed.\n"
             "  Fix: raise it with memory=... (e.g. @sandbox(memory=%d)) or @resources(memory=%d).\n" % (mb, mb * 2, mb * 2)
         )
+    elif code != 0:
+        _explain_limits(sb, code, watch, pids_before)
     return ExecResult(exit_code=code, oom_killed=oom)
+
+
+def _explain_limits(sb: LocalSandbox, code: int, watch: _StderrWatch, pids_before: int) -> None:
+    """A failed command that hit the pids limit or the disk cap: say which setting to raise."""
+    if (sb.pids and sb.pids.hits() > pids_before) or (sb.uid is not None and watch.saw_fork_failure):
+        n = sb.pids_limit
+        watch(
+            "\nmetaflow-sandbox: the command hit the sandbox's pids limit of %d processes and threads.\n"
+            "  Fix: raise %s (option pids_limit), e.g. %s=%d.\n" % (n, options_.ENV_PIDS_LIMIT, options_.ENV_PIDS_LIMIT, n * 4)
+        )
+    elif (watch.saw_disk_full and sb.disk_full()) or (not sb.disk_capped and code == 128 + signal.SIGXFSZ):
+        mb = sb.disk_mb
+        watch(
+            "\nmetaflow-sandbox: the command filled the sandbox's writable space (work dir + /tmp) of %d MB.\n"
+            "  Fix: raise it with disk=... (e.g. @sandbox(disk=%d) or @resources(disk=%d)), or %s.\n"
+            % (mb, mb * 2, mb * 2, options_.ENV_DISK_MB)
+        )
 
 
 class _StderrWatch:
@@ -194,13 +226,14 @@ class _StderrWatch:
     def __init__(self, callback: OutputCallback | None):
         self.callback = callback
         self.head = ""
-        self.saw_oom = False
+        self.saw_oom = self.saw_fork_failure = self.saw_disk_full = False
 
     def __call__(self, text: str) -> None:
         if len(self.head) < 200:
             self.head += text[:200]
-        if not self.saw_oom and any(m in text for m in limits.OOM_MARKERS):
-            self.saw_oom = True
+        self.saw_oom = self.saw_oom or any(m in text for m in limits.OOM_MARKERS)
+        self.saw_fork_failure = self.saw_fork_failure or any(m in text for m in limits.FORK_MARKERS)
+        self.saw_disk_full = self.saw_disk_full or any(m in text for m in limits.DISK_MARKERS)
         if self.callback:
             self.callback(text)
 

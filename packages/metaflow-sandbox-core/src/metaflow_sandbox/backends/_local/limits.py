@@ -36,9 +36,14 @@ def pick_cpus(cpu: float | None) -> set[int] | None:
     return {available[(start + i) % len(available)] for i in range(n)}
 
 
-@functools.lru_cache(maxsize=1)
 def memory_cgroup_parent() -> tuple[int, str] | None:
     """(cgroup version, a writable cgroup dir whose children get memory control), or None."""
+    return cgroup_parent("memory")
+
+
+@functools.lru_cache(maxsize=4)
+def cgroup_parent(controller: str) -> tuple[int, str] | None:
+    """(cgroup version, a writable cgroup dir whose children get ``controller``), or None."""
     v1_mount = v2_mount = None
     try:
         with open("/proc/self/mountinfo") as f:
@@ -47,13 +52,13 @@ def memory_cgroup_parent() -> tuple[int, str] | None:
                 fields, rfields = left.split(), right.split()
                 if rfields[0] == "cgroup2" and v2_mount is None:
                     v2_mount = (fields[4], fields[3])
-                elif rfields[0] == "cgroup" and "memory" in rfields[-1].split(","):
+                elif rfields[0] == "cgroup" and controller in rfields[-1].split(","):
                     v1_mount = (fields[4], fields[3])
         with open("/proc/self/cgroup") as f:
             own = dict((ctrl, path) for _, ctrl, path in (ln.rstrip("\n").split(":", 2) for ln in f))
     except (OSError, ValueError, IndexError):
         return None
-    v1_path = next((p for c, p in own.items() if "memory" in c.split(",")), None)
+    v1_path = next((p for c, p in own.items() if controller in c.split(",")), None)
     for version, mount, path in ((1, v1_mount, v1_path), (2, v2_mount, own.get(""))):
         if mount is None or path is None:
             continue
@@ -63,7 +68,7 @@ def memory_cgroup_parent() -> tuple[int, str] | None:
         # Our own cgroup first; then (v2, where a cgroup holding processes cannot give memory control to
         # children) its ancestors, e.g. the root cgroup when running as root.
         while True:
-            if os.path.isdir(d) and os.access(d, os.W_OK) and (version == 1 or _v2_memory_delegated(d)):
+            if os.path.isdir(d) and os.access(d, os.W_OK) and (version == 1 or _v2_delegated(d, controller)):
                 return version, d
             if d.rstrip("/") == point.rstrip("/"):
                 break
@@ -71,13 +76,13 @@ def memory_cgroup_parent() -> tuple[int, str] | None:
     return None
 
 
-def _v2_memory_delegated(d: str) -> bool:
+def _v2_delegated(d: str, controller: str) -> bool:
     try:
         with open(os.path.join(d, "cgroup.subtree_control")) as f:
-            if "memory" in f.read().split():
+            if controller in f.read().split():
                 return True
         with open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
-            f.write("+memory")
+            f.write("+" + controller)
         return True
     except OSError:  # not delegated, or processes in the parent ("no internal processes" rule)
         return False
@@ -181,25 +186,75 @@ def _rmdir(path: str) -> bool:
 
 
 def stale_cgroups(prefix: str) -> list[str]:
-    """Our cgroups (name starting with ``prefix``) under this process's memory cgroup."""
-    parent = memory_cgroup_parent()
-    if parent is None:
-        return []
-    try:
-        return [os.path.join(parent[1], n) for n in os.listdir(parent[1]) if n.startswith(prefix)]
-    except OSError:
-        return []
+    """Our cgroups (name starting with ``prefix``) under this process's memory and pids cgroups."""
+    found = []
+    for controller in ("memory", "pids"):
+        parent = cgroup_parent(controller)
+        if parent is None:
+            continue
+        try:
+            found += [os.path.join(parent[1], n) for n in os.listdir(parent[1]) if n.startswith(prefix)]
+        except OSError:
+            pass
+    return sorted(set(found))
 
 
-def preexec(cpus: set[int] | None, cgroup: MemoryCgroup | None, rlimit_mb: int | None) -> Callable[[], None] | None:
-    """What the child runs between fork and exec (only when there is something to apply)."""
-    if cpus is None and cgroup is None and rlimit_mb is None:
+class PidsCgroup:
+    """A cgroup capping how many processes and threads one sandbox may have (``pids.max``)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.procs = os.path.join(path, "cgroup.procs")
+
+    @classmethod
+    def create(cls, name: str, limit: int) -> PidsCgroup | None:
+        parent = cgroup_parent("pids")
+        if parent is None:
+            return None
+        path = os.path.join(parent[1], name)
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # the memory cgroup itself (cgroup v2: one directory for every controller)
+            pass
+        except OSError:
+            return None
+        try:
+            _write(os.path.join(path, "pids.max"), str(limit))
+        except OSError:
+            _rmdir(path)
+            return None
+        return cls(path)
+
+    def hits(self) -> int:
+        """How many forks this cgroup's limit refused so far."""
+        try:
+            with open(os.path.join(self.path, "pids.events")) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "max":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+
+def preexec(
+    cpus: set[int] | None,
+    cgroup_procs: Sequence[str],
+    rlimit_mb: int | None,
+    nproc: int | None = None,
+    fsize_mb: int | None = None,
+    uid: int | None = None,
+) -> Callable[[], None] | None:
+    """What the child runs between fork and exec (only when there is something to apply): join the cgroups,
+    pin CPUs, set rlimits, and (root launcher) become the sandbox's own unprivileged uid, last."""
+    if cpus is None and not cgroup_procs and rlimit_mb is None and nproc is None and fsize_mb is None and uid is None:
         return None
-    procs = cgroup.procs if cgroup else None
+    procs = list(cgroup_procs)
 
     def apply() -> None:  # no locks or allocations worth mentioning: it runs in a forked child
-        if procs:
-            fd = os.open(procs, os.O_WRONLY)
+        for path in procs:
+            fd = os.open(path, os.O_WRONLY)
             try:
                 os.write(fd, str(os.getpid()).encode())
             finally:
@@ -209,8 +264,19 @@ def preexec(cpus: set[int] | None, cgroup: MemoryCgroup | None, rlimit_mb: int |
         if rlimit_mb:
             limit = int(rlimit_mb) * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        if nproc:  # counts every process of the uid: a pids limit only because the uid is the sandbox's own
+            resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+        if fsize_mb:
+            size = int(fsize_mb) * 1024 * 1024
+            resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        if uid is not None:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
 
     return apply
 
 
 OOM_MARKERS: Sequence[str] = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
+FORK_MARKERS: Sequence[str] = ("Resource temporarily unavailable", "fork: retry", "can't start new thread", "Cannot fork")
+DISK_MARKERS: Sequence[str] = ("No space left on device", "File too large", "Disk quota exceeded")

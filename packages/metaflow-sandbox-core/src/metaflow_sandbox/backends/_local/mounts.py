@@ -114,9 +114,12 @@ def default_workdir() -> str:
 class Layout:
     """One sandbox's mounts. ``isolated=False`` means paths are host paths (fallback mode)."""
 
-    def __init__(self, root: str, binds: Sequence[Bind], isolated: bool):
+    def __init__(self, root: str, binds: Sequence[Bind], isolated: bool, hide: Sequence[str] = ()):
         self.root = root
         self.isolated = isolated
+        self.hide = tuple(h for h in hide if not any(_under(h, c) for c in hidden_dirs() + ("/tmp",)))
+        #: host path -> where bwrap binds it from instead (an ID-mapped copy of the mount, for a root launcher)
+        self.sources: dict[str, str] = {}
         self.host_work = os.path.join(root, "work")
         self.host_tmp = os.path.join(root, "tmp")
         self.workdir = default_workdir() if isolated else self.host_work
@@ -124,7 +127,7 @@ class Layout:
         self.binds = tuple(binds)
         self.expanded, self.expand_root = self._expansions()
         mounts = [Mount("/", "/", RO), Mount("/proc", None, HIDDEN), Mount("/dev", None, HIDDEN)]
-        mounts += [Mount(d, None, HIDDEN) for d in hidden_dirs()]
+        mounts += [Mount(d, None, HIDDEN) for d in hidden_dirs() + self.hide]
         mounts += [Mount(d, d, RO) for d in reexposed()]
         mounts += [Mount("/tmp", self.host_tmp, RW), Mount(self.workdir, self.host_work, RW)]
         mounts += [Mount(b.dest, b.source, RO if b.read_only else RW) for b in self.binds]
@@ -138,18 +141,18 @@ class Layout:
             for path, link in top_level():
                 args += ["--symlink", link, path] if link is not None else ["--ro-bind", path, path]
         args += ["--dev", "/dev", "--proc", "/proc"]
-        for d in hidden_dirs():
+        for d in hidden_dirs() + self.hide:  # homes, /run, and the directory holding every sandbox
             args += ["--tmpfs", d]
         for d in self.expanded:
             args += ["--tmpfs", d]
             args += _entries_args(d)
         args += ["--bind", self.host_tmp, "/tmp"]
         for d in reexposed():
-            args += ["--ro-bind", d, d]
+            args += ["--ro-bind", self.sources.get(d, d), d]
         args += ["--bind", self.host_work, self.workdir]
         for b in self.binds:
-            args += ["--ro-bind" if b.read_only else "--bind", b.source, b.dest]
-        for d in hidden_dirs() + self.expanded:
+            args += ["--ro-bind" if b.read_only else "--bind", self.sources.get(b.source, b.source), b.dest]
+        for d in hidden_dirs() + self.hide + self.expanded:
             args += ["--remount-ro", d]
         return args + (["--remount-ro", "/"] if self.expand_root else [])
 

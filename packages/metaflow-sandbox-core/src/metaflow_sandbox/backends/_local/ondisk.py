@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,7 @@ DIR_RE = re.compile(r"^mfsb-(\d+)-(\d+)-([0-9a-f]{12})$")
 SID_RE = re.compile(r"^local-([0-9a-f]{12})$")
 MNT_DETACH = 2
 GONE = "-gone"
+log = logging.getLogger("metaflow_sandbox.local")
 
 
 def write_state(root: str, state: dict[str, Any]) -> None:
@@ -109,16 +111,21 @@ def kill_processes(root: str, cgroups: list[str]) -> None:
         time.sleep(0.02)
 
 
-def unmount(root: str) -> None:
-    """Detach whatever is mounted at or under ``root`` (a size-capped tmpfs), so rmtree never crosses into it."""
+def mounts_under(root: str) -> list[str]:
+    """Mount points at or under ``root`` in this process's view, deepest first."""
     try:
         with open("/proc/self/mountinfo") as f:
-            points = [line.split()[4] for line in f]
+            points = [line.split()[4].replace("\\040", " ") for line in f]
     except OSError:
-        return
+        return []
     prefix = root.rstrip("/")
+    return sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True)
+
+
+def unmount(root: str) -> None:
+    """Detach whatever is mounted at or under ``root`` (the disk tmpfs, ID-mapped binds), so rmtree never crosses into it."""
     libc = ctypes.CDLL(None, use_errno=True)
-    for point in sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), key=len, reverse=True):
+    for point in mounts_under(root):
         libc.umount2(point.encode(), MNT_DETACH)
 
 
@@ -157,7 +164,11 @@ def remove(root: str, scan: bool = True) -> bool:
             limits.kill_cgroup(cg)
     if state.get("mounted"):
         unmount(doomed)
-    rmtree(doomed)
+    left = mounts_under(doomed)
+    if left:  # never delete through a mount: a bind shows the launcher's own files
+        log.error("sandbox dir %s still has mounts %s; not removing it", doomed, left)
+    else:
+        rmtree(doomed)
     for cg in cgroups:
         limits.remove_cgroup(cg)
     return True

@@ -20,8 +20,9 @@ from typing import Any, Mapping
 
 from metaflow_sandbox import SandboxError, SandboxHandle, SandboxNotFoundError, SandboxSpec, UnsupportedOptionError
 
-from . import isolation, limits, ondisk, proc
-from .mounts import Layout, PathError
+from . import identity, isolation, limits, ondisk, proc
+from . import options as options_
+from .mounts import Layout, PathError, reexposed
 
 NAME = "local"
 ENV_ROOT = "METAFLOW_SANDBOX_LOCAL_ROOT"
@@ -44,9 +45,11 @@ class LocalSandbox:
         self.sid = "local-" + uuid.uuid4().hex[:12]
         self.owner = os.getpid()
         self.name = "mfsb-%d-%d-%s" % (_PIDNS, os.getpid(), self.sid[6:])
-        self.root = os.path.join(_base_dir(spec.options), self.name)
+        base = _base_dir(spec.options)
+        self.root = os.path.join(base, self.name)
+        self.uid = _sandbox_uid(bwrap)  # None: the processes are the launcher's uid (mapped, without capabilities)
         try:
-            self.layout = Layout(self.root, spec.binds, isolated=bwrap is not None)
+            self.layout = Layout(os.path.join(self.root, "disk"), spec.binds, isolated=bwrap is not None, hide=[base])
         except PathError:
             raise UnsupportedOptionError(
                 "a bind target needs a new directory inside a large read-only system directory",
@@ -57,21 +60,27 @@ class LocalSandbox:
         self.labels = dict(spec.labels)
         self.memory_mb = spec.resources.memory_mb
         self.cpus = limits.pick_cpus(spec.resources.cpu)
+        self.pids_limit = options_.pids_limit(spec.options)
+        self.disk_mb = options_.disk_mb(spec.options, spec.resources.disk_mb)
+        self.cgroup: limits.MemoryCgroup | None = None
+        self.pids: limits.PidsCgroup | None = None
+        self.rlimit_mb: int | None = None
+        self.disk_capped = False  # True: work/ and /tmp live on a tmpfs of disk_mb (else only files are capped)
+        if self.uid is not None:
+            _check_reachable(base)
+            if base_mode(base) & 0o711 != 0o711:
+                os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
         os.mkdir(self.root, 0o700)
         try:  # the state first: from here on another process can list and destroy this sandbox
             self.state: dict[str, Any] = {"id": self.sid, "owner": self.owner, "labels": self.labels, "workdir": self.layout.workdir}
-            self.state["cgroups"] = []
+            self.state.update(cgroups=[], uid=self.uid, mounted=False)
             ondisk.write_state(self.root, self.state)
-            self.cgroup, self.rlimit_mb = _memory_limit(self.name, self.memory_mb, spec.options)
-            if self.cgroup:
-                self.state["cgroups"] = [self.cgroup.path]
-                ondisk.write_state(self.root, self.state)
-            os.mkdir(os.path.join(self.root, "work"))
-            os.mkdir(os.path.join(self.root, "tmp"))
+            self._make_cgroups(spec.options)
+            self._make_disk()
+            if self.uid is not None:
+                self._map_sources()
         except BaseException:
             ondisk.remove(self.root, scan=False)
-            if getattr(self, "cgroup", None):
-                self.cgroup.remove()
             raise
         self.env = {
             "PATH": _path_with_python(),
@@ -83,6 +92,9 @@ class LocalSandbox:
         self.argv: list[str] = []
         if bwrap:
             self.argv = [bwrap, *self.layout.bwrap_args(), *isolation.ISOLATION_FLAGS]
+            if self.uid is not None:  # a user namespace for sure, its one user being the sandbox's own uid
+                self.argv[self.argv.index("--unshare-user-try")] = "--unshare-user"
+                self.argv += ["--uid", str(identity.INSIDE_ID), "--gid", str(identity.INSIDE_ID)]
             self.argv += [] if spec.network else ["--unshare-net"]
             self.argv += ["--hostname", self.sid, "--die-with-parent", "--new-session"]
         self.running: set[subprocess.Popen] = set()
@@ -98,6 +110,96 @@ class LocalSandbox:
         self.handle = SandboxHandle(
             NAME, self.sid, workdir=self.layout.workdir, labels=self.labels, options=dict(spec.options), native=self
         )
+
+    def _save(self) -> None:
+        ondisk.write_state(self.root, self.state)
+
+    def _make_cgroups(self, options: Mapping[str, Any]) -> None:
+        self.cgroup, self.rlimit_mb = _memory_limit(self.name, self.memory_mb, options)
+        if self.cgroup:
+            self.state["cgroups"].append(self.cgroup.path)
+            self._save()
+        if self.uid is None:  # with its own uid, RLIMIT_NPROC is the sandbox's pids limit; else a pids cgroup
+            self.pids = limits.PidsCgroup.create(self.name, self.pids_limit)
+            if self.pids and self.pids.path not in self.state["cgroups"]:
+                self.state["cgroups"].append(self.pids.path)
+                self._save()
+            if self.pids is None:
+                _warn_once("pids", "no writable pids cgroup here: the pids limit (%s) is not enforced" % options_.ENV_PIDS_LIMIT)
+
+    def _make_disk(self) -> None:
+        """work/ and tmp/ on a tmpfs of disk_mb when the launcher may mount (root); else plain dirs."""
+        disk = self.layout.root
+        os.mkdir(disk, 0o700)
+        if identity.is_root():
+            owner = self.uid if self.uid is not None else 0
+            opts = "size=%dm,mode=0700,uid=%d,gid=%d" % (self.disk_mb, owner, owner)
+            self.state["mounted"] = True
+            self._save()
+            if _mount_tmpfs(disk, opts):
+                self.disk_capped = True
+        for d in (self.layout.host_work, self.layout.host_tmp):
+            os.mkdir(d, 0o700)
+        for d in (self.root, disk, self.layout.host_work, self.layout.host_tmp):
+            if self.uid is not None:
+                os.chown(d, self.uid, self.uid)
+
+    def _map_sources(self) -> None:
+        """ID-mapped copies of every bind (and of re-exposed paths the sandbox's uid cannot reach), so the
+        sandbox's uid reads and writes them as the launcher could."""
+        assert self.uid is not None
+        wanted = [(b.source, b.read_only) for b in self.layout.binds]
+        wanted += [(d, True) for d in reexposed() if not _world_reachable(d)]
+        if not wanted:
+            return
+        self.state["mounted"] = True
+        self._save()
+        mnt = os.path.join(self.root, "mnt")
+        os.mkdir(mnt, 0o755)
+        ns = identity.userns_fd(self.uid)
+        try:
+            for i, (source, read_only) in enumerate(wanted):
+                if source in self.layout.sources:
+                    continue
+                target = os.path.join(mnt, str(i))
+                if os.path.isdir(source):
+                    os.mkdir(target)
+                else:
+                    open(target, "w").close()
+                try:
+                    identity.idmapped_bind(source, target, ns, read_only)
+                except OSError as exc:
+                    raise SandboxError(
+                        "cannot give the sandbox's own user access to %s: %s" % (source, exc),
+                        hint="move it to a local filesystem (ID-mapped mounts need ext4, xfs, btrfs or tmpfs), "
+                        "or run the launcher as a non-root user",
+                        backend=NAME,
+                    ) from None
+                self.layout.sources[source] = target
+        finally:
+            os.close(ns)
+
+    def preexec(self) -> Any:
+        """What each exec's child applies before bwrap starts (cgroups, CPUs, rlimits, then the sandbox's uid)."""
+        procs = [cg.procs for cg in (self.cgroup, self.pids) if cg is not None]
+        return limits.preexec(
+            self.cpus,
+            sorted(set(procs)),
+            self.rlimit_mb,
+            nproc=self.pids_limit if self.uid is not None else None,
+            fsize_mb=None if self.disk_capped else self.disk_mb,
+            uid=self.uid,
+        )
+
+    def disk_full(self) -> bool:
+        """Whether the sandbox's writable space is (nearly) full: a 'No space left' was ours, not a bind's."""
+        if not self.disk_capped:
+            return False
+        try:
+            st = os.statvfs(self.layout.root)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize < max(1 << 20, st.f_blocks * st.f_frsize // 100)
 
     def expire(self) -> None:
         self.expired = True
@@ -143,6 +245,99 @@ class LocalSandbox:
         return True
 
 
+_drop_probe: dict[str, str | None] = {}
+
+
+def _sandbox_uid(bwrap: str | None) -> int | None:
+    """A fresh unprivileged uid for a root launcher's sandbox; None when not root, not isolated, or impossible
+    here (said once, loudly: then the step runs as root without capabilities and root-only files are readable)."""
+    if bwrap is None or not identity.is_root():
+        return None
+    with _lock:
+        if bwrap not in _drop_probe:
+            _drop_probe[bwrap] = identity.supported() or _probe_bwrap_as(bwrap, identity.new_uid())
+    why = _drop_probe[bwrap]
+    if why is None:
+        return identity.new_uid()
+    _warn_once(
+        "uid",
+        "the launcher is root and sandboxes cannot get their own unprivileged user here (%s): steps run as root "
+        "without capabilities and CAN READ root-only files such as /etc/shadow. Fix: run the launcher as a "
+        "non-root user, or allow unprivileged user namespaces and ID-mapped mounts (Linux >= 5.12)" % why,
+    )
+    return None
+
+
+def _probe_bwrap_as(bwrap: str, uid: int) -> str | None:
+    argv = [bwrap, "--ro-bind", "/", "/", "--unshare-user", "--uid", str(identity.INSIDE_ID), "--gid", str(identity.INSIDE_ID)]
+    argv += ["--unshare-pid", "--cap-drop", "ALL", "--die-with-parent", "true"]
+    try:
+        p = subprocess.run(argv, capture_output=True, timeout=20, preexec_fn=lambda: identity.drop_to(uid), cwd="/")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return None if p.returncode == 0 else "bwrap as an unprivileged user: %s" % p.stderr.decode(errors="replace").strip()
+
+
+def _check_reachable(base: str) -> None:
+    """Each sandbox's unprivileged uid must pass through every parent of the sandbox root."""
+    parent = os.path.dirname(os.path.abspath(base))
+    if not _world_reachable(parent, read=False):
+        raise SandboxError(
+            "the sandboxes' unprivileged users cannot reach the local sandbox root %s (a parent directory is not "
+            "searchable by others)" % base,
+            hint="point %s (option root) at a directory under a world-searchable path such as /var/tmp, "
+            "or chmod o+x its parent directories" % ENV_ROOT,
+            backend=NAME,
+        )
+
+
+def _world_reachable(path: str, read: bool = True) -> bool:
+    """Whether any user can read ``path`` (every ancestor searchable by others, the path readable)."""
+    parts = os.path.normpath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        try:
+            mode = os.stat("/".join(parts[:i]) or "/").st_mode
+        except OSError:
+            return False
+        if not mode & 0o001:
+            return False
+    return not read or bool(os.stat(path).st_mode & 0o004)
+
+
+_MS_NOSUID, _MS_NODEV = 2, 4
+
+
+def _mount_tmpfs(target: str, opts: str) -> bool:
+    err = _libc_mount(b"tmpfs", os.fsencode(target), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts.encode())
+    if err:
+        _warn_once("disk", "cannot mount a tmpfs for the sandbox's disk cap (%s): only single files are capped" % os.strerror(err))
+    return not err
+
+
+def _libc_mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> int:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source, target, fstype, ctypes.c_ulong(flags), data) != 0:
+        return ctypes.get_errno()
+    return 0
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning("metaflow-sandbox: %s", msg)
+
+
+def base_mode(base: str) -> int:
+    return os.stat(base).st_mode & 0o777
+
+
 def _path_with_python() -> str:
     """The launcher's PATH, with this Python's bin dir first so ``python`` inside is the launcher's."""
     path = os.environ.get("PATH", os.defpath)
@@ -170,7 +365,7 @@ def _memory_limit(name: str, memory_mb: int | None, options: Mapping[str, Any]) 
     """(cgroup, None) for a hard limit; (None, MB) for the RLIMIT_AS fallback; (None, None) for no limit."""
     if not memory_mb:
         return None, None
-    limiter = str(options.get("memory_limiter") or os.environ.get(ENV_MEMORY_LIMITER) or "auto").lower()
+    limiter = options_.memory_limiter(options)
     if limiter != "rlimit":
         cgroup = limits.MemoryCgroup.create(name, memory_mb)
         if cgroup is not None:
