@@ -4,6 +4,8 @@ streams become clear errors, and user code is never re-run."""
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
@@ -112,3 +114,64 @@ def test_latency_is_applied(backend: Backend, emulator: Emulator, labels) -> Non
         start = time.monotonic()
         sb.run(["true"])
         assert time.monotonic() - start >= fast + 0.25
+
+
+# -- seeded faults on every endpoint but the command start ------------------------------------------
+def test_every_idempotent_call_survives_seeded_faults_on_rest_and_envd(emulator: Emulator, labels) -> None:
+    """30 % of REST and envd answers are 429/503 (with Retry-After: 0): every call still succeeds, and
+    each command ran exactly once (Process/Start is never faulted; nothing re-runs it)."""
+    backend = Backend("e2b", backoff=0.05)
+    emulator.set_faults(error_rate=0.3, error_scope="all", seed=2, retry_after=0)
+    before = emulator.stats()
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=120, idempotency_key="faults-" + labels["run"])) as sb:
+        work = sb.handle.workdir
+        for i in range(5):
+            sb.write_file("%s/in%d" % (work, i), b"data%d" % i)
+            assert sb.read_file("%s/in%d" % (work, i)) == b"data%d" % i
+            assert sb.run(["sh", "-c", 'echo run >> "$0"; cat "$1"', work + "/runs", "%s/in%d" % (work, i)])[:2] == (0, "data%d" % i)
+            for _ in range(3):
+                assert [s.id for s in backend.list({"run": labels["run"]})] == [sb.id]
+        emulator.set_faults()
+        assert sb.read_file(work + "/runs") == b"run\n" * 5  # no command ran twice
+    stats = emulator.stats()
+    assert stats["execs"][sb.id] == 5
+    assert stats.get("injected_envd", 0) - before.get("injected_envd", 0) >= 3
+    assert stats.get("injected_api", 0) - before.get("injected_api", 0) >= 1
+    assert _mine(emulator, labels) == []
+
+
+def test_fault_sequence_is_reproducible_from_the_seed(emulator: Emulator) -> None:
+    """One seeded RNG: the same seed gives the same answers in the same order."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def answers() -> list[int]:
+        emulator.set_faults(error_rate=0.5, error_scope="all", seed=5, retry_after=0)
+        out = []
+        for _ in range(12):
+            req = urllib.request.Request(emulator.url + "/v2/sandboxes?metadata=run%3Dnone", headers={"X-API-KEY": emulator.api_key})
+            try:
+                opener.open(req, timeout=10).close()
+                out.append(200)
+            except urllib.error.HTTPError as exc:
+                out.append(exc.code)
+        return out
+
+    first = answers()
+    assert answers() == first
+    assert {429, 503} <= set(first) and 200 in first
+
+
+def test_retry_after_is_honoured(backend: Backend, emulator: Emulator, labels) -> None:
+    emulator.set_faults(error_next=1, error_statuses=[429], retry_after=2)
+    start = time.monotonic()
+    backend.list({"run": labels["run"]})
+    assert time.monotonic() - start >= 1.9
+
+
+def test_only_the_first_n_streams_are_dropped(backend: Backend, emulator: Emulator, labels) -> None:
+    with backend.create(SandboxSpec(labels=labels, ttl_seconds=120)) as sb:
+        emulator.set_faults(drop_stream_after=0.5, drop_streams=1)
+        with pytest.raises(SandboxError, match="NOT retried"):
+            sb.exec(["sleep", "2"], timeout=30)
+        assert sb.exec(["sleep", "2"], timeout=30).exit_code == 0
+        assert emulator.stats().get("stream_dropped", 0) >= 1

@@ -32,6 +32,7 @@ def make_api_app(world: World) -> web.Application:
         status = world.injected_error()
         if status is not None:
             world.count("injected_%d" % status)
+            world.count("injected_api")
             headers = {"Retry-After": str(world.faults.retry_after)} if world.faults.retry_after is not None else None
             if request.path == "/v2/sandboxes" and request.method == "POST" and world.faults.error_after_create:
                 request["fail_after"] = (status, headers)

@@ -89,6 +89,7 @@ def make_envd_app(world: World) -> web.Application:
             status = world.injected_error(envd=True)
             if status is not None:
                 world.count("injected_%d" % status)
+                world.count("injected_envd")
                 return _injected(world, request, status)
         sid = request.headers.get("E2b-Sandbox-Id", "")
         sb = world.sandboxes.get(sid)
