@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from . import parse
 from .errors import SandboxError
@@ -120,7 +120,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise parse.InvalidInputError("exec", "", "given a command after --", "e.g. metaflow-sandbox exec --backend local -- echo hi")
+        raise SandboxError("exec needs a command to run", hint="put it after --, e.g. metaflow-sandbox exec --backend local -- echo hi")
     spec = _exec_spec(args)  # every option parsed before anything is created
     name = parse.text(args.backend, "--backend", "--backend local")
     backend = Backend(name, options=backend_options(name, _options(args.option)))
@@ -252,9 +252,17 @@ def cmd_kill(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a Fix line under every usage error (exit code 2, no traceback)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, "%s: error: %s\n  Fix: see `%s --help` for the options\n" % (self.prog, message, self.prog))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="metaflow-sandbox", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    parser = _Parser(prog="metaflow-sandbox", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
 
     p = sub.add_parser("backends", help="list installed backends, whether they load and are configured")
     p.add_argument("--json", action="store_true")

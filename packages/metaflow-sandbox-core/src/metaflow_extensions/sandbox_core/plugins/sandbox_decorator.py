@@ -48,13 +48,16 @@ def as_bool(value):
     return bool(value)
 
 
-def as_json(value, what):
+def as_json(value, what, example="{\"MY_SETTING\": \"x\"}", kind="a dict"):
     """Dict/list attributes may arrive as JSON strings from `--with sandbox:env={...}`."""
     if isinstance(value, str):
         try:
             return json.loads(value)
         except ValueError:
-            raise SandboxException("@sandbox attribute %s is not valid JSON: %r" % (what, value))
+            raise SandboxException(
+                "@sandbox(%s=...) must be %s (JSON through --with), not %r\n  Fix: give e.g. --with 'sandbox:%s=%s'"
+                % (what, kind, value, what, example)
+            )
     return value
 
 
@@ -122,20 +125,25 @@ class SandboxDecorator(StepDecorator):
         if preset:
             if self.attributes["backend"] not in (None, "", preset):
                 raise SandboxException(
-                    "@%s always runs on backend '%s', but backend=%r was given. "
-                    "Use @sandbox(backend=%r) instead." % (self.name, preset, self.attributes["backend"], self.attributes["backend"])
+                    "@%s always runs on backend '%s', but backend=%r was given.\n  Fix: use @sandbox(backend=%r) instead."
+                    % (self.name, preset, self.attributes["backend"], self.attributes["backend"])
                 )
             self.attributes["backend"] = preset
         for key in ("env", "options"):
             value = as_json(self.attributes[key], key)
             if value is not None and not isinstance(value, dict):
-                raise SandboxException("@%s(%s=...) must be a dict, got %r" % (self.name, key, value))
+                raise SandboxException(
+                    "@%s(%s=...) must be a dict, not %r\n  Fix: give e.g. %s={'MY_SETTING': 'x'}" % (self.name, key, value, key)
+                )
             self.attributes[key] = value
-        packages = as_json(self.attributes["packages"], "packages")
-        if isinstance(packages, str):
-            packages = [packages]
+        packages = self.attributes["packages"]
+        if isinstance(packages, str):  # one requirement, or a JSON list through --with
+            packages = as_json(packages, "packages", '["pandas==2.2.3"]', "a list") if packages.lstrip().startswith("[") else [packages]
         if packages is not None and not isinstance(packages, list):
-            raise SandboxException("@%s(packages=...) must be a list of pip requirements" % self.name)
+            raise SandboxException(
+                "@%s(packages=...) must be a list of pip requirements, not %r\n  Fix: give e.g. packages=['pandas==2.2.3']"
+                % (self.name, packages)
+            )
         self.attributes["packages"] = packages
         if in_workload():  # checked at launch; the core may not be installed in the sandbox
             self.attributes["network"] = as_bool(self.attributes["network"])
@@ -292,10 +300,6 @@ def resolve_backend(attribute):
         return attribute, "set by the decorator"
     from metaflow.metaflow_config import SANDBOX_BACKEND
 
-    if SANDBOX_BACKEND:
-        return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
-    return "local", "the default; choose another with METAFLOW_SANDBOX_BACKEND or @sandbox(backend=...)"
-
     if SANDBOX_BACKEND is not None and not in_workload():
         try:
             check_backend_name(SANDBOX_BACKEND, "METAFLOW_SANDBOX_BACKEND", "METAFLOW_SANDBOX_BACKEND=local (or unset it)")
@@ -305,6 +309,10 @@ def resolve_backend(attribute):
 
 def backend_options(name, attribute_options=None):
     """Backend settings from Metaflow config: METAFLOW_SANDBOX_<NAME>_<KEY> -> options["<key>"].
+
+    if SANDBOX_BACKEND:
+        return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
+    return "local", "the default; choose another with METAFLOW_SANDBOX_BACKEND or @sandbox(backend=...)"
 
     Read from ~/.metaflowconfig and the environment (environment wins), then the decorator's
     non-secret `options` attribute on top.

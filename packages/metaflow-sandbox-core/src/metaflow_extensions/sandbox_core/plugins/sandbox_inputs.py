@@ -200,10 +200,11 @@ def launch_spec(deco, backend, env=None):
 
 def user_env(deco, node):
     """The step's own variables (decorator env, @environment vars): checked at launch, names and size."""
-    env = {k: str(v) for k, v in (deco.attributes.get("env") or {}).items()}
+    parse = _parse()
+    env = dict(deco.attributes.get("env") or {})
     for env_deco in [d for d in node.decorators if d.name == "environment"]:
-        env.update({str(k): str(v) for k, v in (env_deco.attributes.get("vars") or {}).items()})
-    return env
+        env.update(parse.environment(env_deco.attributes.get("vars") or {}, "@environment(vars=...)"))
+    return parse.environment(env, "@%s(env=...) with @environment(vars=...)" % deco.name)
 
 
 def in_workload():

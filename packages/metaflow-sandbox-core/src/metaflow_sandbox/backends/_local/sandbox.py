@@ -101,6 +101,7 @@ class LocalSandbox:
         self.lock = threading.RLock()
         self.destroyed = False
         self.ttl = spec.ttl_seconds
+        self.torn_down = threading.Event()  # set once destroy() has removed everything
         self.expired = False
         self.timer: threading.Timer | None = None
         if spec.ttl_seconds:
@@ -225,9 +226,20 @@ class LocalSandbox:
         """Kill every process, remove the files and the cgroup. False if already destroyed."""
         with self.lock:
             if self.destroyed:
-                return False
-            self.destroyed = True
-            running = list(self.running)
+                dying = True
+            else:
+                dying, self.destroyed = False, True
+                running = list(self.running)
+        if dying:  # e.g. the ttl timer is removing it: wait, or the process may exit with its directory half-removed
+            self.torn_down.wait(30)
+            return False
+        try:
+            self._teardown(running)
+        finally:
+            self.torn_down.set()
+        return True
+
+    def _teardown(self, running: list[subprocess.Popen]) -> None:
         with _lock:
             _live.pop(self.sid, None)
         if self.timer:
@@ -242,7 +254,6 @@ class LocalSandbox:
             except subprocess.TimeoutExpired:
                 log.warning("process %d of sandbox %s did not die within 5s", p.pid, self.sid)
         ondisk.remove(self.root, scan=False)
-        return True
 
 
 _drop_probe: dict[str, str | None] = {}
