@@ -138,14 +138,14 @@ class Backend:
 
     def validate(self, spec: SandboxSpec) -> None:
         """Refuse what the backend cannot honour instead of silently ignoring it."""
-        caps, res, name = self.capabilities(), spec.resources, self.name
-
-        def refuse(what: str, hint: str) -> None:
         try:
             parse.check_spec(spec)  # finite, positive numbers, valid env names and size: before any capability
         except parse.InvalidInputError as err:
             err.backend, err.op = self.name, "sandbox_create"
             raise
+        caps, res, name = self.capabilities(), spec.resources, self.name
+
+        def refuse(what: str, hint: str) -> None:
             raise UnsupportedOptionError("backend '%s' %s" % (name, what), hint=hint, backend=name, op="sandbox_create")
 
         if (res.gpu or res.gpu_type) and not caps.gpu:

@@ -306,13 +306,13 @@ def resolve_backend(attribute):
         except Exception as err:
             raise refused(err)
         return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
-
-def backend_options(name, attribute_options=None):
-    """Backend settings from Metaflow config: METAFLOW_SANDBOX_<NAME>_<KEY> -> options["<key>"].
-
     if SANDBOX_BACKEND:
         return SANDBOX_BACKEND, "from METAFLOW_SANDBOX_BACKEND"
     return "local", "the default; choose another with METAFLOW_SANDBOX_BACKEND or @sandbox(backend=...)"
+
+
+def backend_options(name, attribute_options=None):
+    """Backend settings from Metaflow config: METAFLOW_SANDBOX_<NAME>_<KEY> -> options["<key>"].
 
     Read from ~/.metaflowconfig and the environment (environment wins), then the decorator's
     non-secret `options` attribute on top.

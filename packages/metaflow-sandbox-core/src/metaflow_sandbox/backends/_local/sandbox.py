@@ -100,8 +100,8 @@ class LocalSandbox:
         self.running: set[subprocess.Popen] = set()
         self.lock = threading.RLock()
         self.destroyed = False
-        self.ttl = spec.ttl_seconds
         self.torn_down = threading.Event()  # set once destroy() has removed everything
+        self.ttl = spec.ttl_seconds
         self.expired = False
         self.timer: threading.Timer | None = None
         if spec.ttl_seconds:
