@@ -96,6 +96,7 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
         )
     options_.check(spec.options)
     options_.disk_mb(spec.options, spec.resources.disk_mb)
+    _check_env(spec.env, [])
     bwrap = isolation.select(spec.options)
     _check_binds(spec, isolated=bwrap is not None)
     start_once(spec.options)
@@ -136,6 +137,7 @@ def sandbox_exec(
     full_env = {**sb.env, **(env or {})}
     if not command:
         raise SandboxError("empty command", hint="pass an argv list such as ['echo', 'hi']", backend=NAME)
+    _check_env(full_env, [*sb.argv, *command])
     cwd = os.path.join(sb.layout.workdir, cwd) if cwd else sb.layout.workdir  # a relative cwd is under workdir
     if sb.bwrap:
         argv, host_cwd = [*sb.argv, "--chdir", cwd, "--", *command], sb.root
@@ -173,6 +175,7 @@ def sandbox_exec(
         with sb.lock:
             sb.running = {p for p in sb.running if p.poll() is None}
     if sb.destroyed:
+        sb.torn_down.wait(30)  # e.g. the ttl timer is still removing it: report once nothing is left
         raise sb.gone("went away while the command ran")
     if not os.path.isdir(sb.root):  # destroyed by another process (the lifeline's reaper, `metaflow-sandbox gc`)
         sb.destroy()
@@ -211,7 +214,7 @@ def _explain_limits(sb: LocalSandbox, code: int, watch: _StderrWatch, pids_befor
             "\nmetaflow-sandbox: the command hit the sandbox's pids limit of %d processes and threads.\n"
             "  Fix: raise %s (option pids_limit), e.g. %s=%d.\n" % (n, options_.ENV_PIDS_LIMIT, options_.ENV_PIDS_LIMIT, n * 4)
         )
-    elif (watch.saw_disk_full and sb.disk_full()) or (not sb.disk_capped and code == 128 + signal.SIGXFSZ):
+    elif sb.disk_full() or (not sb.disk_capped and code == 128 + signal.SIGXFSZ):
         mb = sb.disk_mb
         watch(
             "\nmetaflow-sandbox: the command filled the sandbox's writable space (work dir + /tmp) of %d MB.\n"
@@ -226,16 +229,55 @@ class _StderrWatch:
     def __init__(self, callback: OutputCallback | None):
         self.callback = callback
         self.head = ""
-        self.saw_oom = self.saw_fork_failure = self.saw_disk_full = False
+        self.saw_oom = self.saw_fork_failure = False
 
     def __call__(self, text: str) -> None:
         if len(self.head) < 200:
             self.head += text[:200]
         self.saw_oom = self.saw_oom or any(m in text for m in limits.OOM_MARKERS)
         self.saw_fork_failure = self.saw_fork_failure or any(m in text for m in limits.FORK_MARKERS)
-        self.saw_disk_full = self.saw_disk_full or any(m in text for m in limits.DISK_MARKERS)
         if self.callback:
             self.callback(text)
+
+
+MAX_ARG_STRLEN = 128 * 1024  # the kernel's limit on one argument or one NAME=value
+
+
+def _check_env(env: Mapping[str, str], argv: Sequence[str]) -> None:
+    """Refuse what execve would refuse (with a shell's bare "Argument list too long"), saying what to do."""
+    for name, value in env.items():
+        if not isinstance(name, str) or not name or "=" in name or "\0" in name or any(c.isspace() for c in name):
+            raise UnsupportedOptionError(
+                "environment variable name %r is not valid (it must be non-empty, without '=', spaces or NUL)" % (name,),
+                hint="rename it in env= (e.g. MY_SETTING)",
+                backend=NAME,
+            )
+        if not isinstance(value, str) or "\0" in value:
+            raise UnsupportedOptionError(
+                "environment variable %s must be a string without NUL bytes" % name, hint="fix its value in env=", backend=NAME
+            )
+        if len(name.encode()) + len(value.encode(errors="surrogateescape")) + 1 >= MAX_ARG_STRLEN:
+            raise UnsupportedOptionError(
+                "environment variable %s is %d KB; a process can receive at most 128 KB per variable" % (name, len(value) // 1024),
+                hint="pass large values as a file instead: upload it (sandbox.write_file) or read it from the datastore in the step",
+                backend=NAME,
+            )
+    total = sum(len(k.encode()) + len(v.encode(errors="surrogateescape")) + 2 for k, v in env.items())
+    total += sum(len(a.encode(errors="surrogateescape")) + 1 for a in argv)
+    limit = _arg_max() - 64 * 1024
+    if total > limit:
+        raise UnsupportedOptionError(
+            "the environment and command line are %d KB; this machine starts processes with at most %d KB" % (total // 1024, limit // 1024),
+            hint="pass large values as a file instead: upload it (sandbox.write_file) or read it from the datastore in the step",
+            backend=NAME,
+        )
+
+
+def _arg_max() -> int:
+    try:
+        return int(os.sysconf("SC_ARG_MAX"))
+    except (ValueError, OSError):
+        return 2 * 1024 * 1024
 
 
 @hookimpl

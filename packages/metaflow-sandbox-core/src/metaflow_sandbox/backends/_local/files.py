@@ -25,12 +25,16 @@ def upload_one(layout: Layout, item: UploadItem) -> str | None:
             return "permission_denied"
         if os.path.isdir(host):
             return "is_directory"
+        # In the sandbox's own space, files belong to its uid (a root launcher's sandbox has its own).
+        owner = layout.owner if host.startswith(layout.root + "/") else None
         with open(item.source, "rb") if item.source is not None else contextlib.nullcontext() as src:
-            os.makedirs(os.path.dirname(host), exist_ok=True)
+            _makedirs(os.path.dirname(host), owner)
             fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
             if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device planted by the sandbox
                 os.close(fd)
                 return "permission_denied"
+            if owner is not None:
+                os.fchown(fd, owner, owner)
             os.ftruncate(fd, 0)
             with open(fd, "wb") as out:
                 if src is not None:
@@ -42,6 +46,17 @@ def upload_one(layout: Layout, item: UploadItem) -> str | None:
         return exc.code
     except OSError as exc:
         return file_error(exc)
+
+
+def _makedirs(path: str, owner: int | None) -> None:
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for d in reversed(missing):
+        os.mkdir(d)
+        if owner is not None:
+            os.lchown(d, owner, owner)
 
 
 def download_one(layout: Layout, item: DownloadItem) -> FileResult:

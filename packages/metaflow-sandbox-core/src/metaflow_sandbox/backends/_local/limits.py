@@ -279,4 +279,3 @@ def preexec(
 
 OOM_MARKERS: Sequence[str] = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
 FORK_MARKERS: Sequence[str] = ("Resource temporarily unavailable", "fork: retry", "can't start new thread", "Cannot fork")
-DISK_MARKERS: Sequence[str] = ("No space left on device", "File too large", "Disk quota exceeded")

@@ -118,6 +118,7 @@ class Layout:
         self.root = root
         self.isolated = isolated
         self.hide = tuple(h for h in hide if not any(_under(h, c) for c in hidden_dirs() + ("/tmp",)))
+        self.owner: int | None = None  # the sandbox's own uid, when it has one (a root launcher)
         #: host path -> where bwrap binds it from instead (an ID-mapped copy of the mount, for a root launcher)
         self.sources: dict[str, str] = {}
         self.host_work = os.path.join(root, "work")

@@ -56,6 +56,7 @@ class LocalSandbox:
                 hint="bind at an existing path, under /tmp or the work dir, or at a new top-level path (e.g. /data)",
                 backend=NAME,
             ) from None
+        self.layout.owner = self.uid
         self.bwrap = bwrap
         self.labels = dict(spec.labels)
         self.memory_mb = spec.resources.memory_mb
