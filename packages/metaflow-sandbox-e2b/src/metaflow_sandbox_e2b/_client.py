@@ -110,7 +110,8 @@ def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_
         cls = TransientBackendError if retry_safe else SandboxError
         return cls(
             "cannot reach the E2B sandbox at %s: %s" % (url, text),
-            hint="check %s; if it is right, the network to E2B dropped: retry later" % setting,
+            hint="check %s (and that E2B_API_KEY belongs to that E2B); if they are right, the network to E2B dropped: retry later"
+            % setting,
             **kw,
         )
     if isinstance(exc, busy) or (isinstance(status, int) and status >= 500):
@@ -164,11 +165,16 @@ def retrying(fn: Callable[[], T], attempts: int = 6, base: float = 0.2, cap: flo
     REST calls already went through the SDK's own retries, which honour ``Retry-After``; envd's
     errors carry no headers, so this backs off exponentially (with jitter) instead.
     """
+    unreachable = 0
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as exc:
             if attempt == attempts - 1 or not is_transient(exc):
                 raise
+            if isinstance(exc, sdk().SandboxUnreachableException):
+                unreachable += 1  # the SDK already retried the connection: a wrong URL should fail in seconds
+                if unreachable >= 2:
+                    raise
             time.sleep(min(cap, base * 2**attempt) * (0.5 + random.random() / 2))
     raise AssertionError("unreachable")
