@@ -240,3 +240,15 @@ def test_nothing_left_after_destroy_including_mounts_and_cgroups(make, sandbox_r
     assert not [m for m in open("/proc/self/mountinfo") if sandbox_root in m]
     assert not [c for c in cgroups if os.path.exists(c)]
     assert os.listdir(tmp_path) == []  # the bind's own files were never touched by the cleanup
+
+
+@needs_root
+def test_a_root_the_sandbox_user_cannot_reach_is_staged_and_cleaned(make, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    base = tmp_path / "sandboxes"  # pytest's tmp_path sits in a 0700 directory
+    sb = make(options={"root": str(base)}, binds=(Bind(str(tmp_path.parent)),))
+    data = sb.handle.native.data
+    assert data.startswith("/tmp/metaflow-sandbox-stage-") and os.path.isdir(data)
+    assert sh(sb, "echo hi > f && cat f && id -u")[1].split() == ["hi", "65534"]
+    sb.destroy()
+    assert not os.path.exists(data) and os.listdir(base) == []
+    assert not [m for m in open("/proc/self/mountinfo") if data in m]

@@ -140,7 +140,7 @@ def sandbox_exec(
     _check_env(full_env, [*sb.argv, *command])
     cwd = os.path.join(sb.layout.workdir, cwd) if cwd else sb.layout.workdir  # a relative cwd is under workdir
     if sb.bwrap:
-        argv, host_cwd = [*sb.argv, "--chdir", cwd, "--", *command], sb.root
+        argv, host_cwd = [*sb.argv, "--chdir", cwd, "--", *command], sb.data
     else:
         argv, host_cwd = list(command), cwd
         if not os.path.isdir(cwd):  # the same outcome as under bwrap

@@ -80,27 +80,27 @@ def _cwd(pid: str) -> str:
         return ""
 
 
-def pids_in(root: str) -> list[int]:
-    """Host pids of processes of the sandbox at ``root``: its bwrap processes (whose argv binds
-    ``root/...``; killing one takes its pid namespace down) and, in fallback mode, processes working in it."""
-    prefix = root.rstrip("/") + "/"
+def pids_in(roots: list[str]) -> list[int]:
+    """Host pids of processes of the sandbox whose directories are ``roots``: its bwrap processes (whose argv
+    binds ``root/...``; killing one takes its pid namespace down) and processes working in them."""
+    prefixes = tuple(r.rstrip("/") + "/" for r in roots)
     me = str(os.getpid())
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit() or pid == me:
             continue
-        cwd = _cwd(pid)
-        if cwd == root or cwd.startswith(prefix) or any(a.startswith(prefix) for a in _argv(pid)):
+        cwd = _cwd(pid) + "/"
+        if cwd.startswith(prefixes) or any(a.startswith(prefixes) for a in _argv(pid)):
             found.append(int(pid))
     return found
 
 
-def kill_processes(root: str, cgroups: list[str]) -> None:
+def kill_processes(roots: list[str], cgroups: list[str]) -> None:
     """SIGKILL everything still running in the sandbox, until nothing is (bounded: about 2 s)."""
     for cg in cgroups:
         limits.kill_cgroup(cg)
     for _ in range(100):
-        pids = pids_in(root)
+        pids = pids_in(roots)
         if not pids:
             return
         for pid in pids:
@@ -157,21 +157,33 @@ def remove(root: str, scan: bool = True) -> bool:
         doomed = root
     state = read_state(doomed) or {}
     cgroups = [str(c) for c in state.get("cgroups") or []]
+    data = _data_dir(root, state.get("data"))
     if scan:
-        kill_processes(root, cgroups)
+        kill_processes([root] + ([data] if data else []), cgroups)
     else:
         for cg in cgroups:
             limits.kill_cgroup(cg)
-    if state.get("mounted"):
-        unmount(doomed)
-    left = mounts_under(doomed)
-    if left:  # never delete through a mount: a bind shows the launcher's own files
-        log.error("sandbox dir %s still has mounts %s; not removing it", doomed, left)
-    else:
-        rmtree(doomed)
+    for d in ([data] if data else []) + [doomed]:
+        if state.get("mounted"):
+            unmount(d)
+        left = mounts_under(d)
+        if left:  # never delete through a mount: a bind shows the launcher's own files
+            log.error("sandbox dir %s still has mounts %s; not removing it", d, left)
+        else:
+            rmtree(d)
     for cg in cgroups:
         limits.remove_cgroup(cg)
     return True
+
+
+def _data_dir(root: str, data: Any) -> str | None:
+    """The sandbox's data dir when it is staged outside ``root`` (only ever ``/tmp/metaflow-sandbox-stage-UID/<same name>``)."""
+    if not isinstance(data, str) or data == root:
+        return None
+    stage, name = os.path.split(data)
+    if not re.fullmatch(r"/tmp/metaflow-sandbox-stage-\d+", stage) or name != os.path.basename(root):
+        return None
+    return data
 
 
 def half_removed(base: str) -> list[str]:

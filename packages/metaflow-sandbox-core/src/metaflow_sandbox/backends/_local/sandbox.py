@@ -48,8 +48,13 @@ class LocalSandbox:
         base = _base_dir(spec.options)
         self.root = os.path.join(base, self.name)
         self.uid = _sandbox_uid(bwrap)  # None: the processes are the launcher's uid (mapped, without capabilities)
+        # Where work/, tmp/ and the mapped binds live: next to the state, unless the sandbox's uid cannot reach
+        # the root (e.g. TMPDIR in a 0700 dir); then in a root-owned, world-searchable stage under /tmp.
+        self.data = self.root
+        if self.uid is not None and not _world_reachable(os.path.dirname(os.path.abspath(base)), read=False):
+            self.data = os.path.join(_stage_dir(), self.name)
         try:
-            self.layout = Layout(os.path.join(self.root, "disk"), spec.binds, isolated=bwrap is not None, hide=[base])
+            self.layout = Layout(os.path.join(self.data, "disk"), spec.binds, isolated=bwrap is not None, hide=[base])
         except PathError:
             raise UnsupportedOptionError(
                 "a bind target needs a new directory inside a large read-only system directory",
@@ -67,15 +72,15 @@ class LocalSandbox:
         self.pids: limits.PidsCgroup | None = None
         self.rlimit_mb: int | None = None
         self.disk_capped = False  # True: work/ and /tmp live on a tmpfs of disk_mb (else only files are capped)
-        if self.uid is not None:
-            _check_reachable(base)
-            if base_mode(base) & 0o711 != 0o711:
-                os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
+        if self.uid is not None and self.data == self.root and base_mode(base) & 0o711 != 0o711:
+            os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
         os.mkdir(self.root, 0o700)
         try:  # the state first: from here on another process can list and destroy this sandbox
             self.state: dict[str, Any] = {"id": self.sid, "owner": self.owner, "labels": self.labels, "workdir": self.layout.workdir}
-            self.state.update(cgroups=[], uid=self.uid, mounted=False)
+            self.state.update(cgroups=[], uid=self.uid, mounted=False, data=self.data)
             ondisk.write_state(self.root, self.state)
+            if self.data != self.root:
+                os.mkdir(self.data, 0o700)
             self._make_cgroups(spec.options)
             self._make_disk()
             if self.uid is not None:
@@ -142,7 +147,7 @@ class LocalSandbox:
                 self.disk_capped = True
         for d in (self.layout.host_work, self.layout.host_tmp):
             os.mkdir(d, 0o700)
-        for d in (self.root, disk, self.layout.host_work, self.layout.host_tmp):
+        for d in (self.data, disk, self.layout.host_work, self.layout.host_tmp):
             if self.uid is not None:
                 os.chown(d, self.uid, self.uid)
 
@@ -156,7 +161,7 @@ class LocalSandbox:
             return
         self.state["mounted"] = True
         self._save()
-        mnt = os.path.join(self.root, "mnt")
+        mnt = os.path.join(self.data, "mnt")
         os.mkdir(mnt, 0o755)
         ns = identity.userns_fd(self.uid)
         try:
@@ -290,17 +295,23 @@ def _probe_bwrap_as(bwrap: str, uid: int) -> str | None:
     return None if p.returncode == 0 else "bwrap as an unprivileged user: %s" % p.stderr.decode(errors="replace").strip()
 
 
-def _check_reachable(base: str) -> None:
-    """Each sandbox's unprivileged uid must pass through every parent of the sandbox root."""
-    parent = os.path.dirname(os.path.abspath(base))
-    if not _world_reachable(parent, read=False):
+def _stage_dir() -> str:
+    """A root-owned 0711 directory under /tmp for sandboxes whose root their uid cannot reach."""
+    stage = "/tmp/metaflow-sandbox-stage-%d" % os.getuid()
+    try:
+        os.mkdir(stage, 0o711)
+    except FileExistsError:
+        pass
+    st = os.lstat(stage)
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
         raise SandboxError(
-            "the sandboxes' unprivileged users cannot reach the local sandbox root %s (a parent directory is not "
-            "searchable by others)" % base,
-            hint="point %s (option root) at a directory under a world-searchable path such as /var/tmp, "
-            "or chmod o+x its parent directories" % ENV_ROOT,
+            "%s is not a directory owned by you" % stage,
+            hint="remove it (someone else created it), or point %s at a world-searchable directory" % ENV_ROOT,
             backend=NAME,
         )
+    if st.st_mode & 0o777 != 0o711:
+        os.chmod(stage, 0o711)
+    return stage
 
 
 def _world_reachable(path: str, read: bool = True) -> bool:
