@@ -62,3 +62,35 @@ def test_gpu_on_a_backend_without_gpus_is_refused(local):
     run = local.flow("plain_flow.py", "run", "--with", "sandbox:gpu=1")
     assert run.returncode != 0
     assert "has no GPUs" in run.output and "gpu=" in run.output
+
+
+def test_network_no_cuts_the_network(local):
+    """`network='no'` (a string, as `--with` passes it) means off: the step cannot reach a port on the host."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    try:
+        run = local.flow("network_flow.py", "run", "--with", "sandbox:network=no", "--with", 'environment:vars={"PROBE_PORT": "%d"}' % port)
+    finally:
+        listener.close()
+    assert run.returncode == 0, run.output[-3000:]
+    assert local.client("emit(Flow('NetworkFlow').latest_run['start'].task.data.reached)", run) is False
+    assert local.live_sandboxes() == []
+
+
+def test_provider_refusal_at_task_time_reads_clean(tmp_path, s3_server, e2b_emulator):
+    """An unknown template needs a provider call, so it fails at task time: with the provider's reason and its
+    fix, never Metaflow's "Internal error", and no sandbox left."""
+    env = s3_env(s3_server, "tpl-%s" % tmp_path.name)
+    env.update(e2b_emulator.env)
+    env.update({"METAFLOW_SANDBOX_BACKEND": "e2b", "METAFLOW_SKIP_INSTALL_DEPENDENCIES": "1"})
+    t = Target("e2b-s3", "e2b", "s3", env, tmp=tmp_path)
+    run = t.flow("plain_flow.py", "run", "--with", 'sandbox:options={"template": "no-such-template"}')
+    assert run.returncode != 0
+    assert "E2B template not found" in run.output and "Fix: build the templates" in run.output, run.output[-3000:]
+    assert "Step start (task 1) could not start its 'e2b' sandbox: E2B template not found" in run.stderr, run.output[-3000:]
+    assert "Internal error" not in run.output and "Traceback" not in run.output, run.output[-3000:]
+    assert e2b_emulator.live_sandboxes() == []

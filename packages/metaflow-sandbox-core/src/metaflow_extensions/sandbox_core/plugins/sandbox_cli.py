@@ -22,6 +22,7 @@ from metaflow.unbounded_foreach import UBF_CONTROL, UBF_TASK
 
 from .sandbox_code_cache import prepared_package
 from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
+from .sandbox_inputs import note_refusal
 from .sandbox_logs import LogRelay
 from .sandbox_task import CREDENTIAL_FILE_ENV, pip_install_commands, requirements, task_command, task_env
 
@@ -210,6 +211,7 @@ def _run_task(obj, backend, spec, command, deco, task):
     except SandboxError as err:
         # Infrastructure failure before any user code ran: never blindly retried.
         obj.echo_always("Could not start a '%s' sandbox for step *%s*: %s" % (backend.name, task["step"], err), err=True)
+        note_refusal(task["step"], task["task_id"], backend.name, err)  # the launcher ends the run with it
         return METAFLOW_EXIT_DISALLOW_RETRY
     exit_code = 1
     try:

@@ -19,12 +19,15 @@ from metaflow.plugins.aws.aws_utils import compute_resource_attributes
 from metaflow.plugins.timeout_decorator import get_run_time_limit_for_task
 
 from .sandbox_inputs import (
+    REFUSALS_ENV,
     check_attributes,
     check_backend_name,
     check_resources,
     check_settings,
     in_workload,
     launch_spec,
+    raise_noted_refusals,
+    refusals_file,
     refused,
     step_ttl,
     user_env,
@@ -237,6 +240,13 @@ class SandboxDecorator(StepDecorator):
             cli_args.entrypoint[0] = sys.executable
             cli_args.env["METAFLOW_SANDBOX_LAUNCHER_PYTHON"] = sys.executable
             cli_args.env.pop("PYTHONNOUSERSITE", None)
+            cli_args.env[REFUSALS_ENV] = refusals_file()  # why a sandbox could not start, for runtime_finished
+
+    def runtime_finished(self, exception):
+        """A sandbox that could not start (e.g. an unknown template) ends the run with its reason and fix,
+        instead of Metaflow's "Internal error: the terminal step ... was not successful"."""
+        if exception is None:
+            raise_noted_refusals()
 
     def task_pre_step(
         self, step_name, task_datastore, metadata, run_id, task_id, flow, graph, retry_count, max_retries, ubf_context, inputs

@@ -212,3 +212,45 @@ def in_workload():
     from .sandbox_decorator import WORKLOAD_ENV
 
     return bool(os.environ.get(WORKLOAD_ENV))
+
+
+#: Trampolines append here why a sandbox could not start (a provider refusal such as an unknown template):
+#: the launcher then ends the run with that reason, not Metaflow's "Internal error: the terminal step ...".
+REFUSALS_ENV = "METAFLOW_SANDBOX_REFUSALS_FILE"
+_refusals = None
+
+
+def refusals_file():
+    """The launcher's file (one per run) that trampolines report refusals into."""
+    global _refusals
+    if _refusals is None:
+        import tempfile
+
+        fd, _refusals = tempfile.mkstemp(prefix="metaflow-sandbox-refusals-")
+        os.close(fd)
+    return _refusals
+
+
+def note_refusal(step, task_id, backend_name, err):
+    """In a trampoline: the sandbox could not be created (no user code ran); tell the launcher why."""
+    path = os.environ.get(REFUSALS_ENV)
+    if path:
+        with open(path, "a") as f:
+            f.write("Step *%s* (task %s) could not start its '%s' sandbox: %s\n" % (step, task_id, backend_name, err))
+
+
+def raise_noted_refusals():
+    """In the launcher, at the end of the run: the first refusal, as the run's error."""
+    global _refusals
+    path, _refusals = _refusals, None
+    if not path:
+        return
+    try:
+        with open(path) as f:
+            text = f.read()
+        os.unlink(path)
+    except OSError:
+        return
+    if text.strip():
+        first = text.split("\nStep *")[0].rstrip()
+        raise SandboxInputError(first + "\n(The run stopped there: nothing of that task ran, and it was not retried.)")
