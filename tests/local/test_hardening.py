@@ -252,3 +252,62 @@ def test_a_root_the_sandbox_user_cannot_reach_is_staged_and_cleaned(make, tmp_pa
     sb.destroy()
     assert not os.path.exists(data) and os.listdir(base) == []
     assert not [m for m in open("/proc/self/mountinfo") if data in m]
+
+
+# What the network being ON shares with the host (documented in docs/reliability.md): the host's network
+# namespace, so loopback services and abstract unix sockets are reachable; path unix sockets only where the
+# sandbox sees the path AND its user may connect.
+
+CONNECT_ABSTRACT = "import socket; s = socket.socket(socket.AF_UNIX); s.connect(%r); print(s.recv(4).decode())"
+
+
+@pytest.fixture
+def abstract_socket():  # type: ignore[no-untyped-def]
+    import socket
+
+    name = "\0mfsb-test-%s" % uuid.uuid4().hex
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(name)
+    srv.listen(4)
+    srv.settimeout(5)
+
+    def serve() -> None:
+        try:
+            while True:
+                conn, _ = srv.accept()
+                conn.sendall(b"pong")
+                conn.close()
+        except OSError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield name
+    srv.close()
+
+
+def test_network_on_shares_abstract_unix_sockets_off_does_not(make, abstract_socket) -> None:  # type: ignore[no-untyped-def]
+    on = make()
+    assert on.run(["python", "-c", CONNECT_ABSTRACT % abstract_socket])[:2] == (0, "pong\n")
+    off = make(network=False)
+    code, out, err = off.run(["python", "-c", CONNECT_ABSTRACT % abstract_socket])
+    assert code != 0 and "pong" not in out and "ConnectionRefused" in err
+
+
+@needs_root
+def test_a_root_only_unix_socket_on_a_visible_path_is_not_connectable(make) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    path = "/var/tmp/mfsb-test-%s.sock" % uuid.uuid4().hex[:8]
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(1)
+    try:
+        script = "import socket; s = socket.socket(socket.AF_UNIX); s.connect(%r); print('connected')" % path
+        os.chmod(path, 0o600)
+        code, out, err = make().run(["python", "-c", script])
+        assert code != 0 and "PermissionError" in err  # visible (read-only host view), but not its user's
+        os.chmod(path, 0o777)
+        assert make().run(["python", "-c", script])[:2] == (0, "connected\n")  # a world-writable one is: documented
+    finally:
+        srv.close()
+        os.unlink(path)
