@@ -59,6 +59,10 @@ class Emulator:
         """Sandboxes neither killed nor expired: dicts with id, metadata, state, template, cpu, memory_mb, ..."""
         return self._admin("/_emulator/sandboxes")
 
+    def all_sandboxes(self) -> list[dict[str, Any]]:
+        """Every sandbox ever created, dead ones too ("state": running | killed | expired | vanished)."""
+        return self._admin("/_emulator/sandboxes?all=1")
+
     def stats(self) -> dict[str, Any]:
         """Counters: create, create_idempotent_hit, killed, expired, vanished, injected_<status>, execs per sandbox."""
         return self._admin("/_emulator/stats")

@@ -96,7 +96,8 @@ def make_api_app(world: World) -> web.Application:
 
     # -- admin ------------------------------------------------------------------------------
     async def admin_sandboxes(request: web.Request) -> web.StreamResponse:
-        return web.json_response([_admin_view(sb) for sb in world.live()])
+        every = request.query.get("all") == "1"
+        return web.json_response([_admin_view(sb) for sb in (world.sandboxes.values() if every else world.live())])
 
     async def admin_faults(request: web.Request) -> web.StreamResponse:
         try:

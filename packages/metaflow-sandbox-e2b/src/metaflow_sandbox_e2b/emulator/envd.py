@@ -85,7 +85,7 @@ def make_envd_app(world: World) -> web.Application:
         world.count("envd_requests")
         if world.faults.latency:
             await asyncio.sleep(world.faults.latency)
-        if request.path != "/process.Process/Start":
+        if request.path != "/process.Process/Start" or world.faults.outage:
             status = world.injected_error(envd=True)
             if status is not None:
                 world.count("injected_%d" % status)
@@ -205,6 +205,8 @@ def make_envd_app(world: World) -> web.Application:
         resp.enable_chunked_encoding()
         await resp.prepare(request)
         timers = _schedule_faults(world, sb, request)
+        if request.transport is not None:
+            world.streams.add(request.transport)
         alive = await _write(resp, envelope({"event": {"start": {"pid": pid}}}))
         try:
             while True:
@@ -222,6 +224,7 @@ def make_envd_app(world: World) -> web.Application:
             for t in timers:
                 t.cancel()
             proc.done = True
+            world.streams.discard(request.transport)
         if alive and await _write(resp, b"".join(_ending(sb, proc, fut))):
             try:
                 await resp.write_eof()

@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-stream-after", type=float, default=None)
     p.add_argument("--drop-streams", type=int, default=None, help="drop only the first N command streams")
     p.add_argument("--time-scale", type=float, default=1.0, help="real seconds per emulated second of sandbox timeouts")
+    p.add_argument("--outage", action="store_true", help="every request answers 503 (the provider is down)")
     p.add_argument("--vanish-after", type=float, default=None)
     p.add_argument("--keepalive-every", type=float, default=None)
     p.add_argument("--faults", default=None, help="faults as JSON (overrides the flags)")
@@ -62,6 +63,7 @@ def faults_from_args(args: argparse.Namespace) -> Faults:
         drop_stream_after=args.drop_stream_after,
         drop_streams=args.drop_streams,
         time_scale=args.time_scale,
+        outage=args.outage,
         vanish_after=args.vanish_after,
         keepalive_every=args.keepalive_every,
     )

@@ -46,6 +46,9 @@ class Faults:
     drop_streams: int | None = None  # ... but only the first N streams (None: every stream)
     #: Real seconds per emulated second for sandbox timeouts (0.05: a 60 s timeout ends after 3 s).
     time_scale: float = 1.0
+    #: The provider vanishes: open command streams are cut and every request (Process/Start too)
+    #: answers 503, until faults are set again. Sandboxes keep running and expiring meanwhile.
+    outage: bool = False
     vanish_after: float | None = None  # the sandbox running a command dies N seconds after it starts
     keepalive_every: float | None = None  # overrides the client's keepalive-ping-interval (seconds)
 
@@ -88,7 +91,7 @@ class EmuSandbox:
     allow_internet: bool
     local: Any = None  # metaflow_sandbox.Sandbox of the `local` backend
     workdir: str = "/home/user"
-    state: str = "running"  # running | killed
+    state: str = "running"  # running | killed | expired | vanished
     procs: dict[int, Proc] = dataclasses.field(default_factory=dict)
     next_pid: int = 1000
     execs: int = 0
@@ -158,6 +161,7 @@ class World:
         self.idempotent: dict[str, asyncio.Future] = {}
         self.stats: dict[str, int] = {}
         self.teardowns: set[asyncio.Future] = set()
+        self.streams: set[Any] = set()  # transports of open command streams (cut by an outage)
         self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="e2b-emu")
         self._local: Backend | None = None
         self.set_faults(faults or Faults())
@@ -167,6 +171,10 @@ class World:
         self.faults = faults
         self.rng = random.Random(faults.seed)
         self.streams_dropped = 0
+        if faults.outage:
+            for transport in list(getattr(self, "streams", ())):
+                self.count("stream_dropped")
+                transport.abort()
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -183,6 +191,8 @@ class World:
 
     def injected_error(self, envd: bool = False) -> int | None:
         f = self.faults
+        if f.outage:
+            return 503
         if envd and f.error_scope != "all":
             return None
         if f.error_next > 0:
@@ -271,7 +281,7 @@ class World:
         sb = self.sandboxes.get(sid)
         if sb is None or not sb.alive:
             return False
-        sb.state = "killed"  # from now on every envd request for it answers 502 "... was not found"
+        sb.state = reason  # killed | expired | vanished: from now on envd answers 502 "... was not found"
         self.count(reason)
         task = asyncio.ensure_future(self._destroy_local(sb))  # answer now; the local teardown follows
         self.teardowns.add(task)
