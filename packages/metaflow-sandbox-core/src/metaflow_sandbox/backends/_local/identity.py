@@ -82,12 +82,15 @@ def _syscall(name: str, *args: object) -> int:
     return int(result)
 
 
-def idmapped_bind(source: str, target: str, ns_fd: int, read_only: bool) -> None:
-    """Attach at ``target`` (an existing empty dir or file) a recursive bind of ``source`` seen through ``ns_fd``."""
+def idmapped_bind(source: str, target: str, ns_fd: int | None, read_only: bool) -> None:
+    """Attach at ``target`` (an existing empty dir or file) a recursive bind of ``source`` seen through ``ns_fd``
+    (None: a plain bind, for read-only paths the sandbox's uid may read but not reach)."""
     tree = _syscall("open_tree", _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE)
     try:
-        attr = ctypes.create_string_buffer(struct.pack("QQQQ", _MOUNT_ATTR_IDMAP | (_MOUNT_ATTR_RDONLY if read_only else 0), 0, 0, ns_fd))
-        _syscall("mount_setattr", tree, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, attr, ctypes.sizeof(attr) - 1)
+        flags = (_MOUNT_ATTR_IDMAP if ns_fd is not None else 0) | (_MOUNT_ATTR_RDONLY if read_only else 0)
+        if flags:
+            attr = ctypes.create_string_buffer(struct.pack("QQQQ", flags, 0, 0, ns_fd if ns_fd is not None else 0))
+            _syscall("mount_setattr", tree, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, attr, ctypes.sizeof(attr) - 1)
         _syscall("move_mount", tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)
     finally:
         os.close(tree)

@@ -155,17 +155,17 @@ class LocalSandbox:
         """ID-mapped copies of every bind (and of re-exposed paths the sandbox's uid cannot reach), so the
         sandbox's uid reads and writes them as the launcher could."""
         assert self.uid is not None
-        wanted = [(b.source, b.read_only) for b in self.layout.binds]
-        wanted += [(d, True) for d in reexposed() if not _world_reachable(d)]
+        wanted = [(b.source, b.read_only, True) for b in self.layout.binds]
+        wanted += [(d, True, False) for d in reexposed() if not _world_reachable(d)]  # e.g. a Python under /root
         if not wanted:
             return
         self.state["mounted"] = True
         self._save()
         mnt = os.path.join(self.data, "mnt")
         os.mkdir(mnt, 0o755)
-        ns = identity.userns_fd(self.uid)
+        ns = identity.userns_fd(self.uid) if self.layout.binds else None  # a few ms: only binds need the mapping
         try:
-            for i, (source, read_only) in enumerate(wanted):
+            for i, (source, read_only, mapped) in enumerate(wanted):
                 if source in self.layout.sources:
                     continue
                 target = os.path.join(mnt, str(i))
@@ -174,7 +174,7 @@ class LocalSandbox:
                 else:
                     open(target, "w").close()
                 try:
-                    identity.idmapped_bind(source, target, ns, read_only)
+                    identity.idmapped_bind(source, target, ns if mapped else None, read_only)
                 except OSError as exc:
                     raise SandboxError(
                         "cannot give the sandbox's own user access to %s: %s" % (source, exc),
@@ -184,7 +184,8 @@ class LocalSandbox:
                     ) from None
                 self.layout.sources[source] = target
         finally:
-            os.close(ns)
+            if ns is not None:
+                os.close(ns)
 
     def preexec(self) -> Any:
         """What each exec's child applies before bwrap starts (cgroups, CPUs, rlimits, then the sandbox's uid)."""
