@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 log = logging.getLogger("metaflow_sandbox.lifeline")
 
@@ -146,8 +146,9 @@ class Lifeline:
 class Reaper:
     """The server side: one thread per connection; destroys what a closed connection left."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, backend_factory: Optional[Callable[..., Any]] = None):
         self.path = path
+        self.backend_factory = backend_factory  # tests inject scripted backends; default: the facade
         self.lock = threading.Lock()
         self.connections = 0
         self.reaping = 0
@@ -252,7 +253,7 @@ class Reaper:
         from .session import Backend, Sandbox
 
         try:
-            backend = Backend(entry["backend"], options=entry["options"])
+            backend = (self.backend_factory or Backend)(entry["backend"], options=entry["options"])
         except Exception as err:
             log.error("cannot load backend %r to reap owner %d's sandbox: %s", entry["backend"], pid, err)
             return
