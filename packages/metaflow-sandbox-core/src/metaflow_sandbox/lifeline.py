@@ -198,17 +198,19 @@ class Reaper:
             for raw in conn.makefile("rb"):
                 try:
                     msg = json.loads(raw)
-                except ValueError:
-                    continue
-                op = msg.get("op")
+                    op = msg.get("op")
+                    if op in ("intent", "own", "release") and not isinstance(msg.get("key"), str):
+                        continue
+                except (ValueError, AttributeError):
+                    continue  # a garbled line must not end the connection's bookkeeping
                 if op == "hello":
-                    role, pid = msg.get("role", "owner"), int(msg.get("pid") or 0)
+                    role, pid = str(msg.get("role", "owner")), int(msg.get("pid") or 0)
                     if role == "owner" and pid:
                         with self.lock:
                             self.owner_pids.add(pid)
-                elif op == "intent":
+                elif op == "intent" and isinstance(msg.get("backend"), str):
                     owned[msg["key"]] = {"backend": msg["backend"], "options": msg.get("options") or {}}
-                elif op == "own" and msg.get("key") in owned:
+                elif op == "own" and msg["key"] in owned and isinstance(msg.get("sandbox_id"), str):
                     owned[msg["key"]].update(sandbox_id=msg["sandbox_id"], workdir=msg.get("workdir"), labels=msg.get("labels") or {})
                 elif op == "release":
                     owned.pop(msg.get("key"), None)
