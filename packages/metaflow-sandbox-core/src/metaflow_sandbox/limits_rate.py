@@ -45,6 +45,7 @@ def runtime_dir(backend: str) -> str:
         base = tempfile.gettempdir()
     top = os.path.join(base, "metaflow-sandbox-%d" % os.getuid())
     path = os.path.join(top, "limits", backend)
+    os.makedirs(top, mode=0o700, exist_ok=True)  # makedirs gives intermediate dirs the default mode
     os.makedirs(path, mode=0o700, exist_ok=True)
     st = os.stat(top)
     if st.st_uid != os.getuid() or st.st_mode & 0o077:

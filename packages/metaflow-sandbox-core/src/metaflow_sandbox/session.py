@@ -23,6 +23,7 @@ from .errors import (
     TransientBackendError,
     UnsupportedOptionError,
 )
+from .lifeline import OWNER_LABEL, Lifeline
 from .limits_rate import hold_slot, limiter_for, release_slot
 from .model import (
     DEFAULT_LEASE_SECONDS,
@@ -64,8 +65,10 @@ class Backend:
         options: Optional[Mapping[str, Any]] = None,
         retries: int = 3,
         backoff: float = 0.25,
+        lifeline: Optional[Lifeline] = None,
     ):
         self.name = name
+        self.lifeline = lifeline
         self.pm = pm if pm is not None else get_plugin_manager(name)
         self.options = dict(options or {})
         self.retries = retries
@@ -176,6 +179,10 @@ class Backend:
         if spec.lease_seconds is None:
             spec = dataclasses.replace(spec, lease_seconds=default_lease_seconds())
         self.validate(spec)
+        owner = None
+        if self.lifeline is not None:  # tell the reaper before the create, so a kill mid-create is covered
+            owner = self.lifeline.intent(self.name, spec.options)
+            spec = dataclasses.replace(spec, labels={**spec.labels, OWNER_LABEL: owner})
         slot = limiter_for(self.name, self.capabilities(), spec.options).acquire()  # provider quotas, across processes
         try:
             handle = self.call("sandbox_create", idempotent=bool(spec.idempotency_key), spec=spec)
@@ -183,7 +190,9 @@ class Backend:
             slot.release()
             raise
         hold_slot(self.name, handle.sandbox_id, slot)
-        return Sandbox(self, handle)
+        if owner is not None and self.lifeline is not None:
+            self.lifeline.own(owner, handle.sandbox_id, handle.workdir, handle.labels)
+        return Sandbox(self, handle, owner)
 
     def list(self, labels: Optional[Mapping[str, str]] = None) -> list[Sandbox]:
         if not self.implements("sandbox_list"):
@@ -199,10 +208,11 @@ class Backend:
 class Sandbox:
     """A live sandbox. As a context manager it is always destroyed, whatever happens inside."""
 
-    def __init__(self, backend: Backend, handle: SandboxHandle):
+    def __init__(self, backend: Backend, handle: SandboxHandle, owner: Optional[str] = None):
         self.backend = backend
         self.handle = handle
         self.destroyed = False
+        self.owner = owner  # the lifeline key; released once the sandbox is destroyed
 
     @property
     def id(self) -> str:
@@ -273,6 +283,8 @@ class Sandbox:
         gone = self._call("sandbox_destroy", idempotent=True)
         self.destroyed = True
         release_slot(self.backend.name, self.id)
+        if self.owner is not None and self.backend.lifeline is not None:
+            self.backend.lifeline.release(self.owner)
         return gone
 
     def __enter__(self) -> Sandbox:

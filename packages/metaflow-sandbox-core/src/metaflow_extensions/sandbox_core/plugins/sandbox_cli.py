@@ -23,6 +23,8 @@ from metaflow.unbounded_foreach import UBF_CONTROL, UBF_TASK
 from .sandbox_code_cache import prepared_package
 from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
 from .sandbox_inputs import note_refusal
+from .sandbox_lifeline import attach as attach_lifeline
+from .sandbox_lifeline import watch_launcher
 from .sandbox_logs import LogRelay
 from .sandbox_task import CREDENTIAL_FILE_ENV, pip_install_commands, requirements, task_command, task_env
 
@@ -86,6 +88,7 @@ def _sandbox_deco(node):
 def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_url, **kwargs):
     _reexec_with_launcher_python()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    watch_launcher()
     from metaflow_sandbox import Bind
 
     obj = ctx.obj
@@ -128,6 +131,7 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         seeded=_seeds_metadata(obj),
     )
     backend = load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
+    backend.lifeline = attach_lifeline()
     spec = _sandbox_spec(obj, node, deco, backend, task, env, binds)
     sys.exit(_run_task(obj, backend, spec, command, deco, task))
 

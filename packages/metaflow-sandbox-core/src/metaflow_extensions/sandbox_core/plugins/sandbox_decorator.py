@@ -175,9 +175,9 @@ class SandboxDecorator(StepDecorator):
         if flow_datastore.TYPE == "local" and not backend_shares_filesystem(self.backend_name):
             raise SandboxException(
                 "Step *%s* runs on backend '%s', which cannot see this machine's files, but the datastore is "
-                "local. Use a datastore the sandbox can reach: run with --datastore=s3 and set "
-                "METAFLOW_DATASTORE_SYSROOT_S3 (plus METAFLOW_S3_ENDPOINT_URL for S3-compatible stores), "
-                "or --datastore=azure / --datastore=gs. The local datastore works only with the 'local' backend."
+                "local (which works only with the 'local' backend).\n  Fix: use a datastore the sandbox can reach: "
+                "run with --datastore=s3 and set METAFLOW_DATASTORE_SYSROOT_S3 (plus METAFLOW_S3_ENDPOINT_URL for S3-compatible stores), "
+                "or --datastore=azure / --datastore=gs."
                 % (step_name, self.backend_name)
             )
         self.attributes.update(compute_resource_attributes(decorators, self, self.resource_defaults))
@@ -241,6 +241,10 @@ class SandboxDecorator(StepDecorator):
             cli_args.env["METAFLOW_SANDBOX_LAUNCHER_PYTHON"] = sys.executable
             cli_args.env.pop("PYTHONNOUSERSITE", None)
             cli_args.env[REFUSALS_ENV] = refusals_file()  # why a sandbox could not start, for runtime_finished
+            # The lifeline: the run's reaper destroys the sandbox of a trampoline killed by any signal.
+            from .sandbox_lifeline import launcher_env
+
+            cli_args.env.update(launcher_env())
 
     def runtime_finished(self, exception):
         """A sandbox that could not start (e.g. an unknown template) ends the run with its reason and fix,
