@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 
-from .conftest import FLOWS, PYTHON, base_env, local_leftovers
+from .conftest import FLOWS, PYTHON, S3_KEY, S3_SECRET, base_env, local_leftovers, s3_env
 
 CLI = os.path.join(os.path.dirname(PYTHON), "metaflow-sandbox")
 BIG = "x" * 100_000  # one env value of 100 kB: six of them are more than any sandbox accepts
@@ -34,6 +34,8 @@ class Case:
     env: dict = field(default_factory=dict)
     attrs: Optional[str] = None  # SANDBOX_ATTRS for attrs_flow.py: a Python expression
     code: Optional[int] = None  # default: 2 for the CLI, 1 for a flow
+    emulator: Optional[str] = None  # "e2b" / "daytona": the provider emulator whose env the row runs with
+    s3: bool = False  # a flow row on the S3 datastore: nothing may be uploaded either
 
 
 def cli(id, *args, says, fix, env=None):
@@ -57,6 +59,21 @@ def attrs(id, expr, says, fix, env=None):
 
 def config(id, env, says, fix):
     return Case(id, ("attrs_flow.py", "run"), tuple(says), fix, env)
+
+
+def provider(id, emulator, *opts, says, fix, env=None):
+    """`metaflow-sandbox exec` against a provider emulator, through the real SDK."""
+    args = ("cli", "exec", "--backend", emulator, *opts, "--", "true")
+    return Case(id, args, tuple(says), fix, env or {}, emulator=emulator)
+
+
+def cloud_flow(id, emulator, *withs, says, fix, env=None, s3=True):
+    """A flow on a cloud backend (S3 datastore unless s3=False): refused at launch, before any upload."""
+    argv = ["plain_flow.py", "run"]
+    for w in withs:
+        argv += ["--with", w]
+    full_env = {"METAFLOW_SANDBOX_BACKEND": emulator, **(env or {})}
+    return Case(id, tuple(argv), tuple(says), fix, full_env, emulator=emulator, s3=s3)
 
 
 NUMBER = "must be a finite number greater than 0"
@@ -197,7 +214,11 @@ CASES = [
     ),
     with_("with-resources-negative", "sandbox", "resources:cpu=-2", says=["@sandbox(cpu=...)", NUMBER], fix="@resources(cpu=2)"),
     with_(
-        "with-environment-bad-name", "sandbox", 'environment:vars={"A B": "1"}', says=["Step end:", "@environment(vars=...) name", "'A B'"], fix="rename the variable"
+        "with-environment-bad-name",
+        "sandbox",
+        'environment:vars={"A B": "1"}',
+        says=["Step end:", "@environment(vars=...) name", "'A B'"],
+        fix="rename the variable",
     ),
     # --- decorator attributes, as Python values ---------------------------------------------
     attrs("py-network-word", "dict(network='maybe')", says=["@sandbox(network=...) must be true or false"], fix="network=False"),
@@ -305,6 +326,60 @@ CASES = [
         fix="remove METAFLOW_SANDBOX_LOCAL_ROOT",
     ),
     config("lease-nan", {"METAFLOW_SANDBOX_LEASE_SECONDS": "nan"}, says=["METAFLOW_SANDBOX_LEASE_SECONDS='nan'"], fix="e.g. 300"),
+    # --- provider answers and provider limits (real SDKs against the emulators) ---------------
+    provider(
+        "e2b-wrong-url",
+        "e2b",
+        env={"E2B_API_URL": "http://127.0.0.1:9"},
+        says=["cannot reach E2B at http://127.0.0.1:9"],
+        fix="check E2B_API_URL",
+    ),
+    provider("e2b-wrong-key", "e2b", env={"E2B_API_KEY": "e2b_wrong"}, says=["rejected the credentials"], fix="check E2B_API_KEY"),
+    provider(
+        "e2b-no-key", "e2b", env={"E2B_API_KEY": ""}, says=["needs an API key, and E2B_API_KEY is not set"], fix="export E2B_API_KEY="
+    ),
+    provider("e2b-unknown-template", "e2b", "--option", "template=no-such", says=["E2B template not found"], fix="templates build"),
+    provider("e2b-unknown-plan", "e2b", "--option", "plan=gold", says=["unknown E2B plan 'gold'"], fix="one of hobby, pro"),
+    provider("e2b-cpu-above-plan", "e2b", "--cpu", "64", says=["backend 'e2b' offers at most 8.0 CPUs"], fix="lower cpu="),
+    provider("e2b-ttl-above-plan", "e2b", "--ttl", "2d", says=["keeps a sandbox alive at most 3600s"], fix="longer sandbox lifetime"),
+    provider(
+        "daytona-wrong-url",
+        "daytona",
+        env={"DAYTONA_API_URL": "http://127.0.0.1:9/api", "METAFLOW_SANDBOX_DAYTONA_RETRY_ATTEMPTS": "1"},
+        says=["could not reach Daytona at http://127.0.0.1:9/api"],
+        fix="check DAYTONA_API_URL",
+    ),
+    provider(
+        "daytona-wrong-key", "daytona", env={"DAYTONA_API_KEY": "wrong"}, says=["rejected the API key (401)"], fix="check DAYTONA_API_KEY"
+    ),
+    provider("daytona-no-key", "daytona", env={"DAYTONA_API_KEY": ""}, says=["DAYTONA_API_KEY is not set"], fix="export DAYTONA_API_KEY="),
+    provider(
+        "daytona-unknown-snapshot", "daytona", "--option", "snapshot=no-such", says=["snapshot 'no-such'"], fix="set an existing snapshot"
+    ),
+    provider("daytona-cpu-above-cap", "daytona", "--cpu", "1000", says=["backend 'daytona' offers at most"], fix="lower cpu="),
+    cloud_flow("e2b-flow-cpu-above-plan", "e2b", "e2b:cpu=64", says=["Step end: backend 'e2b' offers at most 8.0 CPUs"], fix="lower cpu="),
+    cloud_flow(
+        "e2b-flow-timeout-above-plan", "e2b", "e2b", "timeout:hours=2", says=["keeps a sandbox alive at most 3600s"], fix="lower @timeout"
+    ),
+    cloud_flow(
+        "e2b-flow-unknown-plan",
+        "e2b",
+        "e2b",
+        env={"METAFLOW_SANDBOX_E2B_PLAN": "gold"},
+        says=["unknown E2B plan 'gold'"],
+        fix="one of hobby, pro",
+    ),
+    cloud_flow("e2b-flow-no-key", "e2b", "e2b", env={"E2B_API_KEY": ""}, says=["E2B_API_KEY is not set"], fix="export E2B_API_KEY="),
+    cloud_flow("e2b-flow-local-datastore", "e2b", "e2b", s3=False, says=["cannot see this machine's files"], fix="run with --datastore=s3"),
+    cloud_flow("daytona-flow-memory-above-cap", "daytona", "daytona:memory=1000000", says=["MB of memory"], fix="lower memory="),
+    cloud_flow(
+        "daytona-flow-forward-key",
+        "daytona",
+        "daytona",
+        env={"METAFLOW_SANDBOX_FORWARD_ENV": "DAYTONA_API_KEY"},
+        says=["'DAYTONA_API_KEY'"],
+        fix="remove DAYTONA_API_KEY",
+    ),
 ]
 
 
@@ -325,10 +400,11 @@ def _alive(cgroup: str) -> bool:
     return bool(match) and os.path.exists("/proc/%s" % match.group(1))
 
 
-def _run(case: Case, tmp: Path, root: Path) -> subprocess.CompletedProcess:
+def _run(case: Case, tmp: Path, root: Path, extra: dict) -> subprocess.CompletedProcess:
     env = base_env(tmp)
     env["METAFLOW_SANDBOX_LOCAL_ROOT"] = str(root)
     env["METAFLOW_SANDBOX_BACKEND"] = "local"
+    env.update(extra)
     if case.attrs is not None:
         env["SANDBOX_ATTRS"] = case.attrs
     env.update(case.env)
@@ -349,9 +425,16 @@ def sandbox_root():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, tmp_path: Path, sandbox_root: Path) -> None:
+def test_bad_input(case: Case, tmp_path: Path, sandbox_root: Path, request) -> None:
+    extra: dict = {}
+    emulator = request.getfixturevalue("%s_emulator" % case.emulator) if case.emulator else None
+    if emulator is not None:
+        extra.update(emulator.env)
+    if case.s3:
+        s3 = request.getfixturevalue("s3_server")
+        extra.update(s3_env(s3, "bad-input-%s" % tmp_path.name))
     before = _cgroups()
-    proc = _run(case, tmp_path, sandbox_root)
+    proc = _run(case, tmp_path, sandbox_root, extra)
     out = proc.stdout + proc.stderr
     flat = " ".join(out.split())
     is_flow = case.argv[0] != "cli"
@@ -368,6 +451,17 @@ def test_bad_input(case: Case, tmp_path: Path, sandbox_root: Path) -> None:
     assert local_leftovers(tmp_path) == [] and local_leftovers(root.parent) == []
     left = [c for c in _cgroups() - before if not _alive(c)]
     assert left == [], "cgroups left behind: %s" % left
+    if emulator is not None:
+        assert emulator.live_sandboxes() == [], "sandboxes left alive on the %s emulator" % case.emulator
+    if case.s3:
+        assert _s3_keys(s3, "bad-input-%s/" % tmp_path.name) == 0, "something was uploaded before the refusal"
+
+
+def _s3_keys(s3: dict, prefix: str) -> int:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3["url"], aws_access_key_id=S3_KEY, aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+    return client.list_objects_v2(Bucket="metaflow", Prefix=prefix).get("KeyCount", 0)
 
 
 def test_table_is_large_enough() -> None:
