@@ -311,3 +311,17 @@ def test_a_root_only_unix_socket_on_a_visible_path_is_not_connectable(make) -> N
     finally:
         srv.close()
         os.unlink(path)
+
+
+@needs_root
+def test_where_no_own_user_is_possible_it_says_so_loudly(make, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    from metaflow_sandbox.backends._local import isolation, sandbox
+
+    bwrap = isolation.find_bwrap({})
+    monkeypatch.setitem(sandbox._drop_probe, bwrap, "ID-mapped mounts do not work here (simulated)")
+    monkeypatch.setattr(sandbox, "_warned", set())
+    with caplog.at_level("WARNING", logger="metaflow_sandbox.local"):
+        sb = make()
+    assert sb.handle.native.uid is None
+    assert "CAN READ root-only files" in caplog.text and "simulated" in caplog.text and "Fix:" in caplog.text
+    assert sh(sb, "echo still runs")[:2] == (0, "still runs\n")  # degraded, not broken, and honest about it

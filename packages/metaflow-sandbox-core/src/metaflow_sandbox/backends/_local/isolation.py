@@ -104,6 +104,25 @@ def _warn_once(reason: str) -> None:
 
 def status(options: Mapping[str, Any]) -> dict[str, Any]:
     """For ``metaflow-sandbox doctor``: what isolation the local backend would use and why."""
+    from . import identity, limits
+
     bwrap = find_bwrap(options)
     reason = "bwrap was not found" if bwrap is None else probe(bwrap)
-    return {"requested": requested(options), "bwrap": bwrap, "works": reason is None, "reason": reason}
+    own_uid = identity.is_root() and reason is None and identity.supported() is None
+    if not identity.is_root():
+        user = "the launcher's uid (not root)"
+    elif own_uid:
+        user = "a fresh unprivileged uid per sandbox (65534 inside)"
+    else:
+        user = "ROOT without capabilities: root-only files are readable (%s)" % (identity.supported() or reason)
+    pids = "RLIMIT_NPROC of the sandbox's uid" if own_uid else ("pids cgroup" if limits.cgroup_parent("pids") else "NOT ENFORCED")
+    disk = "tmpfs per sandbox (work dir + /tmp)" if identity.is_root() else "per file only (RLIMIT_FSIZE)"
+    return {
+        "requested": requested(options),
+        "bwrap": bwrap,
+        "works": reason is None,
+        "reason": reason,
+        "user": user,
+        "pids_limit": "%d, %s" % (options_.pids_limit(options), pids),
+        "disk_cap": "%d MB, %s" % (options_.disk_mb(options, None), disk),
+    }
