@@ -241,6 +241,10 @@ class SandboxDecorator(StepDecorator):
             cli_args.env["METAFLOW_SANDBOX_LAUNCHER_PYTHON"] = sys.executable
             cli_args.env.pop("PYTHONNOUSERSITE", None)
             cli_args.env[REFUSALS_ENV] = refusals_file()  # why a sandbox could not start, for runtime_finished
+            # The lifeline: the run's reaper destroys the sandbox of a trampoline killed by any signal.
+            from .sandbox_lifeline import launcher_env
+
+            cli_args.env.update(launcher_env())
 
     def runtime_finished(self, exception):
         """A sandbox that could not start (e.g. an unknown template) ends the run with its reason and fix,
