@@ -325,3 +325,9 @@ def test_where_no_own_user_is_possible_it_says_so_loudly(make, monkeypatch, capl
     assert sb.handle.native.uid is None
     assert "CAN READ root-only files" in caplog.text and "simulated" in caplog.text and "Fix:" in caplog.text
     assert sh(sb, "echo still runs")[:2] == (0, "still runs\n")  # degraded, not broken, and honest about it
+
+
+@needs_root
+def test_no_nested_user_namespaces(sandbox) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = sh(sandbox, "unshare -U true && echo nested")
+    assert code != 0 and "nested" not in out

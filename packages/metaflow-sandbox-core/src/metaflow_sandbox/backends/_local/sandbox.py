@@ -101,6 +101,7 @@ class LocalSandbox:
             if self.uid is not None:  # a user namespace for sure, its one user being the sandbox's own uid
                 self.argv[self.argv.index("--unshare-user-try")] = "--unshare-user"
                 self.argv += ["--uid", str(identity.INSIDE_ID), "--gid", str(identity.INSIDE_ID)]
+                self.argv += ["--disable-userns"]  # no nested user namespaces: less kernel surface from inside
             self.argv += [] if spec.network else ["--unshare-net"]
             self.argv += ["--hostname", self.sid, "--die-with-parent", "--new-session"]
         self.running: set[subprocess.Popen] = set()
