@@ -217,6 +217,10 @@ def _run_task(obj, backend, spec, command, deco, task):
         obj.echo_always("Could not start a '%s' sandbox for step *%s*: %s" % (backend.name, task["step"], err), err=True)
         note_refusal(task["step"], task["task_id"], backend.name, err)  # the launcher ends the run with it
         return METAFLOW_EXIT_DISALLOW_RETRY
+    except (KeyboardInterrupt, _Terminated):
+        # Killed mid-create: the lifeline's reaper finds a sandbox that still came up by its owner label.
+        obj.echo_always("Interrupted while starting the sandbox of step *%s*." % task["step"], err=True)
+        return METAFLOW_EXIT_DISALLOW_RETRY
     exit_code = 1
     try:
         if remote_metadata:
