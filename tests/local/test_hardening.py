@@ -331,3 +331,38 @@ def test_where_no_own_user_is_possible_it_says_so_loudly(make, monkeypatch, capl
 def test_no_nested_user_namespaces(sandbox) -> None:  # type: ignore[no-untyped-def]
     code, out, err = sh(sandbox, "unshare -U true && echo nested")
     assert code != 0 and "nested" not in out
+
+
+SERVE = (
+    "import socket; s = socket.socket(); s.bind(('127.0.0.1', %d)); s.listen(1); print('listening', flush=True); "
+    "c, _ = s.accept(); c.sendall(b'from-sandbox'); c.close()"
+)
+
+
+def test_network_on_a_sandbox_can_listen_on_the_hosts_loopback(sandbox) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(sandbox.run(["python", "-c", SERVE % port], timeout=20)), daemon=True)
+    t.start()
+
+    def connect() -> bytes:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                return c.recv(32)
+        except OSError:
+            return b""
+
+    got: list[bytes] = []
+    assert wait_until(lambda: got.append(connect()) or got[-1] == b"from-sandbox", timeout=10)
+    t.join(10)
+    assert result and result[0][0] == 0
+
+
+@needs_root
+def test_a_privileged_port_cannot_be_bound(sandbox) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = sandbox.run(["python", "-c", "import socket; socket.socket().bind(('127.0.0.1', 81))"])
+    assert code != 0 and "PermissionError" in err
