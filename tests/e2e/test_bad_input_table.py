@@ -326,6 +326,34 @@ CASES = [
         fix="remove METAFLOW_SANDBOX_LOCAL_ROOT",
     ),
     config("lease-nan", {"METAFLOW_SANDBOX_LEASE_SECONDS": "nan"}, says=["METAFLOW_SANDBOX_LEASE_SECONDS='nan'"], fix="e.g. 300"),
+    exec_(
+        "local-isolation-word",
+        env={"METAFLOW_SANDBOX_LOCAL_ISOLATION": "maybe"},
+        says=["option isolation='maybe'"],
+        fix="METAFLOW_SANDBOX_LOCAL_ISOLATION",
+    ),
+    exec_("local-pids-limit-zero", "--option", "pids_limit=0", says=["option pids_limit='0'"], fix="METAFLOW_SANDBOX_LOCAL_PIDS_LIMIT"),
+    config(
+        "local-memory-limiter",
+        {"METAFLOW_SANDBOX_LOCAL_MEMORY_LIMITER": "bogus"},
+        says=["option memory_limiter='bogus'"],
+        fix="one of auto, cgroup, rlimit",
+    ),
+    config(
+        "local-pids-limit-word",
+        {"METAFLOW_SANDBOX_LOCAL_PIDS_LIMIT": "abc"},
+        says=["option pids_limit='abc'"],
+        fix="METAFLOW_SANDBOX_LOCAL_PIDS_LIMIT",
+    ),
+    config(
+        "local-disk-negative", {"METAFLOW_SANDBOX_LOCAL_DISK_MB": "-1"}, says=["option disk_mb='-1'"], fix="METAFLOW_SANDBOX_LOCAL_DISK_MB"
+    ),
+    config(
+        "local-isolation-word-flow",
+        {"METAFLOW_SANDBOX_LOCAL_ISOLATION": "maybe"},
+        says=["option isolation='maybe'"],
+        fix="METAFLOW_SANDBOX_LOCAL_ISOLATION",
+    ),
     # --- provider answers and provider limits (real SDKs against the emulators) ---------------
     provider(
         "e2b-wrong-url",

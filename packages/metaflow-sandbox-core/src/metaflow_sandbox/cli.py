@@ -124,6 +124,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     spec = _exec_spec(args)  # every option parsed before anything is created
     name = parse.text(args.backend, "--backend", "--backend local")
     backend = Backend(name, options=backend_options(name, _options(args.option)))
+    backend.check_config()  # credentials and the backend's own settings, before anything is created
 
     def out(stream: Any) -> Any:
         def write(text: str) -> None:
