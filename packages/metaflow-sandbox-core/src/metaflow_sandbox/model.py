@@ -133,6 +133,8 @@ class Capabilities:
     max_cpu: Optional[float] = None
     max_memory_mb: Optional[int] = None
     max_ttl_seconds: Optional[float] = None
+    #: The shortest ``ttl_seconds`` the provider can enforce (a shorter one is rounded up to it), if any.
+    min_ttl_seconds: Optional[float] = None
     network_toggle: bool = False
     binds: bool = False
     images: bool = True
@@ -145,3 +147,6 @@ class Capabilities:
     #: ``create_rate`` override them (0 turns a limit off).
     max_concurrent_sandboxes: Optional[int] = None
     max_creates_per_minute: Optional[float] = None
+    #: True when ``resources.cpu``/``memory_mb`` are enforced inside the sandbox (the kit checks it: the
+    #: command sees at most ceil(cpu) CPUs, memory above the limit is killed). False: they are advisory.
+    enforces_limits: bool = False

@@ -38,8 +38,10 @@ from metaflow_sandbox import (
     DownloadItem,
     ExecResult,
     FileResult,
+    Resources,
     Sandbox,
     SandboxFileError,
+    SandboxHandle,
     SandboxNotFoundError,
     SandboxSpec,
     SandboxTimeoutError,
@@ -89,6 +91,38 @@ _NO_NETWORK_PROBE = textwrap.dedent(
     print("KIT-RESULT " + json.dumps({"attempts": attempts, "error": error}))
     """
 )
+
+
+#: How short a lifetime the TTL test asks for (raised to ``Capabilities.min_ttl_seconds`` up to the cap below).
+KIT_TTL_SECONDS = 3.0
+KIT_TTL_MAX_SECONDS = 5.0
+#: A launcher variable that must not reach a sandbox (only ``spec.env`` and ``exec(env=...)`` do).
+LAUNCHER_ONLY_ENV = "KIT_LAUNCHER_ONLY_SECRET"
+#: The limits test: a sandbox of 1 CPU and this much memory; a command then writes 3x as much.
+KIT_MEMORY_MB = 256
+
+# Runs in a fresh interpreter: destroy a sandbox from a bare handle, as the lifeline's reaper does.
+_BARE_DESTROY = textwrap.dedent(
+    """
+    import json, sys
+    from metaflow_sandbox import Backend, SandboxHandle
+    name, sandbox_id, workdir, labels, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), json.loads(sys.argv[5])
+    backend = Backend(name, options=options)
+    handle = SandboxHandle(name, sandbox_id, workdir=workdir, labels=labels, options=options)
+    print("KIT-RESULT " + json.dumps(backend.call("sandbox_destroy", idempotent=True, sandbox_id=sandbox_id, handle=handle)))
+    """
+)
+
+# What a Metaflow task needs from the environment it is started in.
+_TASK_ENV_PROBE = (
+    'for tool in python bash tar gzip mkdir cp; do command -v "$tool" >/dev/null || echo "missing:$tool"; done; '
+    "python -c \"import sys; print('python:' + str(sys.version_info[0]))\"; "
+    'if [ -n "$HOME" ] && [ -d "$HOME" ] && [ -w "$HOME" ]; then echo home:ok; else echo "home:bad:$HOME"; fi; '
+    'echo "leak:${%s:-none}"' % LAUNCHER_ONLY_ENV
+)
+
+# Sees at most ceil(cpu) CPUs: through affinity (nproc) or a cgroup CPU quota.
+_CPU_PROBE = 'n=$(nproc); q=none; if [ -r /sys/fs/cgroup/cpu.max ]; then q=$(cat /sys/fs/cgroup/cpu.max); fi; echo "$n|$q"'
 
 
 def _collect() -> tuple[list[str], Callable[[str], None]]:
@@ -358,7 +392,136 @@ class BackendConformance:
         assert sb.destroy() is True
         assert sb.id not in {s.id for s in conformance_backend.list({"kit_list": tag})}
 
+    def test_lifecycle_ttl_honoured(self, conformance_backend: Backend, kit_labels: dict[str, str]) -> None:
+        """A sandbox created with a short ``ttl_seconds`` dies by itself: exec then raises ``SandboxNotFoundError``.
+
+        The kit asks for 3 s (or ``Capabilities.min_ttl_seconds``, up to 5 s) and waits at most
+        ``ttl + 2 * timeout_slack_seconds``. Troubleshooting: if this fails, your ``sandbox_create`` must
+        make the sandbox end on its own after ``spec.ttl_seconds`` (a provider-side timeout, or a watchdog
+        that survives the launcher), and your ``sandbox_exec`` must raise ``SandboxNotFoundError`` afterwards.
+        """
+        floor = conformance_backend.capabilities().min_ttl_seconds or 0.0
+        if floor > KIT_TTL_MAX_SECONDS:
+            pytest.skip("backend declares Capabilities.min_ttl_seconds=%s (the kit waits at most %ss)" % (floor, KIT_TTL_MAX_SECONDS))
+        ttl = max(KIT_TTL_SECONDS, floor)
+        spec = self.sandbox_spec({**kit_labels, "kit_case": "ttl"})
+        sb = conformance_backend.create(dataclasses.replace(spec, ttl_seconds=ttl))
+        born = time.monotonic()
+        try:
+            assert sb.run(["true"], timeout=30)[0] == 0, "the sandbox did not run a command right after create"
+            deadline = born + ttl + 2 * self.timeout_slack_seconds
+            while True:
+                try:
+                    sb.exec(["true"], timeout=30)
+                except SandboxNotFoundError:
+                    break
+                assert time.monotonic() < deadline, "sandbox still alive %.1fs after a ttl of %ss" % (time.monotonic() - born, ttl)
+                time.sleep(0.5)
+        finally:
+            with contextlib.suppress(Exception):
+                sb.destroy()
+
+    def test_lifecycle_destroy_from_bare_handle_in_another_process(
+        self, conformance_backend: Backend, fresh_sandbox: Callable[..., Sandbox]
+    ) -> None:
+        """Another process destroys a sandbox knowing only its id: ``SandboxHandle(backend, id, options=...)``.
+
+        This is how the lifeline's reaper (and ``metaflow-sandbox kill``) ends a dead owner's sandbox:
+        ``native`` is None and nothing your create kept in memory is there. Troubleshooting: if this
+        fails, your ``sandbox_destroy`` must find the sandbox from ``handle.sandbox_id`` and
+        ``handle.options`` alone (reconnect to the provider), return True, and False once it is gone.
+        """
+        sb = fresh_sandbox(kit_case="bare-destroy")
+        options = conformance_backend.options
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        args = [self.backend, sb.id, sb.handle.workdir, json.dumps(dict(sb.handle.labels)), json.dumps(options, default=str)]
+        proc = subprocess.run(
+            [sys.executable, "-c", _BARE_DESTROY, *args], capture_output=True, text=True, timeout=180, env=env, check=False
+        )
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("KIT-RESULT ")]
+        assert lines, "destroy from a bare handle failed in another process (exit %s):\n%s" % (proc.returncode, proc.stderr[-3000:])
+        assert json.loads(lines[-1][len("KIT-RESULT ") :]) is True, "sandbox_destroy(bare handle) did not return True"
+        with pytest.raises(SandboxNotFoundError):
+            sb.exec(["echo", "hi"], timeout=30)
+        bare = SandboxHandle(self.backend, sb.id, workdir=sb.handle.workdir, options=options)
+        assert conformance_backend.call("sandbox_destroy", idempotent=True, sandbox_id=sb.id, handle=bare) is False
+
     # ----- exec ------------------------------------------------------------------------------
+
+    def test_exec_leftover_processes_do_not_hold_exec(self, sandbox: Sandbox) -> None:
+        """A command that leaves a background process holding stdout still returns as soon as it exits.
+
+        ``sh -c 'sleep 30 & echo hi'`` must return ``hi`` and exit 0 within 5 s: a Metaflow task leaves
+        such processes, and a backend that waits for the pipes to close stalls every flow.
+        Troubleshooting: if this fails, your ``sandbox_exec`` must return when the command's own process
+        exits: kill what it left in its process group (or stop reading its pipes) instead of reading
+        stdout until every holder of the pipe has closed it.
+        """
+        start = time.monotonic()
+        try:
+            code, out, _ = sandbox.run(["sh", "-c", "sleep 30 & echo hi"], timeout=15)
+        except SandboxTimeoutError:
+            pytest.fail("exec did not return in 15 s: it waits for the background 'sleep 30' that holds stdout")
+        elapsed = time.monotonic() - start
+        assert (code, out) == (0, "hi\n")
+        assert elapsed < 5.0, "exec returned %.1fs after a command that exits at once (a leftover process held it)" % elapsed
+
+    def test_exec_task_environment(self, conformance_backend: Backend, kit_labels: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+        """A command finds what a Metaflow task needs, and nothing of the launcher's environment.
+
+        ``python`` (3) on PATH with ``bash``, ``tar``, ``gzip`` and coreutils; ``HOME`` set to a
+        writable directory; a variable set only in the launcher's environment is not visible (only
+        ``spec.env`` and ``exec(env=...)`` reach a command). Troubleshooting: if this fails, your sandbox
+        image (or ``sandbox_create``) must provide python 3 on PATH and a writable HOME, and your
+        ``sandbox_exec`` must start commands from the sandbox's own environment, never ``os.environ``.
+        """
+        monkeypatch.setenv(LAUNCHER_ONLY_ENV, "leaked")
+        sb = conformance_backend.create(self.sandbox_spec({**kit_labels, "kit_case": "task-env"}))
+        try:
+            code, out, err = sb.run(["sh", "-c", _TASK_ENV_PROBE], timeout=60)
+        finally:
+            with contextlib.suppress(Exception):
+                sb.destroy()
+        lines = out.splitlines()
+        assert [line for line in lines if line.startswith("missing:")] == [], "not on PATH in the sandbox: %s" % lines
+        assert "python:3" in lines, "python 3 is not runnable as `python`: %s %s" % (lines, err[-500:])
+        assert "home:ok" in lines, "HOME is unset or not a writable directory: %s" % lines
+        assert "leak:none" in lines, "a variable of the launcher's environment reached the sandbox: %s" % lines
+        assert code == 0, err
+
+    def test_exec_limits_enforced_when_declared(self, conformance_backend: Backend, kit_labels: dict[str, str]) -> None:
+        """With ``Capabilities.enforces_limits``: cpu=1 shows at most 1 CPU, and memory above the limit is killed.
+
+        The kit creates a sandbox with ``Resources(cpu=1, memory_mb=256)``; ``nproc`` must be 1 (or a cgroup
+        quota at most one CPU), writing 64 MB must work, writing 768 MB must end with a non-zero exit or
+        ``oom_killed``. A backend that cannot enforce limits leaves the flag False: this test is then a named
+        skip and the limits are advisory (documented, never silently claimed). Troubleshooting: if this
+        fails, your ``sandbox_create`` must apply ``spec.resources`` (CPU affinity or quota, a hard memory
+        limit), or your ``sandbox_capabilities`` must not declare ``enforces_limits=True``.
+        """
+        if not conformance_backend.capabilities().enforces_limits:
+            pytest.skip("backend declares Capabilities.enforces_limits=False: cpu and memory are advisory")
+        spec = self.sandbox_spec({**kit_labels, "kit_case": "limits"})
+        sb = conformance_backend.create(dataclasses.replace(spec, resources=Resources(cpu=1, memory_mb=KIT_MEMORY_MB)))
+        try:
+            code, out, _ = sb.run(["sh", "-c", _CPU_PROBE], timeout=60)
+            assert code == 0
+            nproc, quota = out.strip().split("|")
+            assert int(nproc) <= 1 or _quota_cpus(quota) <= 1.0, "cpu=1 but the command sees %s CPUs (cpu.max %s)" % (nproc, quota)
+            small = sb.run(["python", "-c", "b = b'x' * (64 << 20); print('allocated')"], timeout=60)
+            assert small[:2] == (0, "allocated\n"), "64 MB under a %d MB limit failed: %r" % (KIT_MEMORY_MB, small)
+            big_out, _collect_big = _collect()
+            big = sb.exec(
+                ["python", "-c", "b = b'x' * (%d << 20); print('allocated')" % (3 * KIT_MEMORY_MB)], timeout=60, on_stdout=_collect_big
+            )
+            assert big.exit_code != 0 or big.oom_killed, "wrote %d MB under a %d MB limit and was not stopped" % (
+                3 * KIT_MEMORY_MB,
+                KIT_MEMORY_MB,
+            )
+            assert "allocated" not in "".join(big_out)
+        finally:
+            with contextlib.suppress(Exception):
+                sb.destroy()
 
     def test_exec_exit_codes_are_results(self, sandbox: Sandbox) -> None:
         """Exit codes 0, 1 and 42 come back in ``ExecResult.exit_code``; non-zero is not an exception.
@@ -625,6 +788,14 @@ def _prefix_times(seen: list[tuple[float, str]]) -> list[tuple[float, str]]:
         text += chunk
         out.append((t, text))
     return out
+
+
+def _quota_cpus(cpu_max: str) -> float:
+    """CPUs allowed by a cgroup v2 ``cpu.max`` line ("max 100000" is unlimited)."""
+    parts = cpu_max.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return float("inf")
+    return int(parts[0]) / int(parts[1])
 
 
 def _physical(sandbox: Sandbox, path: str) -> str:
