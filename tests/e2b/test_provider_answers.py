@@ -155,7 +155,7 @@ def test_wrong_api_key_names_it(emulator: Emulator, labels, monkeypatch: pytest.
 
 
 def test_bad_backend_options_name_the_setting(labels) -> None:
-    for key, value in [("lease_seconds", "abc"), ("renew_seconds", "0"), ("request_timeout", "inf"), ("max_cpu", "nan")]:
+    for key, value in [("lease_seconds", "abc"), ("renew_seconds", "0.01"), ("request_timeout", "inf"), ("max_cpu", "nan")]:
         with pytest.raises(UnsupportedOptionError) as info:
             Backend("e2b", options={key: value}).create(SandboxSpec(labels=labels, ttl_seconds=60))
         assert "METAFLOW_SANDBOX_E2B_%s" % key.upper() in info.value.hint

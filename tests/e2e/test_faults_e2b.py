@@ -106,7 +106,9 @@ def test_provider_vanishing_mid_task_fails_cleanly_and_leaves_nothing(emulator, 
     time.sleep(5)  # the step runs past its lease only because its live owner renews it
     assert len(emulator.live_sandboxes()) == 1
     emulator.set_faults(time_scale=0.05, outage=True)
+    outage = time.monotonic()
     runner.join(240)
+    failed_after = time.monotonic() - outage
     assert not runner.is_alive()
     emulator.set_faults(time_scale=0.05)
     run = result["run"]
@@ -118,4 +120,10 @@ def test_provider_vanishing_mid_task_fails_cleanly_and_leaves_nothing(emulator, 
         time.sleep(0.2)
     (record,) = emulator.all_sandboxes()
     assert record["state"] in ("killed", "expired")
-    print("e2b vanish: task failed in %s; sandbox %s" % ("time", record["state"]))
+    print(
+        "e2b vanish: the run failed %.0fs into the outage; its sandbox %s\n%s" % (failed_after, record["state"], _error_lines(run.output))
+    )
+
+
+def _error_lines(output: str) -> str:
+    return "\n".join(line for line in output.splitlines() if "E2B" in line or "Fix:" in line or "NOT retried" in line)

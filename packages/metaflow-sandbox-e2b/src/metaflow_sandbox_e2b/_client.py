@@ -116,12 +116,7 @@ def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_
         )
     if isinstance(exc, busy) or (isinstance(status, int) and status >= 500):
         cls = TransientBackendError if retry_safe else SandboxError
-        return cls(
-            "E2B at %s is busy or failing: %s" % (url, text),
-            hint="E2B limits concurrent sandboxes (Hobby 20, Pro 100) and creates per second; lower the fan-out "
-            "(--max-workers, METAFLOW_SANDBOX_E2B_CONCURRENCY) or retry later",
-            **kw,
-        )
+        return cls("E2B at %s is busy or failing: %s" % (url, text), hint=_busy_hint(op, status), **kw)
     if isinstance(exc, e2b.TimeoutException):
         return SandboxTimeoutError(
             "an E2B request timed out: %s" % text,
@@ -147,6 +142,20 @@ def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_
         hint="check %s and E2B_API_KEY; if they are right, this is an E2B outage or an SDK change: retry, or report it" % setting,
         **kw,
     )
+
+
+def _busy_hint(op: str, status: int | None) -> str:
+    if op == "destroy":
+        return (
+            "nothing to do now: the sandbox ends by itself when its lease runs out (METAFLOW_SANDBOX_LEASE_SECONDS, "
+            "default 300 s); `metaflow-sandbox gc --backend e2b` removes it sooner once E2B answers again"
+        )
+    if status == 429 or op == "create":
+        return (
+            "E2B limits concurrent sandboxes (Hobby 20, Pro 100) and creates per second; lower the fan-out "
+            "(--max-workers, METAFLOW_SANDBOX_E2B_CONCURRENCY) or retry later"
+        )
+    return "E2B kept failing after retries; rerun later (use @retry to do it automatically)"
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ def settings(options: Mapping[str, Any]) -> Settings:
         plan=plan,
         template=_opt(options, "template"),
         lease_seconds=_positive(options, "lease_seconds"),
-        renew_seconds=_positive(options, "renew_seconds"),
+        renew_seconds=_number(options, "renew_seconds", 0.1, 3600),
         default_ttl_seconds=_int(options, "default_ttl_seconds", plan.max_ttl_seconds),
         request_timeout=_number(options, "request_timeout", 1, 3600) or 60.0,
         workdir=_opt(options, "workdir"),

@@ -200,7 +200,13 @@ def make_envd_app(world: World) -> web.Application:
             )
 
         fut = loop.run_in_executor(world.pool, run)
-        fut.add_done_callback(lambda _f: queue.put_nowait(("done", None)))
+
+        def finished(f: asyncio.Future) -> None:
+            if not f.cancelled():
+                f.exception()  # retrieved here: a client that went away never reads it
+            queue.put_nowait(("done", None))
+
+        fut.add_done_callback(finished)
         resp = web.StreamResponse(status=200, headers={"Content-Type": "application/connect+json"})
         resp.enable_chunked_encoding()
         await resp.prepare(request)
