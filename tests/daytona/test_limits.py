@@ -143,3 +143,11 @@ def test_cost_of_a_slot_is_small():
     per_call = (time.perf_counter() - start) / n
     print("limits_rate: acquire+release %.3f ms" % (per_call * 1000))
     assert per_call < 0.005
+
+
+@pytest.mark.parametrize("key", ["retry_attempts", "retry_seconds", "lease_renew_seconds"])
+def test_bad_daytona_options_are_refused_by_check_config(key):
+    """check_config runs at launch (before any task): a bad number is refused there, naming the setting."""
+    with pytest.raises(SandboxError) as err:
+        Backend("daytona", options={key: "-3"}).check_config()
+    assert "METAFLOW_SANDBOX_DAYTONA_%s" % key.upper() in str(err.value)

@@ -326,8 +326,8 @@ class _LeaseRenewer(threading.Thread):
         super().__init__(daemon=True, name="daytona-lease-%s" % handle.sandbox_id[:8])
         self.sandbox = sandbox
         lease_minutes = getattr(sandbox, "auto_stop_interval", None) or 0
-        every = handle.options.get("lease_renew_seconds")
-        self.every = float(every) if every not in (None, "") else lease_minutes * 60.0 / RENEWALS_PER_LEASE
+        every = _retry.number_option(handle.options, "lease_renew_seconds", lease_minutes * 60.0 / RENEWALS_PER_LEASE, 0)
+        self.every = float(every)
         self.halt = threading.Event()
 
     def start(self) -> None:

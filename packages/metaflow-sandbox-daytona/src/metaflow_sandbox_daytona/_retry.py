@@ -38,25 +38,30 @@ class Policy:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> Policy:
         """``retry_attempts`` (>= 1) and ``retry_seconds`` (> 0) from the backend options."""
-        from metaflow_sandbox import SandboxError
+        return cls(
+            attempts=int(number_option(options, "retry_attempts", DEFAULT_ATTEMPTS, 1)),
+            seconds=number_option(options, "retry_seconds", DEFAULT_SECONDS, 0.001),
+        )
 
-        def number(key: str, default: float, low: float) -> float:
-            raw = options.get(key)
-            if raw in (None, ""):
-                return default
-            try:
-                value = float(raw)
-            except (TypeError, ValueError):
-                value = float("nan")
-            if not (low <= value < float("inf")):
-                raise SandboxError(
-                    "daytona option %s=%r is not a number >= %s" % (key, raw, low),
-                    hint="set METAFLOW_SANDBOX_DAYTONA_%s to e.g. %s, or unset it" % (key.upper(), default),
-                    backend="daytona",
-                )
-            return value
 
-        return cls(attempts=int(number("retry_attempts", DEFAULT_ATTEMPTS, 1)), seconds=number("retry_seconds", DEFAULT_SECONDS, 0.001))
+def number_option(options: Mapping[str, Any], key: str, default: float, low: float) -> float:
+    """A finite number >= ``low`` from the options, or a SandboxError naming the setting."""
+    from metaflow_sandbox import SandboxError
+
+    raw = options.get(key)
+    if raw in (None, ""):
+        return default
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (low <= value < float("inf")):
+        raise SandboxError(
+            "daytona option %s=%r is not a number >= %s" % (key, raw, low),
+            hint="set METAFLOW_SANDBOX_DAYTONA_%s to e.g. %s, or unset it" % (key.upper(), round(default, 3)),
+            backend="daytona",
+        )
+    return value
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

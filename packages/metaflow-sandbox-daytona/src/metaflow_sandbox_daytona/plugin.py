@@ -67,7 +67,10 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
 
 @hookimpl
 def sandbox_check_config(options: Mapping[str, Any]) -> bool:
+    """Credentials present and our numeric options valid: refused at launch, before any task, no network call."""
     _client.resolve_config(options)
+    _retry.Policy.from_options(options)
+    _retry.number_option(options, "lease_renew_seconds", 0, 0)
     return True
 
 
