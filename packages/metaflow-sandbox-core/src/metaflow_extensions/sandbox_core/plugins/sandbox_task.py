@@ -209,8 +209,8 @@ def task_command(environment, step_name, step_cli, code, datastore_type, datasto
     else:
         init_cmds = environment.get_package_commands(code["url"], datastore_type, code["metadata"])
         # The trampoline may have seeded metaflow/.metaflow (local metadata) before this runs.
-        seeded = {"mkdir metaflow": "mkdir -p metaflow", "mkdir .metaflow": "mkdir -p .metaflow"}
-        init_cmds = [seeded.get(c, c) for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
+        mkdir_p = {"mkdir metaflow": "mkdir -p metaflow", "mkdir .metaflow": "mkdir -p .metaflow"}
+        init_cmds = [mkdir_p.get(c, c) for c in init_cmds if c not in (BASH_MFLOG, BASH_FLUSH_LOGS)]
     cmds = [ECHO_MFLOG, NO_FLUSH] + init_cmds + ([AGE_SEEDED_METADATA] if seeded else [])
     cmds += pip_cmds + environment.bootstrap_commands(step_name, datastore_type) + [step_cli]
     # get_package_commands' quoting assumes exactly this shlex pass (as in @batch).
