@@ -16,7 +16,7 @@ PACKAGES = {
 }
 # Test folders per package; `all` runs every folder.
 TESTS = {
-    "core": ["tests/core", "tests/local", "tests/conformance", "tests/structural"],
+    "core": ["tests/core", "tests/extension", "tests/local", "tests/conformance", "tests/structural"],
     "daytona": ["tests/daytona"],
     "e2b": ["tests/e2b"],
 }

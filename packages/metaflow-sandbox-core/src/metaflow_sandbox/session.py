@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections import defaultdict
-from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import pluggy
 
@@ -41,7 +41,6 @@ from .model import (
 from .plugins import get_plugin_manager
 
 log = logging.getLogger("metaflow_sandbox")
-T = TypeVar("T")
 
 _EXPECTED: dict[str, Any] = {
     "sandbox_create": SandboxHandle,
