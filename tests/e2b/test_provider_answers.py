@@ -159,3 +159,11 @@ def test_bad_backend_options_name_the_setting(labels) -> None:
         with pytest.raises(UnsupportedOptionError) as info:
             Backend("e2b", options={key: value}).create(SandboxSpec(labels=labels, ttl_seconds=60))
         assert "METAFLOW_SANDBOX_E2B_%s" % key.upper() in info.value.hint
+
+
+# -- quotas ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("plan, concurrent, per_minute", [("hobby", 20, 60), ("pro", 100, 300)])
+def test_capabilities_declare_the_plans_published_quotas(plan: str, concurrent: int, per_minute: int) -> None:
+    """E2B's rate-limits page: 20/100 concurrent sandboxes, 1/5 creates per second; the core's limiter keeps to them."""
+    caps = Backend("e2b", options={"plan": plan}).capabilities()
+    assert (caps.max_concurrent_sandboxes, caps.max_creates_per_minute) == (concurrent, per_minute)

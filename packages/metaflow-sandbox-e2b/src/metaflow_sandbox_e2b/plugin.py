@@ -103,6 +103,10 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
         images=True,
         shares_host_filesystem=False,
         config_env=CONFIG_ENV,
+        # The plan's published quotas; the core's limiter keeps every process of this user inside them
+        # (options `concurrency` / `create_rate`, METAFLOW_SANDBOX_E2B_CONCURRENCY, override; 0 = off).
+        max_concurrent_sandboxes=s.plan.max_concurrent_sandboxes,
+        max_creates_per_minute=s.plan.max_creates_per_minute,
     )
 
 

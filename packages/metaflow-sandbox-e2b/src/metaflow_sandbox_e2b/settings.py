@@ -21,11 +21,15 @@ class Plan:
     max_ttl_seconds: int
     max_cpu: int
     max_memory_mb: int
+    #: https://e2b.dev/docs/sandbox/rate-limits: "Concurrent sandboxes: Hobby 20, Pro 100 (up to 1,100
+    #: with an add-on)" and "Sandbox creation rate: Hobby 1 / sec, Pro 5 / sec". Above them E2B answers 429.
+    max_concurrent_sandboxes: int = 20
+    max_creates_per_minute: float = 60.0
 
 
 PLANS = {
-    "hobby": Plan(max_ttl_seconds=3600, max_cpu=8, max_memory_mb=8192),
-    "pro": Plan(max_ttl_seconds=86400, max_cpu=8, max_memory_mb=16384),
+    "hobby": Plan(max_ttl_seconds=3600, max_cpu=8, max_memory_mb=8192, max_concurrent_sandboxes=20, max_creates_per_minute=60.0),
+    "pro": Plan(max_ttl_seconds=86400, max_cpu=8, max_memory_mb=16384, max_concurrent_sandboxes=100, max_creates_per_minute=300.0),
 }
 
 
@@ -113,7 +117,8 @@ def settings(options: Mapping[str, Any]) -> Settings:
             backend=NAME,
         )
     base = PLANS[plan_name]
-    plan = Plan(
+    plan = dataclasses.replace(
+        base,
         max_ttl_seconds=_int(options, "max_ttl_seconds", base.max_ttl_seconds),
         max_cpu=_int(options, "max_cpu", base.max_cpu),
         max_memory_mb=_int(options, "max_memory_mb", base.max_memory_mb),
