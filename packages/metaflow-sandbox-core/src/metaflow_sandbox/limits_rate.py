@@ -43,7 +43,7 @@ def runtime_dir(backend: str) -> str:
     base = os.environ.get("XDG_RUNTIME_DIR") or ""
     if not (base and os.path.isdir(base) and os.access(base, os.W_OK)):
         base = tempfile.gettempdir()
-    top = os.path.join(base, "metaflow-sandbox-%d" % os.getuid())
+    top = os.path.join(base, "metaflow-sandbox-limits-%d" % os.getuid())  # not the local backend's root (0711)
     path = os.path.join(top, "limits", backend)
     os.makedirs(top, mode=0o700, exist_ok=True)  # makedirs gives intermediate dirs the default mode
     os.makedirs(path, mode=0o700, exist_ok=True)
