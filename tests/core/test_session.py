@@ -260,3 +260,23 @@ def test_open_sandbox_runs_a_command_in_a_real_local_sandbox():
         code, out, err = sb.run(["sh", "-c", "echo hi; echo oops >&2; exit 3"])
     assert (code, out, err) == (3, "hi\n", "oops\n")
     assert sb.destroyed
+
+
+def test_bare_api_create_is_marked_and_bounded():
+    """Backend(name).create() with no spec: still findable by list/gc/kill, still ends on its own."""
+    seen: list[SandboxSpec] = []
+
+    class Recording(Scripted):
+        @hookimpl
+        def sandbox_create(self, spec):
+            seen.append(spec)
+            return SandboxHandle("scripted", "sb-1")
+
+    backend = Backend("scripted", pm=build_plugin_manager("scripted", Recording(Capabilities(max_ttl_seconds=600))))
+    backend.create()
+    backend.create(SandboxSpec(labels={"team": "x"}, ttl_seconds=30))
+    from metaflow_sandbox import MARKER_LABEL
+
+    assert seen[0].labels[MARKER_LABEL] == "1" and seen[0].ttl_seconds == 600  # the default, capped by the backend
+    assert seen[0].lease_seconds and seen[0].lease_seconds > 0
+    assert seen[1].labels == {"team": "x", MARKER_LABEL: "1"} and seen[1].ttl_seconds == 30

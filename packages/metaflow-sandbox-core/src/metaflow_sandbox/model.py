@@ -16,6 +16,8 @@ FILE_ERROR_CODES: tuple[str, ...] = ("file_not_found", "permission_denied", "is_
 #: The lease a sandbox is kept alive by when nobody sets one (``METAFLOW_SANDBOX_LEASE_SECONDS``).
 DEFAULT_LEASE_SECONDS = 300.0
 LEASE_ENV = "METAFLOW_SANDBOX_LEASE_SECONDS"
+#: The TTL the facade gives a sandbox created without one (capped at the backend's ``max_ttl_seconds``).
+DEFAULT_TTL_SECONDS = 3600.0
 
 #: Label every sandbox we create carries, so list/gc never touches a user's own sandboxes.
 MARKER_LABEL = "metaflow-sandbox"

@@ -27,7 +27,9 @@ from .lifeline import OWNER_LABEL, Lifeline
 from .limits_rate import hold_slot, limiter_for, release_slot
 from .model import (
     DEFAULT_LEASE_SECONDS,
+    DEFAULT_TTL_SECONDS,
     LEASE_ENV,
+    MARKER_LABEL,
     Capabilities,
     DownloadItem,
     ExecResult,
@@ -172,11 +174,17 @@ class Backend:
             refuse("does not support choosing an image", "remove image=...")
 
     def create(self, spec: Optional[SandboxSpec] = None) -> Sandbox:
+        """Every sandbox carries the marker label (so list/gc/kill find it) and a TTL, bare API included."""
         spec = spec or SandboxSpec()
         if self.options and not spec.options:
             spec = dataclasses.replace(spec, options=self.options)
         if spec.lease_seconds is None:
             spec = dataclasses.replace(spec, lease_seconds=default_lease_seconds())
+        if spec.ttl_seconds is None:
+            cap = self.capabilities().max_ttl_seconds
+            spec = dataclasses.replace(spec, ttl_seconds=min(DEFAULT_TTL_SECONDS, cap) if cap else DEFAULT_TTL_SECONDS)
+        if spec.labels.get(MARKER_LABEL) != "1":
+            spec = dataclasses.replace(spec, labels={**spec.labels, MARKER_LABEL: "1"})
         self.validate(spec)
         owner = None
         if self.lifeline is not None:  # tell the reaper before the create, so a kill mid-create is covered

@@ -102,7 +102,11 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         "user": util.get_username(),
     }
     _sleep_before_retry(obj, node, task)
-    local = deco.backend_name == "local"
+    backend = load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
+    caps = backend.capabilities()
+    # A backend whose sandboxes see this machine's files (`local`, or a third party's that says so)
+    # reuses what can be shared, read-only, instead of downloading it in every sandbox.
+    local = caps.shares_host_filesystem
     code = {"metadata": code_package_metadata, "sha": code_package_sha, "url": code_package_url}
     step_cli, env_extra = _step_cli(ctx, deco, step_name, kwargs, local)
 
@@ -110,14 +114,15 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
     env.update(env_extra)
     binds = []
     package_dir = pip_cache = None
-    if local:  # the sandbox shares this machine's files: reuse what can be shared, read-only
+    if local:
         env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "/usr/bin:/bin")
         pip_cache = _cache_dir("SANDBOX_PIP_CACHE", "pip")
         code_root = _cache_dir("SANDBOX_CODE_CACHE", "code")
         package_dir = prepared_package(obj.flow_datastore, code_package_sha, code_root)
-        binds = [Bind(pip_cache), Bind(code_root, read_only=True)]
-        if obj.flow_datastore.TYPE == "local":
-            binds.append(Bind(obj.flow_datastore.datastore_root))
+        if caps.binds:  # a backend that shares files without binds sees them at the same paths anyway
+            binds = [Bind(pip_cache), Bind(code_root, read_only=True)]
+            if obj.flow_datastore.TYPE == "local":
+                binds.append(Bind(obj.flow_datastore.datastore_root))
     pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), pip_cache)
     command = task_command(
         obj.environment,
@@ -130,7 +135,6 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         package_dir,
         seeded=_seeds_metadata(obj),
     )
-    backend = load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
     backend.lifeline = attach_lifeline()
     spec = _sandbox_spec(obj, node, deco, backend, task, env, binds)
     sys.exit(_run_task(obj, backend, spec, command, deco, task))
@@ -164,6 +168,8 @@ def _sandbox_spec(obj, node, deco, backend, task, env, binds):
     """The launch-time shape (sandbox_inputs.launch_spec, already validated) plus this task's env, labels and binds."""
     import dataclasses
 
+    from metaflow_sandbox import MARKER_LABEL
+
     from .sandbox_inputs import launch_spec, refused, step_ttl
 
     try:
@@ -175,7 +181,7 @@ def _sandbox_spec(obj, node, deco, backend, task, env, binds):
             "Step *%s* can run at most %ds on backend '%s' (its sandbox lifetime cap)." % (task["step"], spec.ttl_seconds, backend.name)
         )
     labels = {
-        "metaflow-sandbox": "1",
+        MARKER_LABEL: "1",
         "metaflow.flow": obj.flow.name,
         "metaflow.run": str(task["run_id"]),
         "metaflow.step": task["step"],
@@ -347,7 +353,9 @@ def _cache_dir(setting, name):
 
 
 def _flow_sandboxes(ctx, backend, run_id, everything):
-    labels = {"metaflow-sandbox": "1", "metaflow.flow": ctx.obj.flow.name}
+    from metaflow_sandbox import MARKER_LABEL
+
+    labels = {MARKER_LABEL: "1", "metaflow.flow": ctx.obj.flow.name}
     if not everything:
         run_id = run_id or util.get_latest_run_id(ctx.obj.echo, ctx.obj.flow.name)
         if run_id is None:

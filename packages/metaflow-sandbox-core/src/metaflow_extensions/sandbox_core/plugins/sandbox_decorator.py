@@ -172,10 +172,12 @@ class SandboxDecorator(StepDecorator):
         self.environment = environment
         self.flow_datastore = flow_datastore
         self.backend_name, self.backend_source = resolve_backend(self.attributes["backend"])
-        if flow_datastore.TYPE == "local" and not backend_shares_filesystem(self.backend_name):
+        # Inside the sandbox the launcher has already checked this (and loading backends there is waste).
+        if flow_datastore.TYPE == "local" and not os.environ.get(WORKLOAD_ENV) and not backend_shares_filesystem(self.backend_name):
             raise SandboxException(
                 "Step *%s* runs on backend '%s', which cannot see this machine's files, but the datastore is "
-                "local (which works only with the 'local' backend).\n  Fix: use a datastore the sandbox can reach: "
+                "local (which works only with backends whose sandboxes see this machine's files, such as 'local').\n"
+                "  Fix: use a datastore the sandbox can reach: "
                 "run with --datastore=s3 and set METAFLOW_DATASTORE_SYSROOT_S3 (plus METAFLOW_S3_ENDPOINT_URL for S3-compatible stores), "
                 "or --datastore=azure / --datastore=gs."
                 % (step_name, self.backend_name)
@@ -360,6 +362,4 @@ def load_backend(name, options=None):
 
 def backend_shares_filesystem(name):
     """Whether a sandbox of this backend sees the launcher's files (only then a local datastore works)."""
-    if name == "local":
-        return True
     return load_backend(name).capabilities().shares_host_filesystem

@@ -76,13 +76,36 @@ def _setting(name):
     return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
+_backend_settings = None
+
+
+def backend_settings():
+    """Every installed backend's ``config_env`` (its API keys and URLs): never forwarded, whoever asks.
+
+    Read from each backend's capabilities, so a third party's ``ACME_API_KEY`` is as safe as ours.
+    """
+    global _backend_settings
+    if _backend_settings is None:
+        from metaflow_sandbox import Backend, available_backends
+
+        names = set()
+        for name in available_backends():
+            try:
+                names.update(Backend(name).capabilities().config_env)
+            except Exception:  # a broken backend cannot be selected either; `backends` reports it
+                continue
+        _backend_settings = frozenset(names)
+    return _backend_settings
+
+
 def forwarded_env(extra_names=""):
     """Credentials and chosen variables from the launcher's environment (allowlist only)."""
     names = list(CREDENTIAL_ENV) + [n.strip() for n in (extra_names or "").split(",") if n.strip()]
+    secret = backend_settings()
     return {
         name: os.environ[name]
         for name in names
-        if name in os.environ and not name.startswith(NEVER_FORWARD_PREFIXES)
+        if name in os.environ and not name.startswith(NEVER_FORWARD_PREFIXES) and name not in secret
     }
 
 
