@@ -140,11 +140,12 @@ def forward_env_names(backend=None):
     """METAFLOW_SANDBOX_FORWARD_ENV: valid names, none of them a backend's own secret or setting."""
     from metaflow import metaflow_config
 
-    from .sandbox_task import NEVER_FORWARD_PREFIXES
+    from .sandbox_task import NEVER_FORWARD_PREFIXES, backend_settings
 
     parse = _parse()
     names = parse.names(getattr(metaflow_config, "SANDBOX_FORWARD_ENV", "") or "", FORWARD_ENV)
-    backend_vars = set(backend.capabilities().config_env) if backend is not None else set()
+    # Every installed backend's settings, not only the selected one's: a third party's key stays home too.
+    backend_vars = set(backend_settings()) | (set(backend.capabilities().config_env) if backend is not None else set())
     for name in names:
         if name.startswith(NEVER_FORWARD_PREFIXES) or name in backend_vars:
             raise parse.InvalidInputError(
