@@ -34,6 +34,12 @@ ENTRY_POINTS = {
     "missing-raises": "kit_broken_backends:MISSING_RAISES",
     "no-credentials-check": "kit_broken_backends:NO_CREDENTIALS_CHECK",
     "network-at-import": "kit_network_at_import:NET",
+    "holds-exec": "kit_broken_backends:HOLDS_EXEC",
+    "ignores-ttl": "kit_broken_backends:IGNORES_TTL",
+    "destroy-needs-native": "kit_broken_backends:DESTROY_NEEDS_NATIVE",
+    "leaks-launcher-env": "kit_broken_backends:LEAKS_ENV",
+    "claims-limits": "kit_broken_backends:CLAIMS_LIMITS",
+    "local-enforcing": "kit_broken_backends:LOCAL_ENFORCING",
 }
 
 
@@ -88,26 +94,31 @@ def _failed(result: pytest.RunResult) -> set[str]:
 def test_correct_backend_passes_everything(kit) -> None:
     """Control: the same backend without a bug passes the whole kit (no false alarms)."""
     result = kit("kitgood")
-    result.assert_outcomes(passed=30)
+    result.assert_outcomes(passed=34, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*enforces_limits=False*advisory*"])
 
 
 # backend -> (kit tests selected with -k, kit tests that must fail, how many selected tests pass)
 CASES = {
     "exec-none": (
         ("exec_exit", "exec_stdout", "exec_env", "lifecycle"),
-        {"test_exec_exit_codes_are_results", "test_exec_stdout_stderr_separate", "test_exec_env_visible"},
-        5,
+        {"test_exec_exit_codes_are_results", "test_exec_stdout_stderr_separate", "test_exec_env_visible", "test_lifecycle_ttl_honoured"},
+        6,
     ),
-    "raises-nonzero": (("exec and not timeout and not streams",), {"test_exec_exit_codes_are_results"}, 8),
+    "raises-nonzero": (("exec and not timeout and not streams and not limits",), {"test_exec_exit_codes_are_results"}, 10),
     "mixes-streams": (
-        ("exec and not timeout and not streams",),
+        ("exec and not timeout and not streams and not limits",),
         {"test_exec_stdout_stderr_separate", "test_exec_unicode_round_trip"},
-        7,
+        9,
     ),
     "buffers": (("exec_streams", "exec_exit"), {"test_exec_streams_before_exit"}, 1),
     "ignores-timeout": (("exec_timeout",), {"test_exec_timeout_raises_and_kills"}, 0),
     "timeout-no-kill": (("exec_timeout", "exec_exit"), {"test_exec_timeout_raises_and_kills"}, 1),
-    "destroy-twice-true": (("lifecycle",), {"test_lifecycle_destroy_is_idempotent"}, 4),
+    "destroy-twice-true": (
+        ("lifecycle",),
+        {"test_lifecycle_destroy_is_idempotent", "test_lifecycle_destroy_from_bare_handle_in_another_process"},
+        5,
+    ),
     "drops-high-bytes": (("files",), {"test_files_all_byte_values_round_trip"}, 8),
     "missing-raises": (
         ("files",),
@@ -116,6 +127,11 @@ CASES = {
     ),
     "no-credentials-check": (("offline",), {"test_offline_missing_credentials_named"}, 5),
     "network-at-import": (("offline",), {"test_offline_import_makes_no_network_call"}, 5),
+    "holds-exec": (("exec_leftover", "exec_exit"), {"test_exec_leftover_processes_do_not_hold_exec"}, 1),
+    "ignores-ttl": (("lifecycle",), {"test_lifecycle_ttl_honoured"}, 6),
+    "destroy-needs-native": (("lifecycle_destroy",), {"test_lifecycle_destroy_from_bare_handle_in_another_process"}, 1),
+    "leaks-launcher-env": (("exec_task_env", "exec_env"), {"test_exec_task_environment"}, 1),
+    "claims-limits": (("exec_limits", "exec_exit"), {"test_exec_limits_enforced_when_declared"}, 1),
 }
 
 
@@ -127,7 +143,13 @@ def test_kit_catches_the_bug(kit, backend: str) -> None:
     assert _failed(result) == must_fail, "\n".join(result.outlines[-40:])
     result.assert_outcomes(failed=len(must_fail), passed=passing)
     for name in sorted(must_fail):  # one call each: the summary lists them in run order
-        result.stdout.fnmatch_lines(["FAILED test_kit.py::TestKit::%s - *" % name])
+        result.stdout.fnmatch_lines(["FAILED test_kit.py::TestKit::%s*" % name])  # " - reason" only when it fits
+
+
+def test_enforced_limits_pass_on_a_backend_that_enforces_them(kit) -> None:
+    """Control for ``claims-limits``: ``local`` (CPU affinity, memory cgroup) declaring enforces_limits passes."""
+    result = kit("local-enforcing", "exec_limits", body="required_env = ()")
+    result.assert_outcomes(passed=1)
 
 
 def test_base_class_alone_collects_nothing(pytester: pytest.Pytester) -> None:

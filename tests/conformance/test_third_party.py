@@ -108,5 +108,5 @@ def test_conformance_kit_passes_against_installed_acme(acme) -> None:
     from metaflow_sandbox.testing import BackendConformance
 
     kit_tests = [name for name in vars(BackendConformance) if name.startswith("test_")]
-    assert "%d passed" % len(kit_tests) in tail, tail
-    assert "skipped" not in tail and "failed" not in tail, tail
+    assert "%d passed, 1 skipped" % (len(kit_tests) - 1) in tail, tail  # acme's cpu/memory are advisory, and it says so
+    assert "enforces_limits=False" in tail and "failed" not in tail, tail

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import subprocess
 import threading
 from typing import Any, Mapping
 
@@ -18,6 +20,7 @@ from metaflow_sandbox import (
     UploadItem,
     hookimpl,
 )
+from metaflow_sandbox.backends import local
 from metaflow_sandbox_acme import plugin as acme
 
 KEY = "KITGOOD_API_KEY"
@@ -139,9 +142,7 @@ class UploadDropsHighBytes(Good):
     @hookimpl
     def sandbox_upload(self, handle, files):
         text_safe = [
-            UploadItem(f.path, content=f.content.decode("ascii", "ignore").encode(), source=f.source)
-            if f.content is not None
-            else f
+            UploadItem(f.path, content=f.content.decode("ascii", "ignore").encode(), source=f.source) if f.content is not None else f
             for f in files
         ]
         return acme.sandbox_upload(handle, text_safe)
@@ -163,7 +164,100 @@ class CredentialsNotReported(Good):
         return True
 
 
+class ReadsUntilPipesClose(Good):
+    """The doc's old example: read output until every holder of the pipes closed them."""
+
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        proc = subprocess.Popen(
+            list(command), cwd=cwd or handle.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise SandboxTimeoutError("timed out") from None
+        for callback, data in ((on_stdout, out), (on_stderr, err)):
+            if callback and data:
+                callback(data.decode())
+        return ExecResult(proc.returncode)
+
+
+class IgnoresTtl(Good):
+    @hookimpl
+    def sandbox_create(self, spec):
+        return super().sandbox_create(dataclasses.replace(spec, ttl_seconds=None))
+
+
+class DestroyNeedsNative(Good):
+    """Keeps what destroy needs only in the creating process's handle."""
+
+    @hookimpl
+    def sandbox_create(self, spec):
+        handle = super().sandbox_create(spec)
+        return dataclasses.replace(handle, native={"id": handle.sandbox_id})
+
+    @hookimpl
+    def sandbox_destroy(self, handle):
+        return acme.sandbox_destroy(dataclasses.replace(handle, sandbox_id=handle.native["id"]))
+
+
+class LeaksLauncherEnv(Good):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        return acme.sandbox_exec(handle, command, {**os.environ, **env}, cwd, timeout, on_stdout, on_stderr)
+
+
+class ClaimsLimits(Good):
+    """Says it enforces cpu/memory, and ignores them."""
+
+    @hookimpl
+    def sandbox_capabilities(self, options):
+        return Capabilities(images=False, enforces_limits=True, config_env=(KEY,))
+
+
+class LocalEnforcing:
+    """The embedded local backend (which applies CPU affinity and a memory cgroup), declaring it."""
+
+    name = "local-enforcing"
+
+    @hookimpl
+    def sandbox_capabilities(self, options):
+        return dataclasses.replace(local.sandbox_capabilities(options), enforces_limits=True)
+
+    @hookimpl
+    def sandbox_check_config(self, options):
+        return True
+
+    @hookimpl
+    def sandbox_create(self, spec):
+        return dataclasses.replace(local.sandbox_create(spec), backend=self.name)
+
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        return local.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+
+    @hookimpl
+    def sandbox_upload(self, handle, files):
+        return local.sandbox_upload(handle, files)
+
+    @hookimpl
+    def sandbox_download(self, handle, files):
+        return local.sandbox_download(handle, files)
+
+    @hookimpl
+    def sandbox_destroy(self, handle):
+        return local.sandbox_destroy(handle)
+
+
 GOOD = Good("kitgood")
+HOLDS_EXEC = ReadsUntilPipesClose("holds-exec")
+IGNORES_TTL = IgnoresTtl("ignores-ttl")
+DESTROY_NEEDS_NATIVE = DestroyNeedsNative("destroy-needs-native")
+LEAKS_ENV = LeaksLauncherEnv("leaks-launcher-env")
+CLAIMS_LIMITS = ClaimsLimits("claims-limits")
+LOCAL_ENFORCING = LocalEnforcing()
 EXEC_NONE = ExecReturnsNone("exec-none")
 RAISES_NONZERO = RaisesOnNonZeroExit("raises-nonzero")
 MIXES_STREAMS = MixesStderrIntoStdout("mixes-streams")

@@ -2,18 +2,21 @@
 
 No isolation at all; it exists to show the contract. Settings: ``options["root"]`` (from
 ``METAFLOW_SANDBOX_ACME_ROOT``) or ``$ACME_ROOT``: where sandbox directories are made.
-Not honoured: ``spec.ttl_seconds`` (a directory never expires by itself; ``sandbox_list`` lets
-``metaflow-sandbox gc`` remove leftovers), and ``spec.image`` (refused through ``Capabilities``).
+``spec.ttl_seconds`` is honoured by a detached watchdog process; ``spec.image`` is refused and
+cpu/memory are advisory (both declared through ``Capabilities``). Everything a hook needs is on disk
+under the sandbox's directory, so ``sandbox_destroy`` works from a bare handle in another process.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -35,11 +38,16 @@ from metaflow_sandbox import (
 )
 
 NAME = "acme"
-_running: dict[str, set[subprocess.Popen]] = {}  # sandbox id -> live commands, killed by destroy
+# Ends a sandbox at its ttl even if the launcher is gone ($1 = its directory, $2 = ttl): what _remove does.
+_WATCHDOG = 'sleep "$2"; for f in "$1"/running/command.*; do kill -s KILL -- "-${f##*.}" 2>/dev/null; done; rm -rf "$1"'
 
 
 def _root(options: Mapping[str, Any]) -> str:
     return options.get("root") or os.environ.get("ACME_ROOT") or os.path.join(tempfile.gettempdir(), "acme-sandboxes")
+
+
+def _home(handle: SandboxHandle) -> str:
+    return os.path.join(_root(handle.options), handle.sandbox_id)
 
 
 @hookimpl
@@ -52,18 +60,48 @@ def sandbox_check_config(options: Mapping[str, Any]) -> bool:
 
 @hookimpl
 def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
-    return Capabilities(images=False, shares_host_filesystem=True, config_env=("ACME_ROOT",))
+    return Capabilities(images=False, shares_host_filesystem=True, enforces_limits=False, config_env=("ACME_ROOT",))
 
 
 @hookimpl
 def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     sandbox_id = "acme-" + uuid.uuid4().hex[:12]
     home = os.path.join(_root(spec.options), sandbox_id)
-    os.makedirs(os.path.join(home, "work"))
-    with open(os.path.join(home, "labels.json"), "w") as f:
-        json.dump(dict(spec.labels), f)
-    native = {"home": home, "env": dict(spec.env)}
-    return SandboxHandle(NAME, sandbox_id, os.path.join(home, "work"), dict(spec.labels), dict(spec.options), native)
+    for sub in ("work", "home", "running"):
+        os.makedirs(os.path.join(home, sub))
+    # A command sees only this environment (plus exec's env): never the launcher's os.environ.
+    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/local/bin:/usr/bin:/bin", "HOME": os.path.join(home, "home")}
+    with open(os.path.join(home, "sandbox.json"), "w") as f:
+        json.dump({"labels": dict(spec.labels), "env": {**env, **spec.env}}, f)
+    if spec.ttl_seconds:
+        watchdog = subprocess.Popen(
+            ["sh", "-c", _WATCHDOG, "sh", home, str(spec.ttl_seconds)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        _mark(home, "watchdog", watchdog.pid)
+    return SandboxHandle(NAME, sandbox_id, os.path.join(home, "work"), dict(spec.labels), dict(spec.options))
+
+
+def _mark(home: str, kind: str, pid: int) -> None:
+    """Record a process group on disk, so destroy (from any process) and the watchdog can kill it."""
+    open(os.path.join(home, "running", "%s.%d" % (kind, pid)), "w").close()
+
+
+def _remove(home: str) -> bool:
+    """Kill every process group recorded for the sandbox, then delete it. False if it was gone."""
+    running = os.path.join(home, "running")
+    if not os.path.isdir(running):
+        return False
+    for name in os.listdir(running):
+        try:
+            os.killpg(int(name.split(".")[1]), signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    shutil.rmtree(home, ignore_errors=True)
+    return True
 
 
 def _pump(stream: Any, callback: OutputCallback | None) -> None:
@@ -88,19 +126,22 @@ def sandbox_exec(
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
 ) -> ExecResult:
-    if not os.path.isdir(handle.native["home"]):
-        raise SandboxNotFoundError("acme sandbox %s does not exist" % handle.sandbox_id)
-    full_env = {**os.environ, **handle.native["env"], **env}
+    home = _home(handle)
+    try:
+        with open(os.path.join(home, "sandbox.json")) as f:
+            base_env = json.load(f)["env"]
+    except OSError:
+        raise SandboxNotFoundError("acme sandbox %s does not exist" % handle.sandbox_id) from None
     proc = subprocess.Popen(
         list(command),
         cwd=cwd or handle.workdir,
-        env=full_env,
+        env={**base_env, **env},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        start_new_session=True,  # its own process group, so a timeout kills its children too
+        start_new_session=True,  # its own process group, so we can kill its children too
     )
-    _running.setdefault(handle.sandbox_id, set()).add(proc)
+    _mark(home, "command", proc.pid)
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, on_stdout)),
         threading.Thread(target=_pump, args=(proc.stderr, on_stderr)),
@@ -110,12 +151,13 @@ def sandbox_exec(
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill(proc)
-        raise SandboxTimeoutError("command timed out after %ss and was killed" % timeout, sandbox_id=handle.sandbox_id)
+        raise SandboxTimeoutError("command timed out after %ss and was killed" % timeout, sandbox_id=handle.sandbox_id) from None
     finally:
+        _kill(proc)  # also what the command left running (`sleep 30 &`): it would hold the pipes open
         for t in pumps:
             t.join()
-        _running.get(handle.sandbox_id, set()).discard(proc)
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(home, "running", "command.%d" % proc.pid))
     return ExecResult(exit_code=code)
 
 
@@ -177,12 +219,7 @@ def sandbox_download(handle: SandboxHandle, files: Sequence[DownloadItem]) -> li
 
 @hookimpl
 def sandbox_destroy(handle: SandboxHandle) -> bool:
-    for proc in list(_running.pop(handle.sandbox_id, ())):
-        _kill(proc)
-    if not os.path.isdir(handle.native["home"]):
-        return False
-    shutil.rmtree(handle.native["home"], ignore_errors=True)
-    return True
+    return _remove(_home(handle))
 
 
 @hookimpl
@@ -191,11 +228,10 @@ def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[
     for sandbox_id in sorted(os.listdir(root)) if os.path.isdir(root) else []:
         home = os.path.join(root, sandbox_id)
         try:
-            with open(os.path.join(home, "labels.json")) as f:
-                have = json.load(f)
-        except (OSError, ValueError):
+            with open(os.path.join(home, "sandbox.json")) as f:
+                have = json.load(f)["labels"]
+        except (OSError, ValueError, KeyError):
             continue  # not one of ours, or being deleted
         if all(have.get(k) == v for k, v in labels.items()):
-            native = {"home": home, "env": {}}
-            found.append(SandboxHandle(NAME, sandbox_id, os.path.join(home, "work"), have, dict(options), native))
+            found.append(SandboxHandle(NAME, sandbox_id, os.path.join(home, "work"), have, dict(options)))
     return found
