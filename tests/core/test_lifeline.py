@@ -31,6 +31,7 @@ class Recorder:
         self.listed: list[SandboxHandle] = []
         self.list_calls: list[dict] = []
         self.created: list[SandboxSpec] = []
+        self.hang: threading.Event | None = None  # set: destroy blocks like a provider that never answers
 
     @hookimpl
     def sandbox_create(self, spec):
@@ -51,6 +52,8 @@ class Recorder:
 
     @hookimpl
     def sandbox_destroy(self, handle):
+        if self.hang is not None:
+            self.hang.wait(60)
         self.destroyed[handle.sandbox_id] += 1
         return True
 
@@ -163,3 +166,16 @@ def test_detached_reaper_outlives_its_spawner_group_and_exits_when_idle(tmp_path
     with pytest.raises(OSError):
         s = socket.socket(socket.AF_UNIX)
         s.connect(path)
+
+
+def test_reaper_gives_up_on_a_provider_that_never_answers(reaper, monkeypatch):
+    path, rec, server = reaper
+    monkeypatch.setattr(lifeline_mod, "REAP_GIVE_UP", 1.0)
+    monkeypatch.setattr(lifeline_mod, "IDLE_EXIT", 0.1)
+    rec.hang = hang = threading.Event()
+    owner = _owner(path, "k = line.intent('rec', {}); line.own(k, 'sb-9', '/w', {})")
+    owner.send_signal(signal.SIGKILL)
+    owner.wait()
+    assert _eventually(lambda: server.reaping == 1)
+    assert _eventually(lambda: not os.path.exists(path), timeout=10), "the reaper must exit, leaving the sandbox to its lease"
+    hang.set()

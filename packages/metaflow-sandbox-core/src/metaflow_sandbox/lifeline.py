@@ -40,6 +40,9 @@ IDLE_EXIT = 1.0
 ORPHAN_TERM_AFTER, ORPHAN_KILL_AFTER = 3.0, 20.0
 #: A create in flight when its owner died may finish later: look for it again after these delays.
 SWEEP_DELAYS = (0.0, 3.0, 10.0)
+#: With every owner gone, seconds the reaper keeps trying a provider that does not answer; then
+#: it exits and leaves those sandboxes to their lease.
+REAP_GIVE_UP = 300.0
 
 
 def _socket_dir() -> str:
@@ -61,7 +64,7 @@ def spawn(path: Optional[str] = None) -> str:
     path = path or new_socket_path()
     with open(os.path.join(os.path.dirname(path), "reaper.log"), "ab") as out:
         subprocess.Popen(
-            [sys.executable, "-m", "metaflow_sandbox.lifeline", path],
+            [sys.executable, "-c", "import sys; from metaflow_sandbox.lifeline import main; sys.exit(main())", path],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
@@ -175,6 +178,7 @@ class Reaper:
                 with self.lock:
                     self.connections += 1
                     self.ever_connected = True
+                    self.last_change = time.monotonic()
                 threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
         finally:
             server.close()
@@ -185,7 +189,12 @@ class Reaper:
 
     def _done(self, started: float) -> bool:
         with self.lock:
-            if self.connections or self.reaping:
+            if self.connections:
+                return False
+            if self.reaping:
+                if time.monotonic() - self.last_change > REAP_GIVE_UP:
+                    log.error("giving up on %d reap(s) after %ds: no answer from the provider; leases end them", self.reaping, REAP_GIVE_UP)
+                    return True
                 return False
             if not self.ever_connected:
                 return time.monotonic() - started > FIRST_CONNECTION_WAIT
@@ -222,6 +231,7 @@ class Reaper:
                 self.owner_pids.discard(pid)
                 self.reaping += 1
                 self.connections -= 1
+                self.last_change = time.monotonic()
         try:
             if role == "launcher":
                 self._stop_orphans()
