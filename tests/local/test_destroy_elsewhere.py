@@ -111,3 +111,19 @@ def test_list_sees_other_processes_sandboxes_and_their_labels(base: str) -> None
 @pytest.mark.parametrize("bad_id", ["local-../../etc", "nope", "", "local-0123456789ab"])
 def test_destroy_of_an_unknown_or_malformed_id_is_false(bad_id: str, base: str) -> None:
     assert _bare(bad_id, base, "bwrap").destroy() is False
+
+
+def test_a_remover_killed_half_way_is_finished_by_the_next_sweep(base: str) -> None:
+    owner, info, token, run = _start_owner("bwrap", base)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    root = info["root"]
+    half = os.path.join(base, ".%s-gone" % os.path.basename(root))
+    os.rename(root, half)  # what a remover leaves when it dies right after its first step
+    assert [m for m in open("/proc/self/mountinfo") if half in m]  # its tmpfs still mounted
+    assert Backend("local", options={"root": base}).list({"run": run}) == []  # list sweeps
+    assert os.listdir(base) == []
+    assert not [m for m in open("/proc/self/mountinfo") if base in m]
+    if info["cgroup"]:
+        assert not os.path.exists(info["cgroup"])
+    assert not pids_with("sleep " + token)

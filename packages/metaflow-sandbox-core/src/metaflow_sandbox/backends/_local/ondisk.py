@@ -148,23 +148,31 @@ def remove(root: str, scan: bool = True) -> bool:
     """Kill what runs in the sandbox at ``root``, then remove its files and cgroups; False if it was not there.
     The directory is first renamed out of the way, so its owner sees at once that the sandbox is gone.
     ``scan=False`` when the caller already killed every process it started (the owner itself)."""
-    doomed = os.path.join(os.path.dirname(root), ".%s%s" % (os.path.basename(root), GONE))
-    try:
-        os.rename(root, doomed)
-    except FileNotFoundError:
-        return False
-    except OSError:
-        doomed = root
+    name = os.path.basename(root)
+    if name.startswith(".") and name.endswith(GONE):  # a remover died half-way: finish its work
+        doomed, name = root, name[1 : -len(GONE)]
+        if not os.path.lexists(doomed):
+            return False
+    else:
+        doomed = os.path.join(os.path.dirname(root), ".%s%s" % (name, GONE))
+        try:
+            os.rename(root, doomed)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            doomed = root
     state = read_state(doomed) or {}
     cgroups = [str(c) for c in state.get("cgroups") or []]
-    data = _data_dir(root, state.get("data"))
+    data = _data_dir(name, state.get("data"))
     if scan:
-        kill_processes([root] + ([data] if data else []), cgroups)
+        kill_processes([os.path.join(os.path.dirname(root), name), doomed] + ([data] if data else []), cgroups)
     else:
         for cg in cgroups:
             limits.kill_cgroup(cg)
     for d in ([data] if data else []) + [doomed]:
-        if state.get("mounted"):
+        for _ in range(3):  # whatever the state says: a remover may have died before writing it
+            if not mounts_under(d):
+                break
             unmount(d)
         left = mounts_under(d)
         if left:  # never delete through a mount: a bind shows the launcher's own files
@@ -176,12 +184,12 @@ def remove(root: str, scan: bool = True) -> bool:
     return True
 
 
-def _data_dir(root: str, data: Any) -> str | None:
-    """The sandbox's data dir when it is staged outside ``root`` (only ever ``/tmp/metaflow-sandbox-stage-UID/<same name>``)."""
-    if not isinstance(data, str) or data == root:
+def _data_dir(name: str, data: Any) -> str | None:
+    """The sandbox's data dir when it is staged outside its root (only ever ``/tmp/metaflow-sandbox-stage-UID/<name>``)."""
+    if not isinstance(data, str):
         return None
-    stage, name = os.path.split(data)
-    if not re.fullmatch(r"/tmp/metaflow-sandbox-stage-\d+", stage) or name != os.path.basename(root):
+    stage, data_name = os.path.split(data)
+    if not re.fullmatch(r"/tmp/metaflow-sandbox-stage-\d+", stage) or data_name != name:
         return None
     return data
 

@@ -34,6 +34,7 @@ try:
 except OSError:
     _PIDNS = 0
 _live: dict[str, LocalSandbox] = {}
+_dying: set[LocalSandbox] = set()
 _lock = threading.RLock()  # re-entrant: the SIGTERM handler may run while the main thread holds it
 _started = False
 
@@ -250,6 +251,14 @@ class LocalSandbox:
     def _teardown(self, running: list[subprocess.Popen]) -> None:
         with _lock:
             _live.pop(self.sid, None)
+            _dying.add(self)  # until removed: an exiting process waits for it (e.g. a ttl timer's teardown)
+        try:
+            self._remove(running)
+        finally:
+            with _lock:
+                _dying.discard(self)
+
+    def _remove(self, running: list[subprocess.Popen]) -> None:
         if self.timer:
             self.timer.cancel()
         for p in running:
@@ -457,8 +466,10 @@ def sweep(options: Mapping[str, Any]) -> None:
     for root, pidns, pid, _ in list(ondisk.entries(base)):
         if pidns == _PIDNS and not _alive(pid):
             ondisk.remove(root)
-    for doomed in ondisk.half_removed(base):
-        ondisk.remove(doomed)
+    for doomed in ondisk.half_removed(base):  # its remover died half-way (its owner too: else it may still be at it)
+        m = ondisk.DIR_RE.match(os.path.basename(doomed)[1 : -len(ondisk.GONE)])
+        if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
+            ondisk.remove(doomed)
     for path in limits.stale_cgroups("mfsb-"):
         m = ondisk.DIR_RE.match(os.path.basename(path))
         if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
@@ -512,7 +523,11 @@ def live_sandboxes() -> list[LocalSandbox]:
 
 
 def destroy_all() -> int:
-    """Destroy every live sandbox of this process; returns how many."""
+    """Destroy every live sandbox of this process, and wait for those another thread is destroying."""
     with _lock:  # a forked child inherits the registry, but not the sandboxes: leave them to the parent
         live = [sb for sb in _live.values() if sb.owner == os.getpid()]
-    return sum(sb.destroy() for sb in live)
+        dying = [sb for sb in _dying if sb.owner == os.getpid()]
+    count = sum(sb.destroy() for sb in live)
+    for sb in dying:
+        sb.torn_down.wait(30)
+    return count
