@@ -367,6 +367,14 @@ CASES = [
         "e2b-no-key", "e2b", env={"E2B_API_KEY": ""}, says=["needs an API key, and E2B_API_KEY is not set"], fix="export E2B_API_KEY="
     ),
     provider("e2b-unknown-template", "e2b", "--option", "template=no-such", says=["E2B template not found"], fix="templates build"),
+    provider("e2b-non-utf8-env", "e2b", "--env", "A=\udcff", says=["environment variable A is not valid UTF-8"], fix="base64-encode it"),
+    Case(
+        "e2b-non-utf8-argv",
+        ("cli", "exec", "--backend", "e2b", "--", "echo", "\udcff"),
+        ("argument 1 of the command is not valid UTF-8",),
+        "base64-encode it",
+        emulator="e2b",
+    ),
     provider("e2b-unknown-plan", "e2b", "--option", "plan=gold", says=["unknown E2B plan 'gold'"], fix="one of hobby, pro"),
     provider("e2b-cpu-above-plan", "e2b", "--cpu", "64", says=["backend 'e2b' offers at most 8.0 CPUs"], fix="lower cpu="),
     provider("e2b-ttl-above-plan", "e2b", "--ttl", "2d", says=["keeps a sandbox alive at most 3600s"], fix="longer sandbox lifetime"),
