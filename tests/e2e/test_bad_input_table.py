@@ -268,6 +268,12 @@ CASES = [
         says=["@sandbox(packages=...) entry must be a non-empty string"],
         fix="packages=['pandas==2.2.3']",
     ),
+    attrs(
+        "py-requirements-missing",
+        "dict(requirements_file='no-such-requirements.txt')",
+        says=["@sandbox(requirements_file=...) must be a file", "no-such-requirements.txt"],
+        fix="relative to the flow's directory",
+    ),
     attrs("py-image-number", "dict(image=3)", says=["@sandbox(image=...) must be a non-empty string"], fix="image='python:3.12-slim'"),
     attrs(
         "py-executable-empty",

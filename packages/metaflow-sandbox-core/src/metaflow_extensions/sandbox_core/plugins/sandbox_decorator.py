@@ -22,6 +22,7 @@ from .sandbox_inputs import (
     REFUSALS_ENV,
     check_attributes,
     check_backend_name,
+    check_requirements_file,
     check_resources,
     check_settings,
     in_workload,
@@ -215,6 +216,7 @@ class SandboxDecorator(StepDecorator):
 
         try:
             check_settings(backend)
+            check_requirements_file(self)
             spec = launch_spec(self, backend, user_env(self, graph[self.step]))
             if step_ttl(self, backend)[1]:
                 self.logger(
@@ -247,10 +249,17 @@ class SandboxDecorator(StepDecorator):
             from .sandbox_lifeline import launcher_env
 
             cli_args.env.update(launcher_env())
+            # The fast path: a thin client asks the run's sandbox server to fork this trampoline.
+            from .sandbox_server import fast_path_cli
+
+            fast_path_cli(cli_args, self.run_id, self.logger)
 
     def runtime_finished(self, exception):
         """A sandbox that could not start (e.g. an unknown template) ends the run with its reason and fix,
         instead of Metaflow's "Internal error: the terminal step ... was not successful"."""
+        from .sandbox_server import stop_server
+
+        stop_server()
         if exception is None:
             raise_noted_refusals()
 

@@ -166,6 +166,25 @@ def check_settings(backend):
     default_lease_seconds()
 
 
+def check_requirements_file(deco):
+    """`requirements_file=` exists (relative to the flow's directory, where the trampoline reads it)."""
+    import sys
+
+    path = deco.attributes.get("requirements_file")
+    if not path:
+        return
+    flow_dir = os.path.dirname(os.path.abspath(sys.argv[0]))
+    full = path if os.path.isabs(path) else os.path.join(flow_dir, path)
+    if not os.path.isfile(full):
+        parse = _parse()
+        raise parse.InvalidInputError(
+            "@%s(requirements_file=...)" % deco.name,
+            path,
+            "a file (looked at %s)" % full,
+            "give a path relative to the flow's directory (%s), or remove requirements_file=" % flow_dir,
+        )
+
+
 def step_ttl(deco, backend):
     """(ttl, capped): the step's time limit plus the margin, capped at the backend's lifetime when no @timeout asks for more."""
     ttl = float(deco.run_time_limit) + ttl_margin()
