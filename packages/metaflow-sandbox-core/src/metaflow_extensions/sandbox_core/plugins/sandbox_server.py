@@ -1,0 +1,393 @@
+"""The fast path: one sandbox server per run forks a ready trampoline for each sandboxed task.
+
+A trampoline (`python flow.py sandbox step`) spends most of its ~250 ms and ~50 MB importing
+Metaflow and the backend SDK. The launcher starts one server per run (`flow.py <top-level
+options> sandbox serve`, its own session) at the first sandboxed task; it imports all of that once,
+then waits on a unix socket. Metaflow's runtime launches the thin client
+(`metaflow_sandbox/thin_client.py`, no Metaflow import) instead of the trampoline; the client sends
+its argv, environment, cwd and stdio fds, and the server forks a child that runs the flow file's
+code with that argv: exactly today's trampoline (CLI parse, `sandbox step`, retries, @catch, logs,
+metadata), minus the imports, writing straight into the runtime's pipes.
+
+Lifeline: the server dies with the launcher (PR_SET_PDEATHSIG, and a ppid check); a child
+SIGTERMs itself (which destroys its sandbox) when its client's connection closes (the client was
+killed by any signal); the client forwards signals and watches the launcher. The child reports its
+exit code, and the server reports how the child ended (a signal, a crash), so the runtime sees the
+trampoline's exit status. Where the fast path cannot be used the client runs the trampoline itself
+(docs/performance.md says when).
+"""
+
+import builtins
+import gc
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import types
+
+FAST_PATH_ENV = "METAFLOW_SANDBOX_FAST_PATH"
+SERVER_ENV = "METAFLOW_SANDBOX_SERVER"
+SERVER_PID_ENV = "METAFLOW_SANDBOX_SERVER_PID"
+# Read at run time from os.environ (the runtime sets them while the run goes on), not at import.
+RUNTIME_ENV = {"METAFLOW_CODE_SHA", "METAFLOW_CODE_URL", "METAFLOW_CODE_DS", "METAFLOW_CODE_METADATA", SERVER_ENV, SERVER_PID_ENV}
+# Top-level options that only the task's own command line can carry (added after runtime_step_cli).
+TASK_ONLY_OPTIONS = ("config-value", "local-config-file")
+
+_server = None
+
+
+def client_path():
+    from metaflow_sandbox import thin_client
+
+    return os.path.abspath(thin_client.__file__)
+
+
+def unavailable_reason():
+    """Why the fast path cannot run here, or None."""
+    if os.environ.get(FAST_PATH_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        return "%s=%s" % (FAST_PATH_ENV, os.environ[FAST_PATH_ENV])
+    if not sys.platform.startswith("linux"):
+        return "needs Linux (fork, SCM_RIGHTS, pidfd), this is %s" % sys.platform
+    if not (hasattr(socket, "send_fds") and hasattr(os, "pidfd_open")):
+        return "needs Python 3.9+ (socket.send_fds, os.pidfd_open)"
+    return None
+
+
+# ---------------------------------------------------------------- launcher side
+
+
+def fast_path_cli(cli_args, run_id, logger):
+    """In runtime_step_cli: run the task through the thin client, starting the run's server once."""
+    server = _ensure_server(cli_args, run_id, logger)
+    if server is None:
+        return
+    cli_args.entrypoint[1:1] = ["-S", client_path()]
+    cli_args.env[SERVER_ENV] = server["path"]
+    cli_args.env[SERVER_PID_ENV] = str(server["proc"].pid)
+
+
+def _ensure_server(cli_args, run_id, logger):
+    global _server
+    if _server is not None:
+        return _server.get("proc") and _server
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            _server = _start_server(cli_args, run_id)
+            return _server
+        except Exception as err:  # the trampoline still works: never fail a run over its fast path
+            reason = "the sandbox server did not start: %s" % err
+    _server = {}
+    logger("Sandboxed tasks run through the trampoline (fast path off: %s)." % reason, system_msg=True)
+    return None
+
+
+def _start_server(cli_args, run_id):
+    import atexit
+    import copy
+
+    from metaflow_sandbox.lifeline import new_socket_path
+
+    path = new_socket_path().replace(".sock", ".srv")
+    args = copy.copy(cli_args)
+    args.entrypoint = [sys.executable] + list(cli_args.entrypoint[1:])
+    args.top_level_options = {k: v for k, v in cli_args.top_level_options.items() if k not in TASK_ONLY_OPTIONS}
+    args.commands = ["sandbox", "serve"]
+    args.command_args = []
+    args.command_options = {"socket": path, "launcher-pid": str(os.getpid())}
+    env = server_env(cli_args.env, run_id)
+    with open(path + ".log", "ab") as log:
+        proc = subprocess.Popen(
+            args.get_args(), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, start_new_session=True
+        )
+    atexit.register(stop_server)
+    return {"proc": proc, "path": path}
+
+
+def server_env(task_env, run_id):
+    """What the runtime gives a worker (metaflow/runtime.py Worker._launch): the server reads its config from it."""
+    env = dict(os.environ)
+    env.update(task_env)
+    env["PYTHONUNBUFFERED"] = "x"
+    env["METAFLOW_RUN_ID"] = str(run_id)
+    env.pop("PYTHONNOUSERSITE", None)
+    return env
+
+
+def stop_server():
+    """At the end of the run. Running children are not the server's to stop: they end with their clients."""
+    global _server
+    server, _server = _server, None
+    if not server or not server.get("proc"):
+        return
+    proc = server["proc"]
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for leftover in (server["path"], server["path"] + ".log"):
+        try:
+            os.unlink(leftover)
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- server side
+
+
+def serve(obj, path, launcher_pid):
+    """`flow.py sandbox serve`: preload, then fork a trampoline per request until the launcher is gone."""
+    _die_with_parent(launcher_pid)
+    _preload(obj)
+    flow_file = os.path.abspath(sys.argv[0])
+    with open(flow_file, "rb") as f:
+        code = compile(f.read(), flow_file, "exec")
+    gc.collect()
+    gc.freeze()  # keep the collector from touching (and so copying) the shared pages in every child
+    Server(path, code, flow_file, launcher_pid).run()
+    return 0
+
+
+def _die_with_parent(launcher_pid):
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass  # the loop's ppid check still ends the server within a second
+    if os.getppid() != launcher_pid:
+        sys.exit(0)
+
+
+def _preload(obj):
+    """Import, once, what every trampoline imports: the core, the step's backends and their SDKs."""
+    import metaflow_sandbox  # noqa: F401
+    import metaflow_sandbox.lifeline  # noqa: F401
+
+    from . import sandbox_cli, sandbox_code_cache, sandbox_logs, sandbox_task  # noqa: F401
+    from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
+
+    for node in obj.graph:
+        for deco in node.decorators:
+            if isinstance(deco, SandboxDecorator):
+                try:
+                    load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
+                except Exception as err:  # the trampoline will report it, with its fix
+                    print("preload of backend %r failed: %s" % (deco.backend_name, err), file=sys.stderr)
+
+
+def _receive(conn):
+    """One request: (header dict, the client's stdin/stdout/stderr fds)."""
+    data, fds, _, _ = socket.recv_fds(conn, 65536, 3)
+    try:
+        if len(data) < 4:
+            raise ValueError("short request")
+        need = 4 + struct.unpack("!I", data[:4])[0]
+        while len(data) < need:
+            more = conn.recv(need - len(data))
+            if not more:
+                raise ValueError("truncated request")
+            data += more
+        request = json.loads(data[4:need])
+        if len(fds) != 3:
+            raise ValueError("expected 3 file descriptors, got %d" % len(fds))
+        return request, fds
+    except Exception:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def _send(conn, message):
+    try:
+        conn.sendall((json.dumps(message) + "\n").encode())
+    except OSError:
+        pass  # the client is gone; its task learns it from the closed connection
+
+
+class Server:
+    def __init__(self, path, code, flow_file, launcher_pid):
+        self.path = path
+        self.code = code
+        self.flow_file = flow_file
+        self.launcher_pid = launcher_pid
+        self.env = dict(os.environ)
+        self.tasks = {}  # pidfd -> (pid, connection)
+
+    def run(self):
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+        for sig in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            listener.bind(self.path)
+        finally:
+            os.umask(old)
+        listener.listen(512)
+        try:
+            while os.getppid() == self.launcher_pid:
+                ready, _, _ = select.select([listener] + list(self.tasks), [], [], 1.0)
+                for item in ready:
+                    if item is listener:
+                        self._accept(listener)
+                    else:
+                        self._reap(item)
+        finally:
+            listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+
+    def _accept(self, listener):
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(10.0)
+            request, fds = _receive(conn)
+            conn.settimeout(None)
+        except Exception as err:
+            print("bad request: %s" % err, file=sys.stderr)
+            conn.close()
+            return
+        reason = self.incompatible(request)
+        if reason:
+            _send(conn, {"fallback": reason})
+            conn.close()
+            for fd in fds:
+                os.close(fd)
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            inherited = [listener.fileno()] + [fd for fd in self.tasks] + [c.fileno() for _, c in self.tasks.values()]
+            _child(request, fds, conn, self.code, self.flow_file, inherited)  # never returns
+        for fd in fds:
+            os.close(fd)
+        self.tasks[os.pidfd_open(pid)] = (pid, conn)
+        _send(conn, {"pid": pid})
+
+    def _reap(self, pidfd):
+        pid, conn = self.tasks.pop(pidfd)
+        os.close(pidfd)
+        try:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = 1
+        _send(conn, {"exit": code})
+        conn.close()
+
+    def incompatible(self, request):
+        """Metaflow reads its config from the environment at import: a task whose config differs needs its own import."""
+        env = request.get("env") or {}
+        keys = {k for k in set(env) | set(self.env) if k.startswith(("METAFLOW_", "PYTHON")) and k not in RUNTIME_ENV}
+        differ = sorted(k for k in keys if env.get(k) != self.env.get(k))
+        if differ:
+            return "its environment differs from the sandbox server's in %s" % ", ".join(differ[:3])
+        if os.path.abspath(os.path.join(request.get("cwd") or "/", (request.get("argv") or [""])[0])) != self.flow_file:
+            return "another flow file"
+        return None
+
+
+def _exit_on_signal(signum, frame):
+    sys.exit(0)
+
+
+def _child(request, fds, conn, code, flow_file, inherited):
+    """The forked trampoline: the client's stdio, env, cwd and argv, then the flow file as __main__."""
+    exit_code = 1
+    try:
+        for fd in inherited:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        _rebind_stdio()
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = list(request["argv"])
+        _watch_client(conn)
+        exit_code = _run_flow_file(code, flow_file)
+    except BaseException:
+        try:
+            traceback.print_exc()
+        except BaseException:
+            pass
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except BaseException:
+                pass
+        _send(conn, {"exit": exit_code})
+        os._exit(exit_code & 0xFF)
+
+
+def _rebind_stdio():
+    """sys.std* of the server wrap its log file's buffers; the task writes to the runtime's pipes, unbuffered."""
+    encoding = sys.stdout.encoding or "utf-8"
+    sys.stdin = open(0, closefd=False)
+    sys.stdout = open(1, "w", buffering=1, encoding=encoding, errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding=encoding, errors="backslashreplace", closefd=False)
+    sys.__stdin__, sys.__stdout__, sys.__stderr__ = sys.stdin, sys.stdout, sys.stderr
+
+
+def _watch_client(conn):
+    """The client's connection closes when it dies, by any signal: end the task, which destroys its sandbox."""
+
+    def watch():
+        while True:
+            try:
+                data = conn.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="sandbox-client-watch", daemon=True).start()
+
+
+def _run_flow_file(code, flow_file):
+    """What `python flow.py ...` does after its imports: the flow's code as __main__, then its CLI."""
+    module = types.ModuleType("__main__")
+    module.__file__ = flow_file
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    started = time.monotonic()
+    try:
+        exec(code, module.__dict__)
+        return 0
+    except SystemExit as done:
+        if done.code is None:
+            return 0
+        if isinstance(done.code, int):
+            return done.code
+        print(done.code, file=sys.stderr)
+        return 1
+    finally:
+        if os.environ.get("METAFLOW_SANDBOX_DEBUG_FAST_PATH"):
+            print("fast path: trampoline ran %.3fs" % (time.monotonic() - started), file=sys.stderr)
