@@ -331,6 +331,12 @@ CASES = [
         says=["'METAFLOW_SANDBOX_LOCAL_ROOT'", "backend credential or setting"],
         fix="remove METAFLOW_SANDBOX_LOCAL_ROOT",
     ),
+    config(
+        "pip-cache-is-a-file",
+        {"METAFLOW_SANDBOX_PIP_CACHE": "/etc/hostname"},
+        says=["METAFLOW_SANDBOX_PIP_CACHE must be a directory this user can create and write"],
+        fix="point METAFLOW_SANDBOX_PIP_CACHE",
+    ),
     config("lease-nan", {"METAFLOW_SANDBOX_LEASE_SECONDS": "nan"}, says=["METAFLOW_SANDBOX_LEASE_SECONDS='nan'"], fix="e.g. 300"),
     exec_(
         "local-isolation-word",

@@ -164,6 +164,31 @@ def check_settings(backend):
     ttl_margin()
     forward_env_names(backend)
     default_lease_seconds()
+    if backend.name == "local":
+        check_cache_dirs()
+
+
+def check_cache_dirs():
+    """METAFLOW_SANDBOX_PIP_CACHE / _CODE_CACHE (local backend): directories the trampolines can create and use."""
+    from metaflow import metaflow_config
+
+    for name in ("SANDBOX_PIP_CACHE", "SANDBOX_CODE_CACHE"):
+        path = getattr(metaflow_config, name, None)
+        if not path:
+            continue
+        try:
+            os.makedirs(path, exist_ok=True)
+            usable = os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+        except OSError:
+            usable = False
+        if not usable:
+            parse = _parse()
+            raise parse.InvalidInputError(
+                "METAFLOW_" + name,
+                path,
+                "a directory this user can create and write",
+                "point METAFLOW_%s at such a directory, or unset it" % name,
+            )
 
 
 def check_requirements_file(deco):
