@@ -25,7 +25,7 @@ from .sandbox_inputs import (
     check_requirements_file,
     check_resources,
     check_settings,
-    in_workload,
+    checks_off,
     launch_spec,
     raise_noted_refusals,
     refusals_file,
@@ -149,7 +149,7 @@ class SandboxDecorator(StepDecorator):
                 % (self.name, packages)
             )
         self.attributes["packages"] = packages
-        if in_workload():  # checked at launch; the core may not be installed in the sandbox
+        if checks_off():  # inside the sandbox (checked at launch), or where the core is not installed
             self.attributes["network"] = as_bool(self.attributes["network"])
         else:
             check_attributes(self.name, self.attributes)  # strict: network='no' is off, cpu=-1 is refused
@@ -186,7 +186,7 @@ class SandboxDecorator(StepDecorator):
         self.attributes.update(compute_resource_attributes(decorators, self, self.resource_defaults))
         self.run_time_limit = get_run_time_limit_for_task(decorators)
         self.has_timeout = any(d.name == "timeout" for d in decorators)
-        if not in_workload():
+        if not checks_off():
             try:  # @resources values too, merged above
                 check_resources(self.name, self.attributes)
             except Exception as err:
@@ -318,7 +318,7 @@ def resolve_backend(attribute):
         return attribute, "set by the decorator"
     from metaflow.metaflow_config import SANDBOX_BACKEND
 
-    if SANDBOX_BACKEND is not None and not in_workload():
+    if SANDBOX_BACKEND is not None and not checks_off():
         try:
             check_backend_name(SANDBOX_BACKEND, "METAFLOW_SANDBOX_BACKEND", "METAFLOW_SANDBOX_BACKEND=local (or unset it)")
         except Exception as err:

@@ -2,7 +2,7 @@
 
 The decorator calls these on the launcher and in trampolines, never inside the sandbox (the core,
 `metaflow_sandbox`, may not be installed there, and the values were checked at launch). A bad value
-raises `SandboxException` with the core's message and "Fix:" line, before any task runs.
+raises `SandboxInputError` with the core's message and "Fix:" line, before any task runs.
 """
 
 import os
@@ -252,11 +252,24 @@ def user_env(deco, node):
     return parse.environment(env, "@%s(env=...) with @environment(vars=...)" % deco.name)
 
 
-def in_workload():
-    """Inside the sandbox: the attributes were checked at launch, and the core may be absent."""
-    from .sandbox_decorator import WORKLOAD_ENV
+def checks_off():
+    """True where the strict checks neither can nor need to run: inside the sandbox (checked at launch), and
+    wherever the core is not installed (a task of another compute backend or a deployed flow, whose code
+    package carries this extension but not `metaflow_sandbox`)."""
+    global _checks_off
+    if _checks_off is None:
+        from .sandbox_decorator import WORKLOAD_ENV
 
-    return bool(os.environ.get(WORKLOAD_ENV))
+        try:
+            import metaflow_sandbox.parse  # noqa: F401
+
+            _checks_off = bool(os.environ.get(WORKLOAD_ENV))
+        except ImportError:
+            _checks_off = True
+    return _checks_off
+
+
+_checks_off = None
 
 
 #: Trampolines append here why a sandbox could not start (a provider refusal such as an unknown template):
