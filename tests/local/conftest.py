@@ -51,10 +51,25 @@ def sandbox(make: Callable[..., Sandbox]) -> Sandbox:
 def sandbox_root() -> Iterator[str]:
     """A private sandbox root (METAFLOW_SANDBOX_LOCAL_ROOT) reachable by a root launcher's sandbox users:
     pytest's own tmp_path sits in a 0700 directory."""
-    import shutil
     import tempfile
 
     d = tempfile.mkdtemp(prefix="mfsb-test-root-", dir="/tmp")
     os.chmod(d, 0o711)
     yield d
+    remove_root(d)
+
+
+def remove_root(d: str) -> None:
+    """Destroy the sandboxes under ``d`` first (this fixture may be torn down before ``make``): a plain
+    rmtree would walk into their mounts, binds included, and leave the mounts behind."""
+    import shutil
+
+    from metaflow_sandbox.backends._local import ondisk, sandbox
+
+    for sb in sandbox.live_sandboxes():
+        if sb.root.startswith(d + "/"):
+            sb.destroy()
+    for root, _, _, _ in list(ondisk.entries(d)):
+        ondisk.remove(root)
+    assert not ondisk.mounts_under(d), "mounts left under %s" % d
     shutil.rmtree(d, ignore_errors=True)

@@ -90,13 +90,14 @@ def test_uploaded_files_belong_to_the_sandbox(sandbox) -> None:  # type: ignore[
 @pytest.fixture
 def shared_root() -> str:  # type: ignore[no-untyped-def]
     """A sandbox root under a directory every user can pass through, as a careless configuration would be."""
-    import shutil
     import tempfile
+
+    from .conftest import remove_root
 
     d = tempfile.mkdtemp(prefix="mfsb-shared-", dir="/var/tmp")
     os.chmod(d, 0o755)
     yield d
-    shutil.rmtree(d, ignore_errors=True)
+    remove_root(d)
 
 
 def test_sandboxes_cannot_read_each_other_even_in_a_shared_root(make, shared_root) -> None:  # type: ignore[no-untyped-def]
@@ -366,3 +367,15 @@ def test_network_on_a_sandbox_can_listen_on_the_hosts_loopback(sandbox) -> None:
 def test_a_privileged_port_cannot_be_bound(sandbox) -> None:  # type: ignore[no-untyped-def]
     code, _, err = sandbox.run(["python", "-c", "import socket; socket.socket().bind(('127.0.0.1', 81))"])
     assert code != 0 and "PermissionError" in err
+
+
+@needs_root
+def test_binds_exist_only_inside_so_removing_the_sandbox_root_cannot_touch_their_files(make, sandbox_root, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    (tmp_path / "precious").write_text("launcher data")
+    sb = make(binds=(Bind(str(tmp_path)),), options={"root": sandbox_root})
+    assert sh(sb, "cat %s/precious" % tmp_path)[1] == "launcher data"
+    assert not [m for m in open("/proc/self/mountinfo") if "/mnt/" in m and sandbox_root in m]  # not on the host
+    shutil.rmtree(os.path.join(sandbox_root, os.listdir(sandbox_root)[0], "mnt"))  # a careless cleanup, while it lives
+    assert (tmp_path / "precious").read_text() == "launcher data"

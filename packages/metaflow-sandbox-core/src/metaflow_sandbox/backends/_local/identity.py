@@ -22,7 +22,8 @@ log = logging.getLogger("metaflow_sandbox.local")
 INSIDE_ID = 65534  # the sandbox's uid/gid as its processes see it ("nobody")
 UID_BASE, UID_SPAN = 0x40000000, 0x3FFF0000  # far above any account or subordinate-id range
 
-_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWUSER, _CLONE_NEWNS = 0x10000000, 0x00020000
+_MS_REC, _MS_PRIVATE = 0x4000, 1 << 18
 _AT_FDCWD = -100
 _SYS = {"open_tree": 428, "move_mount": 429, "mount_setattr": 442}  # the same on x86_64 and aarch64
 _OPEN_TREE_CLONE, _AT_RECURSIVE, _AT_EMPTY_PATH = 1, 0x8000, 0x1000
@@ -82,18 +83,60 @@ def _syscall(name: str, *args: object) -> int:
     return int(result)
 
 
-def idmapped_bind(source: str, target: str, ns_fd: int | None, read_only: bool) -> None:
-    """Attach at ``target`` (an existing empty dir or file) a recursive bind of ``source`` seen through ``ns_fd``
-    (None: a plain bind, for read-only paths the sandbox's uid may read but not reach)."""
+def detached_bind(source: str, ns_fd: int | None, read_only: bool) -> int:
+    """An fd of a detached recursive bind of ``source`` seen through ``ns_fd`` (None: a plain bind, for
+    read-only paths the sandbox's uid may read but not reach). Attached nowhere yet."""
     tree = _syscall("open_tree", _AT_FDCWD, os.fsencode(source), _OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE)
     try:
         flags = (_MOUNT_ATTR_IDMAP if ns_fd is not None else 0) | (_MOUNT_ATTR_RDONLY if read_only else 0)
         if flags:
             attr = ctypes.create_string_buffer(struct.pack("QQQQ", flags, 0, 0, ns_fd if ns_fd is not None else 0))
             _syscall("mount_setattr", tree, b"", _AT_EMPTY_PATH | _AT_RECURSIVE, attr, ctypes.sizeof(attr) - 1)
-        _syscall("move_mount", tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)
-    finally:
+        return tree
+    except BaseException:
         os.close(tree)
+        raise
+
+
+def private_mount_ns(trees: list[tuple[int, str]]) -> int:
+    """An fd of a new mount namespace (a private copy of ours) in which each detached tree is attached at its
+    target. Only bwrap enters it (``enter_mount_ns`` before exec): the binds exist nowhere on the host, so
+    nothing there can walk into them (an ``rm -rf`` of the sandbox root cannot reach the launcher's data),
+    and they vanish with the namespace when the last fd and process are gone, even after a SIGKILL."""
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only plain syscalls until _exit
+        code = b"0"
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            if _libc.unshare(_CLONE_NEWNS) == 0 and _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:
+                code = b"1"
+                for tree, target in trees:
+                    if _libc.syscall(_SYS["move_mount"], tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH) != 0:
+                        code = b"0"
+                        break
+            os.write(ready_w, code)
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    os.close(go_r)
+    try:
+        if os.read(ready_r, 1) != b"1":
+            raise IdmapError("cannot set up the sandbox's private mount namespace")
+        return os.open("/proc/%d/ns/mnt" % pid, os.O_RDONLY | os.O_CLOEXEC)
+    finally:
+        os.close(go_w)
+        os.close(ready_r)
+        os.waitpid(pid, 0)
+
+
+def enter_mount_ns(fd: int) -> None:
+    """In the forked child, before exec (still root): join the sandbox's private mount namespace."""
+    if _libc.setns(fd, _CLONE_NEWNS) != 0:
+        raise OSError(ctypes.get_errno(), "setns")
 
 
 @functools.lru_cache(maxsize=1)
@@ -110,8 +153,11 @@ def supported() -> str | None:
         os.mkdir(src)
         os.mkdir(dst)
         fd = userns_fd(new_uid())
-        idmapped_bind(src, dst, fd, read_only=True)
-        _libc.umount2(os.fsencode(dst), 2)
+        tree = detached_bind(src, fd, read_only=True)
+        try:
+            os.close(private_mount_ns([(tree, dst)]))
+        finally:
+            os.close(tree)
         return None
     except OSError as exc:
         return "ID-mapped mounts do not work here (%s)" % exc

@@ -245,11 +245,14 @@ def preexec(
     nproc: int | None = None,
     fsize_mb: int | None = None,
     uid: int | None = None,
+    mount_ns: int | None = None,
 ) -> Callable[[], None] | None:
     """What the child runs between fork and exec (only when there is something to apply): join the cgroups,
     pin CPUs, set rlimits, and (root launcher) become the sandbox's own unprivileged uid, last."""
     if cpus is None and not cgroup_procs and rlimit_mb is None and nproc is None and fsize_mb is None and uid is None:
         return None
+    from .identity import enter_mount_ns
+
     procs = list(cgroup_procs)
 
     def apply() -> None:  # no locks or allocations worth mentioning: it runs in a forked child
@@ -269,6 +272,8 @@ def preexec(
         if fsize_mb:
             size = int(fsize_mb) * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+        if mount_ns is not None:  # where the sandbox's binds are (before dropping root)
+            enter_mount_ns(mount_ns)
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)

@@ -73,6 +73,7 @@ class LocalSandbox:
         self.pids: limits.PidsCgroup | None = None
         self.rlimit_mb: int | None = None
         self.disk_capped = False  # True: work/ and /tmp live on a tmpfs of disk_mb (else only files are capped)
+        self.mount_ns: int | None = None  # fd of the private mount namespace holding the binds (root launcher)
         if self.uid is not None and self.data == self.root and base_mode(base) & 0o711 != 0o711:
             os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
         os.mkdir(self.root, 0o700)
@@ -88,6 +89,7 @@ class LocalSandbox:
                 self._map_sources()
         except BaseException:
             ondisk.remove(self.root, scan=False)
+            self._close_mount_ns()
             raise
         self.env = {
             "PATH": _path_with_python(),
@@ -154,18 +156,17 @@ class LocalSandbox:
                 os.chown(d, self.uid, self.uid)
 
     def _map_sources(self) -> None:
-        """ID-mapped copies of every bind (and of re-exposed paths the sandbox's uid cannot reach), so the
-        sandbox's uid reads and writes them as the launcher could."""
+        """ID-mapped binds (and plain ones of re-exposed paths the sandbox's uid cannot reach), attached only in
+        a private mount namespace that bwrap enters, so the sandbox's uid reads and writes them as the launcher."""
         assert self.uid is not None
         wanted = [(b.source, b.read_only, True) for b in self.layout.binds]
         wanted += [(d, True, False) for d in reexposed() if not _world_reachable(d)]  # e.g. a Python under /root
         if not wanted:
             return
-        self.state["mounted"] = True
-        self._save()
         mnt = os.path.join(self.data, "mnt")
         os.mkdir(mnt, 0o755)
         ns = identity.userns_fd(self.uid) if self.layout.binds else None  # a few ms: only binds need the mapping
+        trees: list[tuple[int, str]] = []
         try:
             for i, (source, read_only, mapped) in enumerate(wanted):
                 if source in self.layout.sources:
@@ -176,7 +177,7 @@ class LocalSandbox:
                 else:
                     open(target, "w").close()
                 try:
-                    identity.idmapped_bind(source, target, ns if mapped else None, read_only)
+                    trees.append((identity.detached_bind(source, ns if mapped else None, read_only), target))
                 except OSError as exc:
                     raise SandboxError(
                         "cannot give the sandbox's own user access to %s: %s" % (source, exc),
@@ -185,7 +186,10 @@ class LocalSandbox:
                         backend=NAME,
                     ) from None
                 self.layout.sources[source] = target
+            self.mount_ns = identity.private_mount_ns(trees)
         finally:
+            for tree, _ in trees:
+                os.close(tree)
             if ns is not None:
                 os.close(ns)
 
@@ -199,6 +203,7 @@ class LocalSandbox:
             nproc=self.pids_limit if self.uid is not None else None,
             fsize_mb=None if self.disk_capped else self.disk_mb,
             uid=self.uid,
+            mount_ns=self.mount_ns,
         )
 
     def disk_full(self) -> bool:
@@ -271,6 +276,12 @@ class LocalSandbox:
             except subprocess.TimeoutExpired:
                 log.warning("process %d of sandbox %s did not die within 5s", p.pid, self.sid)
         ondisk.remove(self.root, scan=False)
+        self._close_mount_ns()
+
+    def _close_mount_ns(self) -> None:
+        if self.mount_ns is not None:  # the binds go with the namespace once its bwraps are gone too
+            os.close(self.mount_ns)
+            self.mount_ns = None
 
 
 _drop_probe: dict[str, str | None] = {}
