@@ -34,8 +34,7 @@ _ENV_SIZE_HINT = (
     "code package), or through the datastore; keep environment variables small"
 )
 
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"\s*([-+]?[0-9.eE+\-]+|[-+]?inf(?:inity)?|nan)\s*([smhd]?)\s*\Z", re.IGNORECASE)
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 Number = Union[int, float]
 
@@ -106,15 +105,14 @@ def seconds(
 ) -> float:
     """A duration: a number of seconds, or one with a unit (``90``, ``90s``, ``15m``, ``2h``, ``1d``)."""
     if isinstance(value, str):
-        match = _DURATION.match(value)
-        if match:
-            base = _float(match.group(1))
-            if base is not None:
-                value_s = base * _UNITS[match.group(2).lower()]
-                try:
-                    return float(number(value_s, what, minimum=minimum, allow_minimum=allow_minimum, maximum=maximum, hint=hint))
-                except InvalidInputError:
-                    pass
+        text = value.strip().lower()
+        scale = _UNITS.get(text[-1:], 1.0) if text[:-1] else 1.0
+        base = _float(text[:-1] if text[-1:] in _UNITS and text[:-1] else text)
+        if base is not None:
+            try:
+                return float(number(base * scale, what, minimum=minimum, allow_minimum=allow_minimum, maximum=maximum, hint=hint))
+            except InvalidInputError:
+                pass  # said below, with the units
         expected = "a duration in seconds (e.g. 90, 90s, 15m, 2h) %s %s%s" % (
             "of at least" if allow_minimum else "greater than",
             _num(minimum),
