@@ -379,3 +379,21 @@ def test_binds_exist_only_inside_so_removing_the_sandbox_root_cannot_touch_their
     assert not [m for m in open("/proc/self/mountinfo") if "/mnt/" in m and sandbox_root in m]  # not on the host
     shutil.rmtree(os.path.join(sandbox_root, os.listdir(sandbox_root)[0], "mnt"))  # a careless cleanup, while it lives
     assert (tmp_path / "precious").read_text() == "launcher data"
+
+
+@needs_root
+def test_a_create_that_fails_half_way_leaves_nothing(backend, sandbox_root) -> None:  # type: ignore[no-untyped-def]
+    from metaflow_sandbox.backends._local import limits
+
+    before = set(limits.stale_cgroups("mfsb-"))
+    spec = SandboxSpec(
+        binds=(Bind("/sys/kernel", "/data", read_only=True),),  # sysfs cannot be ID-mapped: fails after dir, cgroup, tmpfs
+        resources=Resources(memory_mb=100),
+        options={"root": sandbox_root},
+    )
+    with pytest.raises(SandboxError, match="cannot give the sandbox's own user access to /sys/kernel") as err:
+        backend.create(spec)
+    assert "Fix:" in str(err.value)
+    assert os.listdir(sandbox_root) == []
+    assert not [m for m in open("/proc/self/mountinfo") if sandbox_root in m]
+    assert [c for c in set(limits.stale_cgroups("mfsb-")) - before if "-%d-" % os.getpid() in c] == []
