@@ -138,12 +138,30 @@ CASES = [
     exec_("option-key-space", "--option", "my opt=1", says=["--option key", "'my opt'"], fix="rename"),
     exec_("bind-missing-source", "--bind", "/no/such/dir", says=["--bind", "/no/such/dir does not"], fix="--bind SRC[:DST][:ro]"),
     exec_("bind-relative-target", "--bind", "/tmp:relative", says=["--bind", "absolute destination"], fix="--bind SRC[:DST][:ro]"),
-    exec_("cwd-missing", "--cwd", "/no/such/dir", says=["--cwd", "a directory that exists in the sandbox"], fix="drop --cwd"),
-    exec_("cwd-relative-missing", "--cwd", "nowhere", says=["--cwd", "relative paths start at its work dir"], fix="drop --cwd"),
+    exec_(
+        "cwd-missing",
+        "--memory",
+        "256",
+        "--cwd",
+        "/no/such/dir",
+        says=["--cwd", "a directory that exists in the sandbox"],
+        fix="drop --cwd",
+    ),
+    exec_(
+        "cwd-relative-missing",
+        "--memory",
+        "256",
+        "--cwd",
+        "nowhere",
+        says=["--cwd", "relative paths start at its work dir"],
+        fix="drop --cwd",
+    ),
     exec_("image-empty", "--image", "", says=["--image must be a non-empty string"], fix="--image python:3.12"),
     exec_("image-on-local", "--image", "python:3.12", says=["backend 'local' does not support choosing an image"], fix="remove image="),
     exec_(
         "ttl-expires",
+        "--memory",
+        "256",
         "--ttl",
         "1",
         says=["went away while the command ran", "ttl of 1.0s expired"],
@@ -443,9 +461,10 @@ def _cgroups() -> set[str]:
     return found
 
 
-def _alive(cgroup: str) -> bool:
+def _owned_by(cgroup: str, pid: int) -> bool:
+    """The local backend names a sandbox's cgroups mfsb-<pid namespace>-<creating pid>-<id>."""
     match = re.match(r"mfsb-\d+-(\d+)-", os.path.basename(cgroup))
-    return bool(match) and os.path.exists("/proc/%s" % match.group(1))
+    return bool(match) and int(match.group(1)) == pid
 
 
 def _run(case: Case, tmp: Path, root: Path, extra: dict) -> subprocess.CompletedProcess:
@@ -460,7 +479,12 @@ def _run(case: Case, tmp: Path, root: Path, extra: dict) -> subprocess.Completed
         argv = [CLI, *case.argv[1:]]
     else:
         argv = [PYTHON, str(FLOWS / case.argv[0]), "--no-pylint", *case.argv[1:]]
-    return subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.Popen(argv, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess([proc.pid], proc.returncode, out, err)  # args: the pid, for _owned_by
 
 
 @pytest.fixture
@@ -497,7 +521,8 @@ def test_bad_input(case: Case, tmp_path: Path, sandbox_root: Path, request) -> N
     root = sandbox_root
     assert not root.exists() or not any(root.iterdir()), "sandbox directories left: %s" % list(root.iterdir())
     assert local_leftovers(tmp_path) == [] and local_leftovers(root.parent) == []
-    left = [c for c in _cgroups() - before if not _alive(c)]
+    # A CLI row creates its sandbox in the CLI process itself; a flow row is refused before any task.
+    left = [c for c in _cgroups() - before if _owned_by(c, proc.args[0])]
     assert left == [], "cgroups left behind: %s" % left
     if emulator is not None:
         assert emulator.live_sandboxes() == [], "sandboxes left alive on the %s emulator" % case.emulator
