@@ -379,6 +379,16 @@ def _selection(func):
     return click.pass_context(func)
 
 
+@sandbox.command(hidden=True, help="The run's sandbox server (the fast path). Used internally by Metaflow.")
+@click.option("--socket", "socket_path", required=True)
+@click.option("--launcher-pid", type=int, required=True)
+@click.pass_obj
+def serve(obj, socket_path, launcher_pid):
+    from .sandbox_server import serve as run_server
+
+    sys.exit(run_server(obj, socket_path, launcher_pid))
+
+
 @sandbox.command("list", help="List live sandboxes of this flow (latest run by default).")
 @_selection
 def list_sandboxes(ctx, backend, run_id, everything):

@@ -249,10 +249,17 @@ class SandboxDecorator(StepDecorator):
             from .sandbox_lifeline import launcher_env
 
             cli_args.env.update(launcher_env())
+            # The fast path: a thin client asks the run's sandbox server to fork this trampoline.
+            from .sandbox_server import fast_path_cli
+
+            fast_path_cli(cli_args, self.run_id, self.logger)
 
     def runtime_finished(self, exception):
         """A sandbox that could not start (e.g. an unknown template) ends the run with its reason and fix,
         instead of Metaflow's "Internal error: the terminal step ... was not successful"."""
+        from .sandbox_server import stop_server
+
+        stop_server()
         if exception is None:
             raise_noted_refusals()
 
