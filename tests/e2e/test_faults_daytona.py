@@ -103,6 +103,8 @@ def test_provider_vanishing_mid_task_fails_cleanly_and_leaves_nothing(emulator, 
     assert run.returncode != 0
     assert "kept failing" in run.output and "503" in run.output, run.output[-4000:]
     assert "METAFLOW_SANDBOX_DAYTONA_RETRY_SECONDS" in run.output
+    assert "Traceback" not in run.output, run.output[-4000:]
+    print("\n".join(line for line in run.output.splitlines() if "wait/" in line or "Fix:" in line))
     deadline = time.monotonic() + 20
     while emulator.live_sandboxes():
         assert time.monotonic() < deadline, "a sandbox outlived its vanished provider: %s" % emulator.live_sandboxes()
