@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from metaflow_sandbox.testing import FlowConformance
 
 pytestmark = pytest.mark.slow

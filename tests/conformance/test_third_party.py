@@ -8,11 +8,7 @@ distribution's declared requirement). Entry points are found from its installed 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,34 +16,19 @@ import importlib_metadata
 import pytest
 from packaging.requirements import Requirement
 
-pytestmark = pytest.mark.slow
+from . import installed_example
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "third_party_backend"
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def acme(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The example copied out of the repo and pip-installed into a private target directory."""
-    base = tmp_path_factory.mktemp("third-party")
-    project, target = base / "metaflow-sandbox-acme", base / "site"
-    shutil.copytree(EXAMPLE, project, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "dist"))
-    # Offline and fast when this environment already has the build backend; else pip fetches hatchling.
-    offline = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("hatchling") else []
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", *offline, "--target", str(target), str(project)],
-        check=True,
-        timeout=300,
-    )
-    return {"project": project, "target": target, "root": base / "sandboxes"}
+    return installed_example.install("third_party_backend", tmp_path_factory.mktemp("third-party"), "metaflow-sandbox-acme")
 
 
-def _run(acme: dict[str, Path], args: list[str], installed: bool = True, **kw) -> subprocess.CompletedProcess:
-    acme["root"].mkdir(exist_ok=True)
-    env = dict(os.environ, ACME_ROOT=str(acme["root"]))
-    env.pop("PYTHONPATH", None)
-    if installed:
-        env["PYTHONPATH"] = str(acme["target"])
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=300, check=False, **kw)
+def _run(acme: dict[str, Path], args: list[str], installed: bool = True, **kw):
+    return installed_example.run(acme, args, "ACME_ROOT", with_it=installed, **kw)
 
 
 def _cli() -> list[str]:
