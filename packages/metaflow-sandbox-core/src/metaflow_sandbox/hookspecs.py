@@ -30,9 +30,15 @@ hookspec = pluggy.HookspecMarker(PROJECT)
 def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     """Provision a sandbox and return its handle once it can run commands.
 
-    :param spec: image, resources, env, labels, ttl, network, binds and backend ``options``.
-        The sandbox must carry ``spec.labels`` (for ``sandbox_list``) and die by itself after
-        ``spec.ttl_seconds`` even if nobody calls ``sandbox_destroy``.
+    :param spec: image, resources, env, labels, ttl, lease, network, binds and backend ``options``.
+        The sandbox must carry ``spec.labels`` (the facade always adds the marker label, and the owner
+        label the lifeline's reaper lists by) and must die by itself after ``spec.ttl_seconds`` even if
+        nobody calls ``sandbox_destroy`` and the launcher is gone (the facade always sets a ttl).
+        ``spec.env`` is the environment of every command, on top of the sandbox's own; never the
+        launcher's ``os.environ``. Apply ``spec.resources`` when ``Capabilities.enforces_limits``
+        says you do; otherwise they are advisory.
+    Return ``SandboxHandle(backend, sandbox_id, workdir, labels, options)``: ``sandbox_destroy`` must
+    work from exactly these, with ``native=None``, in another process.
     Raise ``BackendNotConfiguredError`` for missing credentials, ``TransientBackendError`` only
     when the create certainly did not happen (or ``spec.idempotency_key`` makes a retry safe).
     """
@@ -50,14 +56,17 @@ def sandbox_exec(
 ) -> ExecResult:
     """Run ``command`` (an argv list) and return how it ended.
 
-    :param env: variables added to the sandbox environment for this command only.
+    :param env: variables added on top of the sandbox environment (``spec.env``) for this command
+        only; they win over ``spec.env``.
     :param cwd: working directory; ``None`` means ``handle.workdir``.
-    :param timeout: seconds; ``None`` means no limit. When it passes, kill the command and
-        raise ``SandboxTimeoutError``: never report a timeout as an exit code.
+    :param timeout: seconds; ``None`` means no limit. When it passes, kill the command (its whole
+        process group) and raise ``SandboxTimeoutError``: never report a timeout as an exit code.
     :param on_stdout/on_stderr: called with decoded text while the command runs, in order,
         stdout and stderr kept apart.
+    Return as soon as the command's own process exits: kill the leftover processes it started
+    (``sleep 30 &`` keeps its stdout open) instead of reading until every pipe holder is gone.
     A non-zero exit is a result (``ExecResult.exit_code``), not an exception. Raise
-    ``SandboxNotFoundError`` if the sandbox is gone.
+    ``SandboxNotFoundError`` if the sandbox is gone (destroyed, expired at its ttl).
     """
 
 
@@ -86,12 +95,19 @@ def sandbox_destroy(handle: SandboxHandle) -> bool:
     """Kill every process of the sandbox and delete it (not merely stop it).
 
     Idempotent: return True if it was destroyed now, False if it was already gone.
+    Must work from a bare handle, ``SandboxHandle(backend, sandbox_id, options=...)`` with
+    ``native=None``, in a process that did not create the sandbox: the lifeline's reaper and
+    ``metaflow-sandbox kill`` destroy sandboxes that way.
     """
 
 
 @hookspec(firstresult=True)
 def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[SandboxHandle]:
-    """Optional. Return live sandboxes whose labels include all of ``labels`` (orphan collection)."""
+    """Optional. Return live sandboxes whose labels include all of ``labels``, never destroyed ones.
+
+    Used by ``metaflow-sandbox list/gc`` and by the lifeline's reaper, which finds a create that was
+    in flight when its owner died by ``{"metaflow-sandbox.owner": <key>}``.
+    """
 
 
 @hookspec(firstresult=True)
