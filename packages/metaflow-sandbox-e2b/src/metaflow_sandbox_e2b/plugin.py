@@ -7,7 +7,7 @@ import math
 import shlex
 import threading
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from metaflow_sandbox import (
     DEFAULT_LEASE_SECONDS,
@@ -32,6 +32,8 @@ from .templates import largest, pick_template
 DEFAULT_WORKDIR = "/home/user"
 #: Extra seconds on top of our own exec timeout for the SDK/envd deadline (a backstop if kill fails).
 BACKSTOP_SECONDS = 30.0
+#: Times one command's dropped output stream is reattached (Process/Connect) before the exec fails.
+MAX_REATTACH = 5
 CONFIG_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
 
 
@@ -220,40 +222,79 @@ def sandbox_exec(
             retain_output=False,
         )
     timed_out = threading.Event()
+    started = time.monotonic()
 
     def on_timeout() -> None:
         timed_out.set()
-        _kill_command(proc)
+        _kill_command(proc)  # by pid: reaches the command whichever stream is attached
 
     watchdog = threading.Timer(timeout, on_timeout) if timeout else None
     if watchdog:
         watchdog.daemon = True
         watchdog.start()
     try:
-        code = _wait(proc, on_stdout, on_stderr)
-    except SandboxError:
-        raise
-    except Exception as exc:
-        if timed_out.is_set():
-            raise SandboxTimeoutError("command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid) from exc
-        if is_gone(exc):
-            raise SandboxNotFoundError(
-                "E2B sandbox is gone (killed, or it reached its timeout): %s" % exc, backend=NAME, sandbox_id=sid
-            ) from exc
-        _kill_command(proc)  # never leave a command running that nobody watches; it is not re-run either
-        raise SandboxError(
-            "lost the command's output stream (%s: %s); the command was killed and NOT retried" % (type(exc).__name__, exc),
-            hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
-            backend=NAME,
-            op="sandbox_exec",
-            sandbox_id=sid,
-        ) from exc
+        for reattached in range(MAX_REATTACH + 1):
+            try:
+                code = _wait(proc, on_stdout, on_stderr)
+                break
+            except SandboxError:
+                raise
+            except Exception as exc:
+                if timed_out.is_set():
+                    raise SandboxTimeoutError(
+                        "command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid
+                    ) from exc
+                if is_gone(exc):
+                    raise SandboxNotFoundError(
+                        "E2B sandbox is gone (killed, or it reached its timeout): %s" % exc, backend=NAME, sandbox_id=sid
+                    ) from exc
+                if reattached == MAX_REATTACH:
+                    _lost(proc, sid, exc, "its output stream was lost %d times" % (MAX_REATTACH + 1))
+                backstop = (timeout + BACKSTOP_SECONDS - (time.monotonic() - started)) if timeout else 0
+                proc = _reattach(live, proc, sid, exc, max(1.0, backstop) if timeout else 0)
+                if on_stderr:
+                    on_stderr("[metaflow-sandbox] the output stream from E2B dropped; reattached to the running command "
+                              "(output in between may be missing)\n")  # fmt: skip
     finally:
         if watchdog:
             watchdog.cancel()
     if timed_out.is_set():
         raise SandboxTimeoutError("command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid)
     return ExecResult(exit_code=code)
+
+
+def _reattach(live: _Live, proc: Any, sid: str, lost: BaseException, timeout: float) -> Any:
+    """Attach to the still-running command again (envd's Process/Connect): nothing is re-run."""
+    from ._client import is_gone, retrying, sdk
+
+    try:
+        return retrying(lambda: live.sbx.commands.connect(proc.pid, timeout=timeout, retain_output=False))
+    except Exception as exc:
+        if is_gone(exc):
+            raise SandboxNotFoundError(
+                "E2B sandbox is gone (killed, or it reached its timeout): %s" % exc, backend=NAME, sandbox_id=sid
+            ) from exc
+        if isinstance(exc, sdk().NotFoundException):  # the command ended while no stream was attached
+            raise SandboxError(
+                "the command ended while its output stream was lost (%s: %s), so its exit status is unknown; it was NOT retried"
+                % (type(lost).__name__, lost),
+                hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
+                backend=NAME,
+                op="sandbox_exec",
+                sandbox_id=sid,
+            ) from exc
+        _lost(proc, sid, lost, "reattaching failed too (%s: %s)" % (type(exc).__name__, exc))
+
+
+def _lost(proc: Any, sid: str, exc: BaseException, why: str) -> NoReturn:
+    _kill_command(proc)  # never leave a command running that nobody watches; it is not re-run either
+    raise SandboxError(
+        "lost the command's output stream (%s: %s) and %s; the command was killed and NOT retried" % (type(exc).__name__, exc, why),
+        hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
+        backend=NAME,
+        op="sandbox_exec",
+        sandbox_id=sid,
+    ) from exc
 
 
 def _kill_command(proc: Any) -> None:

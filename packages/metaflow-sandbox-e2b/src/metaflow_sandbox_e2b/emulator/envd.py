@@ -182,10 +182,11 @@ def make_envd_app(world: World) -> web.Application:
 
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
+        proc.listeners.add(queue)
 
         def emit(kind: str) -> Callable[[str], None]:
             def push(text: str) -> None:
-                loop.call_soon_threadsafe(queue.put_nowait, (kind, text.encode("utf-8")))
+                loop.call_soon_threadsafe(proc.publish, (kind, text.encode("utf-8")))
 
             return push
 
@@ -199,44 +200,31 @@ def make_envd_app(world: World) -> web.Application:
                 on_stderr=emit("stderr"),
             )
 
-        fut = loop.run_in_executor(world.pool, run)
+        proc.fut = loop.run_in_executor(world.pool, run)
 
         def finished(f: asyncio.Future) -> None:
             if not f.cancelled():
                 f.exception()  # retrieved here: a client that went away never reads it
-            queue.put_nowait(("done", None))
-
-        fut.add_done_callback(finished)
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/connect+json"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        timers = _schedule_faults(world, sb, request)
-        if request.transport is not None:
-            world.streams.add(request.transport)
-        alive = await _write(resp, envelope({"event": {"start": {"pid": pid}}}))
-        try:
-            while True:
-                try:
-                    kind, data = await asyncio.wait_for(queue.get(), keepalive)
-                except asyncio.TimeoutError:
-                    world.count("keepalive")
-                    alive = alive and await _write(resp, envelope({"event": {"keepalive": {}}}))
-                    continue
-                if kind == "done":
-                    break
-                event = {"event": {"data": {kind: base64.b64encode(data).decode()}}}
-                alive = alive and await _write(resp, envelope(event))
-        finally:
-            for t in timers:
-                t.cancel()
             proc.done = True
-            world.streams.discard(request.transport)
-        if alive and await _write(resp, b"".join(_ending(sb, proc, fut))):
-            try:
-                await resp.write_eof()
-            except (ConnectionError, RuntimeError):
-                pass
-        return resp
+            proc.publish(("done", None))
+
+        proc.fut.add_done_callback(finished)
+        return await _stream(world, sb, proc, queue, request, keepalive)
+
+    async def connect(request: web.Request) -> web.StreamResponse:
+        """Process/Connect: attach to a running process; its output from now on, then its end."""
+        sb: EmuSandbox = request["sandbox"]
+        body = await request.read()
+        msg = json.loads(body[5 : 5 + int.from_bytes(body[1:5], "big")]) if len(body) >= 5 else {}
+        pid = int(((msg.get("process") or {}).get("pid")) or 0)
+        proc = sb.procs.get(pid)
+        if proc is None or proc.done:  # like envd: a finished process cannot be attached to
+            return connect_error("not_found", "process with pid %d not found" % pid)
+        world.count("process_connect")
+        queue: asyncio.Queue = asyncio.Queue()
+        proc.listeners.add(queue)
+        keepalive = world.faults.keepalive_every or float(request.headers.get("keepalive-ping-interval") or 50)
+        return await _stream(world, sb, proc, queue, request, keepalive)
 
     async def send_signal(request: web.Request) -> web.StreamResponse:
         sb: EmuSandbox = request["sandbox"]
@@ -274,6 +262,7 @@ def make_envd_app(world: World) -> web.Application:
             web.post("/files", upload),
             web.get("/files", download),
             web.post("/process.Process/Start", start),
+            web.post("/process.Process/Connect", connect),
             web.post("/process.Process/SendSignal", send_signal),
             web.post("/process.Process/List", list_procs),
             web.post("/filesystem.Filesystem/Stat", stat),
@@ -281,6 +270,44 @@ def make_envd_app(world: World) -> web.Application:
         ]
     )
     return app
+
+
+async def _stream(
+    world: World, sb: EmuSandbox, proc: Proc, queue: asyncio.Queue, request: web.Request, keepalive: float
+) -> web.StreamResponse:
+    """A Start or Connect response: the start event, output as it comes, keepalives, then the end."""
+    resp = web.StreamResponse(status=200, headers={"Content-Type": "application/connect+json"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    timers = _schedule_faults(world, sb, request)
+    if request.transport is not None:
+        world.streams.add(request.transport)
+    alive = await _write(resp, envelope({"event": {"start": {"pid": proc.pid}}}))
+    try:
+        while True:
+            try:
+                kind, data = await asyncio.wait_for(queue.get(), keepalive)
+            except asyncio.TimeoutError:
+                world.count("keepalive")
+                alive = alive and await _write(resp, envelope({"event": {"keepalive": {}}}))
+                continue
+            if kind == "done":
+                break
+            if not alive:  # the client went away: stop listening (the process runs on, like envd)
+                break
+            event = {"event": {"data": {kind: base64.b64encode(data).decode()}}}
+            alive = await _write(resp, envelope(event))
+    finally:
+        for t in timers:
+            t.cancel()
+        proc.listeners.discard(queue)
+        world.streams.discard(request.transport)
+    if alive and await _write(resp, b"".join(_ending(sb, proc, proc.fut))):
+        try:
+            await resp.write_eof()
+        except (ConnectionError, RuntimeError):
+            pass
+    return resp
 
 
 def _raw_filename(part: BodyPartReader) -> str:

@@ -71,10 +71,18 @@ class Faults:
 
 @dataclasses.dataclass
 class Proc:
+    """One envd process. Its output goes to every attached stream (Start's, and any Process/Connect)."""
+
     pid: int
     kill_file: str
     killed: bool = False
     done: bool = False
+    fut: Any = None  # the local exec's future: its result is the exit code
+    listeners: set = dataclasses.field(default_factory=set)  # asyncio.Queue per attached stream
+
+    def publish(self, item: tuple[str, Any]) -> None:
+        for queue in list(self.listeners):
+            queue.put_nowait(item)
 
 
 @dataclasses.dataclass
