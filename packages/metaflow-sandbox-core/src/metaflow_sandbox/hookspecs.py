@@ -74,7 +74,7 @@ def sandbox_exec(
 def sandbox_upload(handle: SandboxHandle, files: Sequence[UploadItem]) -> list[FileResult]:
     """Write files into the sandbox, creating missing parent directories.
 
-    Return one ``FileResult`` per item, in order; a per-file failure is ``FileResult.error``
+    The bytes land byte for byte where commands see them. Return one ``FileResult`` per item, in order; a per-file failure is ``FileResult.error``
     (``permission_denied``, ``is_directory``, ``invalid_path``), not an exception.
     Stream ``UploadItem.source`` from disk rather than reading it whole.
     """
@@ -86,7 +86,7 @@ def sandbox_download(handle: SandboxHandle, files: Sequence[DownloadItem]) -> li
 
     Return one ``FileResult`` per item, in order: ``content`` holds the bytes when the item has
     no ``destination``, else the file was streamed to ``destination``. A missing file is
-    ``error="file_not_found"``.
+    ``error="file_not_found"``, a directory ``error="is_directory"``, a relative path ``invalid_path``.
     """
 
 
