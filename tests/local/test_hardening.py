@@ -397,3 +397,17 @@ def test_a_create_that_fails_half_way_leaves_nothing(backend, sandbox_root) -> N
     assert os.listdir(sandbox_root) == []
     assert not [m for m in open("/proc/self/mountinfo") if sandbox_root in m]
     assert [c for c in set(limits.stale_cgroups("mfsb-")) - before if "-%d-" % os.getpid() in c] == []
+
+
+@pytest.mark.parametrize("cwd", ["nope", "/nope", "a/../../x"])
+def test_a_missing_cwd_is_named_with_a_fix(sandbox, cwd) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = sandbox.run(["pwd"], cwd=cwd)
+    assert code == 1 and out == "" and "cwd %r is not a directory in the sandbox" % cwd in err and "Fix:" in err
+    assert "bwrap" not in err
+
+
+def test_existing_cwds_still_work(sandbox) -> None:  # type: ignore[no-untyped-def]
+    assert sh(sandbox, "mkdir -p a/b")[0] == 0
+    assert sandbox.run(["pwd"], cwd="a/b")[:2] == (0, sandbox.handle.workdir + "/a/b\n")
+    assert sandbox.run(["pwd"], cwd="/usr")[:2] == (0, "/usr\n")
+    assert sandbox.run(["pwd"], cwd="/tmp")[:2] == (0, "/tmp\n")

@@ -32,6 +32,7 @@ from metaflow_sandbox import (
 from ._local import files as files_
 from ._local import isolation, limits, proc
 from ._local import options as options_
+from ._local.mounts import PathError
 from ._local.sandbox import (
     ENV_MEMORY_LIMITER,
     ENV_ROOT,
@@ -138,15 +139,22 @@ def sandbox_exec(
     if not command:
         raise SandboxError("empty command", hint="pass an argv list such as ['echo', 'hi']", backend=NAME)
     _check_env(full_env, [*sb.argv, *command])
+    if not os.path.isdir(sb.root):  # destroyed by another process (the lifeline's reaper, `metaflow-sandbox gc`)
+        sb.destroy()
+        raise sb.gone("was destroyed by another process")
+    given = cwd
     cwd = os.path.join(sb.layout.workdir, cwd) if cwd else sb.layout.workdir  # a relative cwd is under workdir
+    if not _is_dir_inside(sb, cwd):  # said in our words (bwrap's own would name neither the option nor the fix)
+        if on_stderr:
+            on_stderr(
+                "metaflow-sandbox: cwd %r is not a directory in the sandbox (relative paths start at its work dir %s)\n"
+                "  Fix: create it first (e.g. sh -c 'mkdir -p DIR && cd DIR && ...'), or drop cwd\n" % (given, sb.layout.workdir)
+            )
+        return ExecResult(exit_code=1)
     if sb.bwrap:
         argv, host_cwd = [*sb.argv, "--chdir", cwd, "--", *command], sb.data
     else:
         argv, host_cwd = list(command), cwd
-        if not os.path.isdir(cwd):  # the same outcome as under bwrap
-            if on_stderr:
-                on_stderr("cannot chdir to %s: No such file or directory\n" % cwd)
-            return ExecResult(exit_code=1)
     watch = _StderrWatch(on_stderr)
     oom_before = sb.cgroup.oom_kills() if sb.cgroup else 0
     pids_before = sb.pids.hits() if sb.pids else 0
@@ -221,6 +229,18 @@ def _explain_limits(sb: LocalSandbox, code: int, watch: _StderrWatch, pids_befor
             "  Fix: raise it with disk=... (e.g. @sandbox(disk=%d) or @resources(disk=%d)), or %s.\n"
             % (mb, mb * 2, mb * 2, options_.ENV_DISK_MB)
         )
+
+
+def _is_dir_inside(sb: LocalSandbox, path: str) -> bool:
+    if not sb.bwrap:
+        return os.path.isdir(path)
+    try:
+        resolved, host, _ = sb.layout.resolve(os.path.normpath(path))
+    except PathError:
+        return False
+    if host is None:  # hidden (/root, /run, ...), /proc or /dev: only the mount point itself is known to exist
+        return resolved in sb.layout.mounts
+    return os.path.isdir(host)
 
 
 class _StderrWatch:
