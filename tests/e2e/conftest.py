@@ -256,3 +256,50 @@ def target(request, tmp_path) -> Target:
     t = Target(name, backend, datastore, env, live, tmp_path)
     yield t
     assert t.live_sandboxes() == [], "sandboxes left alive after the test"
+
+
+# Cloud datastores other than S3 (issue 12): servers in datastore_servers.py, started once per session.
+
+
+@pytest.fixture(scope="session")
+def token_server():
+    """The identity endpoints the GCP and Azure SDKs call for tokens, on loopback."""
+    from .datastore_servers import TokenServer
+
+    server = TokenServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory, token_server):
+    """fake-gcs-server with a `metaflow` bucket, and a service-account key file that authenticates to it."""
+    from .datastore_servers import _stop, service_account_key, start_gcs
+
+    root = tmp_path_factory.mktemp("fake-gcs")
+    url, proc = start_gcs(root)
+    yield {"url": url, "key_file": service_account_key(root / "service-account.json", token_server.url), "tokens": token_server.url}
+    _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def azure_server(tmp_path_factory, token_server):
+    """Azurite (blob, https, OAuth) with a `metaflow` container; installed from npm into a cache dir if absent."""
+    from .datastore_servers import _stop, start_azurite
+
+    cache = Path(os.environ.get("MFSB_AZURITE_DIR") or Path.home() / ".cache" / "metaflow-sandbox-tests" / "azurite")
+    root = tmp_path_factory.mktemp("azurite")
+    endpoint, ca_file, proc = start_azurite(root, cache)
+    yield {"endpoint": endpoint, "ca_file": ca_file, "tokens": token_server.url}
+    _stop(proc)
+
+
+def cloud_store_env(store: str, request, prefix: str) -> dict[str, str]:
+    """The settings that select the `gs` or `azure` datastore on the session's server."""
+    from .datastore_servers import azure_env, gcs_env
+
+    if store == "gs":
+        gcs = request.getfixturevalue("gcs_server")
+        return gcs_env(gcs["url"], gcs["key_file"], prefix)
+    azure = request.getfixturevalue("azure_server")
+    return azure_env(azure["endpoint"], azure["ca_file"], azure["tokens"], prefix)

@@ -307,7 +307,8 @@ def _upload_credential_files(sbx):
     for name in CREDENTIAL_FILE_ENV:
         path = os.environ.get(name)
         if path and os.path.isfile(path):
-            inside = os.path.join(sbx.handle.workdir, ".metaflow-sandbox", "credentials", name.lower() + ".json")
+            suffix = os.path.splitext(path)[1] or ".json"  # a PEM bundle stays .pem
+            inside = os.path.join(sbx.handle.workdir, ".metaflow-sandbox", "credentials", name.lower() + suffix)
             sbx.write_file(inside, source=path)
             env[name] = inside
     return env

@@ -29,7 +29,6 @@ CREDENTIAL_ENV = (
     "AWS_REGION",
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_CA_BUNDLE",
     "AZURE_CLIENT_ID",
     "AZURE_TENANT_ID",
     "AZURE_CLIENT_SECRET",
@@ -39,7 +38,8 @@ CREDENTIAL_ENV = (
 )
 # Credentials given as a path to a key file: the trampoline uploads the file into the sandbox
 # and points the variable at the copy (a launcher path means nothing in a remote sandbox).
-CREDENTIAL_FILE_ENV = ("GOOGLE_APPLICATION_CREDENTIALS",)
+# CA bundles travel the same way: a store behind a private CA (Azurite, MinIO) needs them.
+CREDENTIAL_FILE_ENV = ("GOOGLE_APPLICATION_CREDENTIALS", "AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE")
 NEVER_FORWARD_PREFIXES = ("DAYTONA_", "E2B_", "METAFLOW_SANDBOX_DAYTONA_", "METAFLOW_SANDBOX_E2B_")
 
 # Metaflow settings the task needs (the same set @batch/@kubernetes forward).
