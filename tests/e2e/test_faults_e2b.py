@@ -60,6 +60,7 @@ def test_16_way_foreach_survives_seeded_429_503_and_dropped_streams(emulator, s3
     assert injected[429] > 10 and injected[503] > 10, "the faults were not injected: %s" % stats
     assert stats.get("injected_envd", 0) > 5 and stats.get("injected_api", 0) > 5, stats
     assert stats.get("stream_dropped", 0) == 3
+    assert stats.get("process_connect", 0) >= 3  # each dropped stream was reattached, not re-run
     data = target.client("emit(Run('FaultsE2BForeachFlow/%s')['join'].task.data.doubled)" % run.run_id(), run)
     assert data == [2 * i for i in range(16)]
     # each body ran exactly once per attempt: one marker per (item, attempt)
@@ -74,7 +75,7 @@ def test_16_way_foreach_survives_seeded_429_503_and_dropped_streams(emulator, s3
     assert len(creates) >= 16
     assert emulator.live_sandboxes() == []
     print(
-        "e2b faults: %d REST + %d envd requests, injected 429=%d 503=%d (envd %d), %d streams dropped, "
+        "e2b faults: %d REST + %d envd requests, injected 429=%d 503=%d (envd %d), %d streams dropped (%d reattached), "
         "%d creates (%d idempotent hits) for %d task attempts with a body run, %.0fs"
         % (
             stats.get("api_requests", 0),
@@ -83,6 +84,7 @@ def test_16_way_foreach_survives_seeded_429_503_and_dropped_streams(emulator, s3
             injected[503],
             stats.get("injected_envd", 0),
             stats.get("stream_dropped", 0),
+            stats.get("process_connect", 0),
             stats.get("create", 0),
             stats.get("create_idempotent_hit", 0),
             len(runs),
