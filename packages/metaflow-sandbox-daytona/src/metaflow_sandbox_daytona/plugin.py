@@ -60,6 +60,8 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
         images=True,
         shares_host_filesystem=False,
         config_env=_client.ENV_VARS,
+        # Daytona counts ttl_minutes (and the auto-stop lease) in whole minutes.
+        min_ttl_seconds=60.0,
         max_concurrent_sandboxes=DEFAULT_CONCURRENCY,
         max_creates_per_minute=DEFAULT_CREATES_PER_MINUTE,
     )
