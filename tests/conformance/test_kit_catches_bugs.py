@@ -40,6 +40,7 @@ ENTRY_POINTS = {
     "leaks-launcher-env": "kit_broken_backends:LEAKS_ENV",
     "claims-limits": "kit_broken_backends:CLAIMS_LIMITS",
     "local-enforcing": "kit_broken_backends:LOCAL_ENFORCING",
+    "drops-stderr": "kit_broken_backends:DROPS_STDERR",
 }
 
 
@@ -68,17 +69,17 @@ def kit(pytester: pytest.Pytester):
         % str(pytester.path)
     )
 
-    def run(backend: str, *select: str, body: str = "") -> pytest.RunResult:
+    def run(backend: str, *select: str, body: str = "", tier: str = "BackendConformance") -> pytest.RunResult:
         head = textwrap.dedent(
             """
             import pytest
-            from metaflow_sandbox.testing import BackendConformance
+            from metaflow_sandbox.testing import %s
 
-            class TestKit(BackendConformance):
+            class TestKit(%s):
                 backend = %r
                 required_env = ("KITGOOD_API_KEY",)
             """
-            % backend
+            % (tier, tier, backend)
         )
         pytester.makepyfile(test_kit=head + textwrap.indent(textwrap.dedent(body), " " * 4))
         args = ["-p", "no:cacheprovider", "-rfEs"] + (["-k", " or ".join(select)] if select else [])
@@ -144,6 +145,27 @@ def test_kit_catches_the_bug(kit, backend: str) -> None:
     result.assert_outcomes(failed=len(must_fail), passed=passing)
     for name in sorted(must_fail):  # one call each: the summary lists them in run order
         result.stdout.fnmatch_lines(["FAILED test_kit.py::TestKit::%s*" % name])  # " - reason" only when it fits
+
+
+# The flow tier runs its flow in subprocesses: they find the fabricated distribution through PYTHONPATH.
+FLOW_TIER_BODY = """
+def flow_env(self):
+    import os
+    return {"PYTHONPATH": os.pathsep.join([%r, %r, %r])}
+"""
+
+
+@pytest.mark.slow
+def test_flow_tier_catches_the_bug(kit, pytester: pytest.Pytester) -> None:
+    """A backend that drops stderr (otherwise correct, sharing the host's files) fails only the flow tier's logs test.
+
+    The other six flow tests passing in the same run are the control: the harness itself runs a flow.
+    """
+    body = FLOW_TIER_BODY % (str(pytester.path), str(HERE / "broken"), str(ACME_SRC))
+    result = kit("drops-stderr", body=body, tier="FlowConformance")
+    assert _failed(result) == {"test_flow_logs_persisted"}, "\n".join(result.outlines[-60:])
+    result.assert_outcomes(failed=1, passed=6)
+    result.stdout.fnmatch_lines(["*kit-log start stderr*"])
 
 
 def test_enforced_limits_pass_on_a_backend_that_enforces_them(kit) -> None:

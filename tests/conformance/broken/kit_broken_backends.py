@@ -217,6 +217,20 @@ class ClaimsLimits(Good):
         return Capabilities(images=False, enforces_limits=True, config_env=(KEY,))
 
 
+class FlowGood(Good):
+    """Correct, and its sandboxes see the launcher's files (as acme's do): runs flows on the local datastore."""
+
+    @hookimpl
+    def sandbox_capabilities(self, options):
+        return Capabilities(images=False, shares_host_filesystem=True, config_env=(KEY,))
+
+
+class DropsStderr(FlowGood):
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+        return acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, None)
+
+
 class LocalEnforcing:
     """The embedded local backend (which applies CPU affinity and a memory cgroup), declaring it."""
 
@@ -258,6 +272,7 @@ DESTROY_NEEDS_NATIVE = DestroyNeedsNative("destroy-needs-native")
 LEAKS_ENV = LeaksLauncherEnv("leaks-launcher-env")
 CLAIMS_LIMITS = ClaimsLimits("claims-limits")
 LOCAL_ENFORCING = LocalEnforcing()
+DROPS_STDERR = DropsStderr("drops-stderr")
 EXEC_NONE = ExecReturnsNone("exec-none")
 RAISES_NONZERO = RaisesOnNonZeroExit("raises-nonzero")
 MIXES_STREAMS = MixesStderrIntoStdout("mixes-streams")

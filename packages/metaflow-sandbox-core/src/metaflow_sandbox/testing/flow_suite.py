@@ -172,14 +172,13 @@ class FlowConformance:
         assert kit_facts["values"] == [1, 4, 9]
         assert kit_facts["payload_sha"] == _sha(PAYLOAD)
 
-    def test_flow_retry_reruns_the_failed_attempt(self, kit_flow: FlowRun, kit_facts: dict[str, Any]) -> None:
+    def test_flow_retry_reruns_the_failed_attempt(self, kit_facts: dict[str, Any]) -> None:
         """The foreach item whose first attempt raises is retried once and succeeds; the others run once.
 
         Troubleshooting: if this fails, your ``sandbox_exec`` must return the command's real exit code
         (non-zero for the failed attempt) and each attempt must get a fresh sandbox from your ``sandbox_create``.
         """
         assert kit_facts["attempts"] == {"1": 0, "2": 1, "3": 0}
-        assert "the first attempt fails on purpose" in kit_flow.output
 
     def test_flow_catch_keeps_the_exception(self, kit_facts: dict[str, Any]) -> None:
         """A step under ``@catch`` raises; the run goes on and the exception is an artifact.
