@@ -129,14 +129,13 @@ def translate(exc: BaseException, *, op: str, sandbox_id: str | None = None, ret
     if connection:
         what = "could not reach Daytona at %s" % url
         if attempts:
-            what += " (%d attempts over %.0fs)" % (attempts, getattr(exc, "retry_seconds_spent", 0.0))
+            what += " (%s)" % _tried(exc)
         cls = TransientBackendError if retry_safe and not attempts else SandboxError
         raise cls("%s: %s" % (what, _short(message)), hint=URL_HINT + "; is the network up?", **kw) from exc
     if _retry.is_transient(exc):
         if attempts:
             raise SandboxError(
-                "Daytona kept failing during %s (%s, %d attempts over %.0fs): %s"
-                % (op, status, attempts, getattr(exc, "retry_seconds_spent", 0.0), message),
+                "Daytona kept failing during %s (%s, %s): %s" % (op, status, _tried(exc), message),
                 hint="Daytona is unavailable or throttling; retry later, or allow more with METAFLOW_SANDBOX_DAYTONA_RETRY_SECONDS "
                 "and fewer sandboxes at once with METAFLOW_SANDBOX_DAYTONA_CONCURRENCY",
                 **kw,
@@ -167,6 +166,11 @@ def translate(exc: BaseException, *, op: str, sandbox_id: str | None = None, ret
     else:
         hint = "Daytona answered %s from %s; if it persists, report it with the sandbox id (%s)" % (status, url, URL_HINT)
     raise SandboxError("Daytona %s failed (%s): %s" % (op, status, message), hint=hint, **kw) from exc
+
+
+def _tried(exc: BaseException) -> str:
+    n = getattr(exc, "retry_attempts_made", 0)
+    return "%d attempt%s over %.0fs" % (n, "" if n == 1 else "s", getattr(exc, "retry_seconds_spent", 0.0))
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -99,6 +99,8 @@ def is_connection_error(exc: BaseException) -> bool:
     from daytona.common import errors
 
     for cur in _chain(exc):
+        if _throttled_out(cur):
+            return False
         if isinstance(cur, (errors.DaytonaConnectionError, urllib3.exceptions.HTTPError, httpx.TransportError, ConnectionError)):
             return True
         if isinstance(cur, TimeoutError) and not isinstance(cur, errors.DaytonaError):
@@ -107,10 +109,18 @@ def is_connection_error(exc: BaseException) -> bool:
     return "Max retries exceeded" in text or "Connection refused" in text or "Connection reset" in text
 
 
+def _throttled_out(exc: BaseException) -> bool:
+    """urllib3 itself gave up after waiting out several 429/503 ``Retry-After`` answers: throttling, not a lost connection."""
+    import urllib3
+
+    reason = getattr(exc, "reason", None)
+    return isinstance(exc, urllib3.exceptions.ResponseError) or isinstance(reason, urllib3.exceptions.ResponseError)
+
+
 def is_transient(exc: BaseException) -> bool:
     from daytona.common import errors
 
-    if status_of(exc) in RETRY_STATUSES:
+    if status_of(exc) in RETRY_STATUSES or any(_throttled_out(cur) for cur in _chain(exc)):
         return True
     if isinstance(
         exc,
