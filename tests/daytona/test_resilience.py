@@ -173,3 +173,18 @@ def test_destroy_that_keeps_failing_says_so_and_the_lease_ends_it(emulator):
         time.sleep(0.1)
     (record,) = [r for r in emulator.records() if r["id"] == sb.id]
     assert record["reason"] == "auto-delete after stop"
+
+
+def test_lost_session_and_delete_answers_count_as_done(emulator):
+    """A session made or a sandbox deleted whose answer was lost: the retry's 409/404 means it is done."""
+    backend = Backend("daytona", options=FAST)
+    sb = backend.create(SandboxSpec(labels=_labels()))
+    emulator.clear_requests()
+    emulator.set_faults(lost_reply_next=1, lost_reply_endpoints=["session"])
+    assert _cycle(sb) == (7, "run\n")
+    assert [r["status"] for r in emulator.requests() if r["endpoint"] == "session"][:2] == [504, 409]
+    emulator.set_faults(lost_reply_next=1, lost_reply_endpoints=["delete"])
+    assert sb.destroy() is True, "the first destroy deleted it, though its answer was lost"
+    assert _statuses(emulator, "delete") == [504, 404]
+    assert emulator.live_sandboxes() == []
+    assert sb.destroy() is False

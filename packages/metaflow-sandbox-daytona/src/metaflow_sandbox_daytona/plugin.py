@@ -317,10 +317,16 @@ def sandbox_destroy(handle: SandboxHandle) -> bool:
     if str(getattr(sandbox, "state", "")).lower().endswith(("destroyed", "destroying")):
         return False
     policy = _retry.Policy.from_options(handle.options)
+    tries = [0]
+
+    def delete() -> None:
+        tries[0] += 1
+        sandbox.delete(timeout=_client.sdk_timeout(60))
+
     try:
-        _retry.call(lambda: sandbox.delete(timeout=_client.sdk_timeout(60)), "delete", policy)
+        _retry.call(delete, "delete", policy)
     except DaytonaNotFoundError:
-        return False
+        return tries[0] > 1  # gone on a retry: an earlier attempt deleted it, its answer was lost
     except Exception as exc:
         lease = getattr(sandbox, "auto_stop_interval", None) or "a few"
         raise SandboxError(
