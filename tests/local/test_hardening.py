@@ -316,10 +316,10 @@ def test_a_root_only_unix_socket_on_a_visible_path_is_not_connectable(make) -> N
 
 @needs_root
 def test_where_no_own_user_is_possible_it_says_so_loudly(make, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    from metaflow_sandbox.backends._local import isolation, sandbox
+    from metaflow_sandbox.backends._local import identity, isolation, sandbox
 
     bwrap = isolation.find_bwrap({})
-    monkeypatch.setitem(sandbox._drop_probe, bwrap, "ID-mapped mounts do not work here (simulated)")
+    monkeypatch.setitem(identity._no_own_uid, bwrap, "ID-mapped mounts do not work here (simulated)")
     monkeypatch.setattr(sandbox, "_warned", set())
     with caplog.at_level("WARNING", logger="metaflow_sandbox.local"):
         sb = make()

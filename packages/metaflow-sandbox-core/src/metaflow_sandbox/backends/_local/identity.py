@@ -5,7 +5,9 @@ the owner of /etc/shadow and of every root 0600 file. So a root launcher starts 
 unprivileged uid per sandbox (random, in a range no account uses); bwrap then maps it to 65534 inside.
 The sandbox's own directories belong to that uid; its binds (owned by root on disk) are ID-MAPPED
 mounts that show root's files as the sandbox uid's and store its writes as root's, so the task still
-writes the launcher's datastore while root-only files elsewhere stay unreadable.
+writes the launcher's datastore while root-only files elsewhere stay unreadable. Those mounts exist only
+in a private mount namespace that bwrap enters, never on the host. Whether all this works here is
+probed once per bwrap; where it cannot, the caller says so loudly.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import functools
 import logging
 import os
 import random
+import stat
 import struct
+import subprocess
+import threading
+
+from metaflow_sandbox import SandboxError
 
 log = logging.getLogger("metaflow_sandbox.local")
 
@@ -176,3 +183,57 @@ def drop_to(uid: int) -> None:
     os.setgroups([])
     os.setgid(uid)
     os.setuid(uid)
+
+
+_no_own_uid: dict[str, str | None] = {}  # bwrap path -> None when a sandbox can get its own uid, else why not
+_probe_lock = threading.Lock()
+
+
+def why_no_own_uid(bwrap: str) -> str | None:
+    """None when sandboxes of this root launcher can run as their own uid with ``bwrap`` (probed once)."""
+    with _probe_lock:
+        if bwrap not in _no_own_uid:
+            _no_own_uid[bwrap] = supported() or _probe_bwrap_as(bwrap, new_uid())
+        return _no_own_uid[bwrap]
+
+
+def _probe_bwrap_as(bwrap: str, uid: int) -> str | None:
+    argv = [bwrap, "--ro-bind", "/", "/", "--unshare-user", "--uid", str(INSIDE_ID), "--gid", str(INSIDE_ID)]
+    argv += ["--unshare-pid", "--cap-drop", "ALL", "--die-with-parent", "true"]
+    try:
+        p = subprocess.run(argv, capture_output=True, timeout=20, preexec_fn=lambda: drop_to(uid), cwd="/")
+    except (OSError, subprocess.SubprocessError) as exc:
+        return str(exc)
+    return None if p.returncode == 0 else "bwrap as an unprivileged user: %s" % p.stderr.decode(errors="replace").strip()
+
+
+def world_reachable(path: str, read: bool = True) -> bool:
+    """Whether any user can reach ``path`` (every ancestor searchable by others) and, with ``read``, read it."""
+    parts = os.path.normpath(path).split("/")
+    for i in range(2, len(parts) + 1):
+        try:
+            mode = os.stat("/".join(parts[:i]) or "/").st_mode
+        except OSError:
+            return False
+        if not mode & 0o001:
+            return False
+    return not read or bool(os.stat(path).st_mode & 0o004)
+
+
+def stage_dir(root_setting: str) -> str:
+    """A launcher-owned 0711 directory under /tmp for sandboxes whose root their uid cannot reach."""
+    stage = "/tmp/metaflow-sandbox-stage-%d" % os.getuid()
+    try:
+        os.mkdir(stage, 0o711)
+    except FileExistsError:
+        pass
+    st = os.lstat(stage)
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+        raise SandboxError(
+            "%s is not a directory owned by you" % stage,
+            hint="remove it (someone else created it), or point %s at a world-searchable directory" % root_setting,
+            backend="local",
+        )
+    if st.st_mode & 0o777 != 0o711:
+        os.chmod(stage, 0o711)
+    return stage

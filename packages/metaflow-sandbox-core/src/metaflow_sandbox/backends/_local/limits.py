@@ -199,6 +199,20 @@ def stale_cgroups(prefix: str) -> list[str]:
     return sorted(set(found))
 
 
+_MS_NOSUID, _MS_NODEV = 2, 4
+
+
+def mount_tmpfs(target: str, size_mb: int, owner: int) -> str | None:
+    """Mount a tmpfs of ``size_mb`` owned by ``owner`` at ``target`` (the disk cap); None, or why it failed."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    opts = "size=%dm,mode=0700,uid=%d,gid=%d" % (size_mb, owner, owner)
+    if libc.mount(b"tmpfs", os.fsencode(target), b"tmpfs", ctypes.c_ulong(_MS_NOSUID | _MS_NODEV), opts.encode()) != 0:
+        return os.strerror(ctypes.get_errno())
+    return None
+
+
 class PidsCgroup:
     """A cgroup capping how many processes and threads one sandbox may have (``pids.max``)."""
 

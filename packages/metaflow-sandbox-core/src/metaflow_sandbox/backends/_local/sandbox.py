@@ -52,8 +52,8 @@ class LocalSandbox:
         # Where work/, tmp/ and the mapped binds live: next to the state, unless the sandbox's uid cannot reach
         # the root (e.g. TMPDIR in a 0700 dir); then in a root-owned, world-searchable stage under /tmp.
         self.data = self.root
-        if self.uid is not None and not _world_reachable(os.path.dirname(os.path.abspath(base)), read=False):
-            self.data = os.path.join(_stage_dir(), self.name)
+        if self.uid is not None and not identity.world_reachable(os.path.dirname(os.path.abspath(base)), read=False):
+            self.data = os.path.join(identity.stage_dir(ENV_ROOT), self.name)
         try:
             self.layout = Layout(os.path.join(self.data, "disk"), spec.binds, isolated=bwrap is not None, hide=[base])
         except PathError:
@@ -74,7 +74,7 @@ class LocalSandbox:
         self.rlimit_mb: int | None = None
         self.disk_capped = False  # True: work/ and /tmp live on a tmpfs of disk_mb (else only files are capped)
         self.mount_ns: int | None = None  # fd of the private mount namespace holding the binds (root launcher)
-        if self.uid is not None and self.data == self.root and base_mode(base) & 0o711 != 0o711:
+        if self.uid is not None and self.data == self.root and os.stat(base).st_mode & 0o711 != 0o711:
             os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
         os.mkdir(self.root, 0o700)
         try:  # the state first: from here on another process can list and destroy this sandbox
@@ -143,12 +143,12 @@ class LocalSandbox:
         disk = self.layout.root
         os.mkdir(disk, 0o700)
         if identity.is_root():
-            owner = self.uid if self.uid is not None else 0
-            opts = "size=%dm,mode=0700,uid=%d,gid=%d" % (self.disk_mb, owner, owner)
             self.state["mounted"] = True
             self._save()
-            if _mount_tmpfs(disk, opts):
-                self.disk_capped = True
+            err = limits.mount_tmpfs(disk, self.disk_mb, self.uid if self.uid is not None else 0)
+            if err:
+                _warn_once("disk", "cannot mount a tmpfs for the sandbox's disk cap (%s): only single files are capped" % err)
+            self.disk_capped = not err
         for d in (self.layout.host_work, self.layout.host_tmp):
             os.mkdir(d, 0o700)
         for d in (self.data, disk, self.layout.host_work, self.layout.host_tmp):
@@ -160,7 +160,7 @@ class LocalSandbox:
         a private mount namespace that bwrap enters, so the sandbox's uid reads and writes them as the launcher."""
         assert self.uid is not None
         wanted = [(b.source, b.read_only, True) for b in self.layout.binds]
-        wanted += [(d, True, False) for d in reexposed() if not _world_reachable(d)]  # e.g. a Python under /root
+        wanted += [(d, True, False) for d in reexposed() if not identity.world_reachable(d)]  # e.g. a Python under /root
         if not wanted:
             return
         mnt = os.path.join(self.data, "mnt")
@@ -284,18 +284,12 @@ class LocalSandbox:
             self.mount_ns = None
 
 
-_drop_probe: dict[str, str | None] = {}
-
-
 def _sandbox_uid(bwrap: str | None) -> int | None:
     """A fresh unprivileged uid for a root launcher's sandbox; None when not root, not isolated, or impossible
     here (said once, loudly: then the step runs as root without capabilities and root-only files are readable)."""
     if bwrap is None or not identity.is_root():
         return None
-    with _lock:
-        if bwrap not in _drop_probe:
-            _drop_probe[bwrap] = identity.supported() or _probe_bwrap_as(bwrap, identity.new_uid())
-    why = _drop_probe[bwrap]
+    why = identity.why_no_own_uid(bwrap)
     if why is None:
         return identity.new_uid()
     _warn_once(
@@ -307,67 +301,6 @@ def _sandbox_uid(bwrap: str | None) -> int | None:
     return None
 
 
-def _probe_bwrap_as(bwrap: str, uid: int) -> str | None:
-    argv = [bwrap, "--ro-bind", "/", "/", "--unshare-user", "--uid", str(identity.INSIDE_ID), "--gid", str(identity.INSIDE_ID)]
-    argv += ["--unshare-pid", "--cap-drop", "ALL", "--die-with-parent", "true"]
-    try:
-        p = subprocess.run(argv, capture_output=True, timeout=20, preexec_fn=lambda: identity.drop_to(uid), cwd="/")
-    except (OSError, subprocess.SubprocessError) as exc:
-        return str(exc)
-    return None if p.returncode == 0 else "bwrap as an unprivileged user: %s" % p.stderr.decode(errors="replace").strip()
-
-
-def _stage_dir() -> str:
-    """A root-owned 0711 directory under /tmp for sandboxes whose root their uid cannot reach."""
-    stage = "/tmp/metaflow-sandbox-stage-%d" % os.getuid()
-    try:
-        os.mkdir(stage, 0o711)
-    except FileExistsError:
-        pass
-    st = os.lstat(stage)
-    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
-        raise SandboxError(
-            "%s is not a directory owned by you" % stage,
-            hint="remove it (someone else created it), or point %s at a world-searchable directory" % ENV_ROOT,
-            backend=NAME,
-        )
-    if st.st_mode & 0o777 != 0o711:
-        os.chmod(stage, 0o711)
-    return stage
-
-
-def _world_reachable(path: str, read: bool = True) -> bool:
-    """Whether any user can read ``path`` (every ancestor searchable by others, the path readable)."""
-    parts = os.path.normpath(path).split("/")
-    for i in range(2, len(parts) + 1):
-        try:
-            mode = os.stat("/".join(parts[:i]) or "/").st_mode
-        except OSError:
-            return False
-        if not mode & 0o001:
-            return False
-    return not read or bool(os.stat(path).st_mode & 0o004)
-
-
-_MS_NOSUID, _MS_NODEV = 2, 4
-
-
-def _mount_tmpfs(target: str, opts: str) -> bool:
-    err = _libc_mount(b"tmpfs", os.fsencode(target), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts.encode())
-    if err:
-        _warn_once("disk", "cannot mount a tmpfs for the sandbox's disk cap (%s): only single files are capped" % os.strerror(err))
-    return not err
-
-
-def _libc_mount(source: bytes, target: bytes, fstype: bytes, flags: int, data: bytes) -> int:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(source, target, fstype, ctypes.c_ulong(flags), data) != 0:
-        return ctypes.get_errno()
-    return 0
-
-
 _warned: set[str] = set()
 
 
@@ -377,10 +310,6 @@ def _warn_once(key: str, msg: str) -> None:
             return
         _warned.add(key)
     log.warning("metaflow-sandbox: %s", msg)
-
-
-def base_mode(base: str) -> int:
-    return os.stat(base).st_mode & 0o777
 
 
 def _path_with_python() -> str:
@@ -421,22 +350,69 @@ def _memory_limit(name: str, memory_mb: int | None, options: Mapping[str, Any]) 
                 hint="delegate a cgroup to this user (systemd-run --user --scope -p Delegate=yes ...) or unset %s" % ENV_MEMORY_LIMITER,
                 backend=NAME,
             )
-        _warn_rlimit_once()
+        _warn_once(
+            "rlimit",
+            "no writable memory cgroup here; the local backend's memory limit is enforced as an address-space "
+            "limit (RLIMIT_AS), which is less exact. Fix: run under a delegated cgroup (systemd-run --user --scope -p Delegate=yes ...).",
+        )
     return None, memory_mb
 
 
-_rlimit_warned = False
+_warned: set[str] = set()
 
 
-def _warn_rlimit_once() -> None:
-    global _rlimit_warned
-    if not _rlimit_warned:
-        _rlimit_warned = True
-        log.warning(
-            "metaflow-sandbox: no writable memory cgroup here; the local backend's memory limit is enforced "
-            "as an address-space limit (RLIMIT_AS), which is less exact. Fix: run under a delegated cgroup "
-            "(systemd-run --user --scope -p Delegate=yes ...)."
+def _warn_once(key: str, msg: str) -> None:
+    with _lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    log.warning("metaflow-sandbox: %s", msg)
+
+
+def _path_with_python() -> str:
+    """The launcher's PATH, with this Python's bin dir first so ``python`` inside is the launcher's."""
+    path = os.environ.get("PATH", os.defpath)
+    bindir = os.path.dirname(sys.executable)
+    if bindir and bindir not in path.split(os.pathsep):
+        path = bindir + os.pathsep + path
+    return path
+
+
+def _base_dir(options: Mapping[str, Any]) -> str:
+    base = options.get("root") or options.get("root_dir") or os.environ.get(ENV_ROOT)  # option "root" = METAFLOW_SANDBOX_LOCAL_ROOT
+    base = base or os.path.join(tempfile.gettempdir(), "metaflow-sandbox-%d" % os.getuid())
+    os.makedirs(base, mode=0o700, exist_ok=True)
+    st = os.lstat(base)
+    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+        raise SandboxError(
+            "the local sandbox directory %s is not a directory owned by you" % base,
+            hint="remove it, or point %s (option root) at a private directory" % ENV_ROOT,
+            backend=NAME,
         )
+    return str(base)
+
+
+def _memory_limit(name: str, memory_mb: int | None, options: Mapping[str, Any]) -> tuple[Any, int | None]:
+    """(cgroup, None) for a hard limit; (None, MB) for the RLIMIT_AS fallback; (None, None) for no limit."""
+    if not memory_mb:
+        return None, None
+    limiter = options_.memory_limiter(options)
+    if limiter != "rlimit":
+        cgroup = limits.MemoryCgroup.create(name, memory_mb)
+        if cgroup is not None:
+            return cgroup, None
+        if limiter == "cgroup":
+            raise SandboxError(
+                "memory_limiter=cgroup was requested but no writable memory cgroup is available",
+                hint="delegate a cgroup to this user (systemd-run --user --scope -p Delegate=yes ...) or unset %s" % ENV_MEMORY_LIMITER,
+                backend=NAME,
+            )
+        _warn_once(
+            "rlimit",
+            "no writable memory cgroup here; the local backend's memory limit is enforced as an address-space "
+            "limit (RLIMIT_AS), which is less exact. Fix: run under a delegated cgroup (systemd-run --user --scope -p Delegate=yes ...).",
+        )
+    return None, memory_mb
 
 
 def lookup(handle: SandboxHandle) -> LocalSandbox | None:
