@@ -1,11 +1,13 @@
 """The embedded default backend: namespace-isolated sandboxes on this machine, made with bubblewrap.
 
-A sandbox is a directory on the host (``work/`` and ``tmp/``) plus limits; each exec is one ``bwrap``
-run (fresh user/pid/ipc/uts/cgroup/mount namespaces, host read-only, homes hidden, ``work/`` at
-``handle.workdir``), so the sandbox behaves like one machine whose processes end with their exec.
+A sandbox is a directory on the host (``sandbox.json``, ``work/`` and ``tmp/``) plus limits; each exec
+is one ``bwrap`` run (fresh user/pid/ipc/uts/cgroup/mount namespaces, host read-only, homes and the
+sandbox root hidden, ``work/`` at ``handle.workdir``), so the sandbox behaves like one machine whose
+processes end with their exec. A root launcher's sandbox runs as its own unprivileged uid, on a
+size-capped tmpfs, with a pids limit (see ``_local/identity.py`` and ``_local/limits.py``).
 Where bwrap cannot run, commands run as plain subprocesses in the sandbox directory (said once, loudly).
-Sandboxes never outlive this process: ``--die-with-parent``, atexit/SIGTERM cleanup, and a sweep of
-directories left by dead launchers.
+Sandboxes never outlive their owner: ``--die-with-parent``, atexit/SIGTERM cleanup, destroy by id from
+any process (the lifeline's reaper, ``metaflow-sandbox gc``), and a sweep of what dead owners left.
 """
 
 from __future__ import annotations

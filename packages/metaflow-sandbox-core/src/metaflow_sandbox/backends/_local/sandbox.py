@@ -2,6 +2,7 @@
 
 Sandboxes never outlive this process: ``--die-with-parent`` for processes, atexit and SIGTERM
 cleanup, and a sweep of what dead launchers left (directories and cgroups named after their pid).
+Everything another process needs to destroy one is on disk (``ondisk.py``).
 """
 
 from __future__ import annotations
