@@ -308,42 +308,50 @@ def _exit_on_signal(signum, frame):
 
 
 def _child(request, fds, conn, code, flow_file, inherited):
-    """The forked trampoline: the client's stdio, env, cwd and argv, then the flow file as __main__."""
+    """The forked trampoline: the client's stdio, env, cwd and argv, then the flow file as __main__.
+
+    Never returns: whatever happens (a second signal during teardown included), it ends in os._exit,
+    so a child can never fall back into the server's loop.
+    """
     exit_code = 1
     try:
-        for fd in inherited:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE):
-            signal.signal(sig, signal.SIG_DFL if sig != signal.SIGPIPE else signal.SIG_IGN)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-        for fd in fds:
-            if fd > 2:
-                os.close(fd)
-        _rebind_stdio()
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        sys.argv = list(request["argv"])
-        _watch_client(conn)
-        exit_code = _run_flow_file(code, flow_file)
-    except BaseException:
         try:
-            traceback.print_exc()
+            _become_task(request, fds, inherited)
+            _watch_client(conn)
+            exit_code = _run_flow_file(code, flow_file)
         except BaseException:
-            pass
+            traceback.print_exc()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
+        try:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for stream in (sys.stdout, sys.stderr):
                 stream.flush()
-            except BaseException:
-                pass
-        _send(conn, {"exit": exit_code})
-        os._exit(exit_code & 0xFF)
+            _send(conn, {"exit": exit_code})
+        finally:
+            os._exit(exit_code & 0xFF)
+
+
+def _become_task(request, fds, inherited):
+    for fd in inherited:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as in any Python process
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+    for fd in fds:
+        if fd > 2:
+            os.close(fd)
+    _rebind_stdio()
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = list(request["argv"])
 
 
 def _rebind_stdio():

@@ -1,0 +1,42 @@
+"""A small foreach for the fast-path tests: one task may crash on its first attempt, tasks may sleep."""
+
+import os
+import time
+
+from metaflow import FlowSpec, current, retry, sandbox, step
+
+
+class FastPathFlow(FlowSpec):
+    @step
+    def start(self):
+        self.items = list(range(int(os.environ.get("FP_TASKS", "4"))))
+        self.next(self.work, foreach="items")
+
+    @retry(times=1, minutes_between_retries=0)
+    @sandbox
+    @step
+    def work(self):
+        if self.input == 1 and current.retry_count == 0 and os.environ.get("FP_CRASH") == "1":
+            print("crashing on purpose", flush=True)
+            os._exit(3)
+        time.sleep(float(os.environ.get("FP_SLEEP") or 0))
+        print("line-%d" % self.input)
+        self.value = self.input * 10
+        self.attempt = current.retry_count
+        self.in_sandbox = os.environ.get("METAFLOW_SANDBOX_WORKLOAD")
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
+        self.values = sorted(i.value for i in inputs)
+        self.attempts = {i.input: i.attempt for i in inputs}
+        self.in_sandbox = [i.in_sandbox for i in inputs]
+        self.next(self.end)
+
+    @step
+    def end(self):
+        pass
+
+
+if __name__ == "__main__":
+    FastPathFlow()

@@ -1,0 +1,203 @@
+"""The fast path: a thin client per task, one sandbox server per run that forks ready trampolines.
+
+The client is checked against a small stand-in server (what it sends, exit codes, signals, the
+fallback), then real flows on the `local` backend: through the server, with a crash and a retry;
+with the fast path turned off (today's trampoline); and with the server killed mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from metaflow_sandbox import thin_client
+
+from .conftest import FLOWS, PYTHON, Target, base_env, local_leftovers
+
+CLIENT = thin_client.__file__
+FAST_LINE = "fast path: trampoline ran"
+NOTICE = "fast path not used"
+
+
+class StandInServer:
+    """Accepts one request like the sandbox server: records it, starts `task_argv` as the task, reports its end."""
+
+    def __init__(self, path: str, task_argv: list[str]):
+        self.path = path
+        self.task_argv = task_argv
+        self.request: dict = {}
+        self.task: subprocess.Popen | None = None
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        data, fds, _, _ = socket.recv_fds(conn, 65536, 3)
+        need = 4 + struct.unpack("!I", data[:4])[0]
+        while len(data) < need:
+            data += conn.recv(65536)
+        self.request = json.loads(data[4:need])
+        self.request["nfds"] = len(fds)
+        # The task writes into the client's own stdout, as the forked trampoline does.
+        self.task = subprocess.Popen(self.task_argv, stdin=fds[0], stdout=fds[1], stderr=fds[2])
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(b'{"pid": %d}\n' % self.task.pid)
+        code = self.task.wait()
+        conn.sendall(b'{"exit": %d}\n' % code)
+        conn.close()
+
+
+def _client(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    argv = [PYTHON, "-S", "-X", "importtime", CLIENT] + args
+    return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _client_env(tmp_path: Path, sock: str, server_pid: int) -> dict[str, str]:
+    env = base_env(tmp_path)
+    env.update(METAFLOW_SANDBOX_SERVER=sock, METAFLOW_SANDBOX_SERVER_PID=str(server_pid), METAFLOW_SANDBOX_LAUNCHER_PYTHON=PYTHON)
+    return env
+
+
+def _imported(stderr: str) -> list[str]:
+    return [line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")]
+
+
+def test_client_hands_over_its_task_and_exits_with_its_code(tmp_path):
+    sock = str(tmp_path / "s.sock")
+    server = StandInServer(sock, [sys.executable, "-c", "import sys; print('task output'); sys.exit(7)"])
+    proc = _client(["flow.py", "sandbox", "step", "work", "--run-id", "5"], _client_env(tmp_path, sock, os.getpid()), cwd=tmp_path)
+    out, err = proc.communicate(timeout=60)
+    server.thread.join(10)
+    assert proc.returncode == 7, err
+    assert "task output" in out  # written by the task straight into the client's stdout
+    assert server.request["argv"] == ["flow.py", "sandbox", "step", "work", "--run-id", "5"]
+    assert server.request["cwd"] == str(tmp_path) and server.request["nfds"] == 3
+    assert server.request["env"]["METAFLOW_SANDBOX_SERVER"] == sock
+    modules = _imported(err)
+    assert "json" in modules and not [m for m in modules if m.split(".")[0] in ("metaflow", "metaflow_sandbox", "site")]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_client_forwards_signals_and_dies_the_task_s_death(tmp_path, signame):
+    sock = str(tmp_path / "s.sock")
+    server = StandInServer(sock, [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"])
+    proc = _client(["flow.py", "sandbox", "step", "work"], _client_env(tmp_path, sock, os.getpid()))
+    assert proc.stdout.readline().strip() == "up"
+    proc.send_signal(getattr(signal, signame))
+    proc.wait(20)
+    server.thread.join(10)
+    assert server.task.returncode == -getattr(signal, signame)  # the task got the signal
+    assert proc.returncode == -getattr(signal, signame)  # and the runtime sees the client die of it
+
+
+def test_client_falls_back_to_the_trampoline_with_a_notice(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    env = _client_env(tmp_path, str(tmp_path / "nothing.sock"), dead.pid)
+    proc = _client(["-c", "print('the trampoline ran')"], env)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "the trampoline ran"
+    notices = [line for line in err.splitlines() if NOTICE in line]
+    assert len(notices) == 1 and "not running" in notices[0]
+
+
+# ---------------------------------------------------------------- real flows
+
+
+@pytest.fixture
+def local(tmp_path):
+    env = {"METAFLOW_SANDBOX_BACKEND": "local", "METAFLOW_SANDBOX_FORWARD_ENV": "FP_CRASH,FP_SLEEP"}
+    env["METAFLOW_SANDBOX_DEBUG_FAST_PATH"] = "1"  # each forked trampoline says so on its stderr
+    t = Target("local-localds", "local", "local", env, lambda: local_leftovers(tmp_path), tmp_path)
+    yield t
+    assert t.live_sandboxes() == [], "sandboxes left alive after the test"
+
+
+def _artifacts(t: Target, run) -> dict:
+    code = "d = Run('FastPathFlow/%s')['join'].task.data; emit({k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox')})"
+    return t.client(code % run.run_id(), run)
+
+
+def test_flow_on_the_fast_path_with_a_crash_and_a_retry(local):
+    run = local.flow("fastpath_flow.py", "run", "--max-workers", "4", env={"FP_CRASH": "1"})
+    assert run.returncode == 0, run.output[-6000:]
+    assert NOTICE not in run.output and "fast path off" not in run.output
+    # every attempt (4 tasks + the retry of the crashed one) ran as a forked trampoline
+    assert run.output.count(FAST_LINE) == 5, run.output[-6000:]
+    data = _artifacts(local, run)
+    assert data["values"] == [0, 10, 20, 30]
+    assert data["attempts"] == {"0": 0, "1": 1, "2": 0, "3": 0}
+    assert data["in_sandbox"] == ["1"] * 4
+    assert sum("line-2" in line for line in run.output.splitlines()) == 1  # live log, once
+    assert "crashing on purpose" in run.output
+
+
+def test_flow_on_the_fallback_path(local):
+    run = local.flow("fastpath_flow.py", "run", "--max-workers", "4", env={"METAFLOW_SANDBOX_FAST_PATH": "0", "FP_CRASH": "1"})
+    assert run.returncode == 0, run.output[-6000:]
+    notices = [line for line in run.output.splitlines() if "fast path off" in line]
+    assert len(notices) == 1 and "METAFLOW_SANDBOX_FAST_PATH=0" in notices[0]
+    assert FAST_LINE not in run.output
+    data = _artifacts(local, run)
+    assert data["values"] == [0, 10, 20, 30] and data["attempts"]["1"] == 1
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open("/proc/%s/stat" % entry).read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open("/proc/%d/cmdline" % pid, "rb").read().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
+def test_a_killed_server_fails_no_task(local):
+    """Tasks already forked finish and report their exit codes; later tasks run the trampoline."""
+    env = base_env(local.tmp)
+    env.update(local.env, FP_SLEEP="4", FP_TASKS="4")
+    log = local.tmp / "flow.log"
+    proc = subprocess.Popen(
+        [PYTHON, str(FLOWS / "fastpath_flow.py"), "--no-pylint", "run", "--max-workers", "2"],
+        cwd=local.tmp, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 120
+        server = []
+        while time.time() < deadline and not (server and "line-" not in log.read_text() and len(local_leftovers(local.tmp)) >= 2):
+            server = [p for p in _children(proc.pid) if " sandbox serve " in _cmdline(p)]
+            time.sleep(0.1)
+        assert server, "no sandbox server started:\n" + log.read_text()[-3000:]
+        os.kill(server[0], signal.SIGKILL)
+        assert proc.wait(180) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert output.count(FAST_LINE) == 2, output[-4000:]  # the two forked before the kill
+    assert output.count(NOTICE) == 2  # the two after it, each with its notice
+    assert sorted(int(line.split("line-")[1].split()[0]) for line in output.splitlines() if "] line-" in line) == [0, 1, 2, 3]
