@@ -25,7 +25,7 @@ else:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = sorted(p.parent for p in REPO.glob("packages/*/pyproject.toml"))
 CORE = REPO / "packages" / "metaflow-sandbox-core"
-BACKEND_DIRS = [p for p in PACKAGES if p != CORE] + [REPO / "examples" / "third_party_backend"]
+BACKEND_DIRS = [p for p in PACKAGES if p != CORE] + [REPO / "examples" / "third_party_backend", REPO / "examples" / "agent_backend"]
 
 
 def _project(pkg: Path) -> dict:

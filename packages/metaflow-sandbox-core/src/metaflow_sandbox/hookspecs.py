@@ -74,9 +74,9 @@ def sandbox_exec(
 def sandbox_upload(handle: SandboxHandle, files: Sequence[UploadItem]) -> list[FileResult]:
     """Write files into the sandbox, creating missing parent directories.
 
-    The bytes land byte for byte where commands see them. Return one ``FileResult`` per item, in order; a per-file failure is ``FileResult.error``
-    (``permission_denied``, ``is_directory``, ``invalid_path``), not an exception.
-    Stream ``UploadItem.source`` from disk rather than reading it whole.
+    The bytes land byte for byte where commands see them. Return one ``FileResult`` per item, in
+    order; a per-file failure is ``FileResult.error`` (``permission_denied``, ``is_directory``,
+    ``invalid_path``), not an exception. Stream ``UploadItem.source`` from disk rather than reading it whole.
     """
 
 
