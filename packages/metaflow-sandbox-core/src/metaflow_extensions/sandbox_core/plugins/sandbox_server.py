@@ -96,6 +96,7 @@ def _start_server(cli_args, run_id):
     from metaflow_sandbox.lifeline import new_socket_path
 
     path = new_socket_path().replace(".sock", ".srv")
+    _sweep(os.path.dirname(path))
     args = copy.copy(cli_args)
     args.entrypoint = [sys.executable] + list(cli_args.entrypoint[1:])
     args.top_level_options = {k: v for k, v in cli_args.top_level_options.items() if k not in TASK_ONLY_OPTIONS}
@@ -109,6 +110,21 @@ def _start_server(cli_args, run_id):
         )
     atexit.register(stop_server)
     return {"proc": proc, "path": path}
+
+
+def _sweep(directory):
+    """Sockets and logs of servers whose launcher is gone (killed with SIGKILL: no stop_server ran)."""
+    for name in os.listdir(directory):
+        if name.endswith((".srv", ".srv.log")) and name.split("-", 1)[0].isdigit():
+            try:
+                os.kill(int(name.split("-", 1)[0]), 0)
+            except ProcessLookupError:
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except OSError:
+                    pass
+            except OSError:
+                pass
 
 
 def server_env(task_env, run_id):
@@ -244,10 +260,12 @@ class Server:
                         self._reap(item)
         finally:
             listener.close()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            for leftover in (self.path, self.path + ".log"):
+                try:
+                    if leftover == self.path or os.path.getsize(leftover) == 0:  # a log that says something stays
+                        os.unlink(leftover)
+                except OSError:
+                    pass
 
     def _accept(self, listener):
         try:
