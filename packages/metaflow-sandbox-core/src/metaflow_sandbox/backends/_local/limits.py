@@ -23,6 +23,14 @@ _next_cpu = count(os.getpid())
 _cpu_lock = threading.Lock()
 
 
+def _reseed_after_fork() -> None:  # the fast path forks its trampolines from one server: seed each anew
+    global _next_cpu
+    _next_cpu = count(os.getpid())
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
 def pick_cpus(cpu: float | None) -> set[int] | None:
     """ceil(cpu) CPUs of those this process may use, rotating so concurrent sandboxes spread out."""
     if not cpu or cpu <= 0 or not hasattr(os, "sched_getaffinity"):
