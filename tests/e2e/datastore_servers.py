@@ -209,6 +209,8 @@ def gcs_env(url: str, key_file: Path, prefix: str) -> dict[str, str]:
 
 def azurite_bin(cache: Path) -> str:
     """azurite-blob from npm, installed once into `cache` (a fresh machine has node and npm)."""
+    import fcntl
+
     found = cache / "node_modules" / ".bin" / "azurite-blob"
     if found.exists():
         return str(found)
@@ -216,11 +218,13 @@ def azurite_bin(cache: Path) -> str:
     if not npm:
         raise RuntimeError("Azurite needs Node.js and npm: apt-get install -y nodejs npm (or set MFSB_AZURITE_DIR to an install)")
     cache.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        [npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", "azurite@3"], capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0 or not found.exists():
-        raise RuntimeError("npm install azurite@3 failed:\n%s" % (proc.stdout + proc.stderr)[-3000:])
+    with open(cache / ".install.lock", "w") as lock:  # xdist workers install once, one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not found.exists():
+            cmd = [npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", "azurite@3"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            if proc.returncode != 0 or not found.exists():
+                raise RuntimeError("npm install azurite@3 failed:\n%s" % (proc.stdout + proc.stderr)[-3000:])
     return str(found)
 
 
