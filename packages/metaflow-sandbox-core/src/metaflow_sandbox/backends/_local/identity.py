@@ -105,6 +105,11 @@ def detached_bind(source: str, ns_fd: int | None, read_only: bool) -> int:
         raise
 
 
+def attach(tree: int, target: str) -> None:
+    """Attach a detached tree at ``target`` on the host (only read-only ones: an rm -rf there cannot delete through it)."""
+    _syscall("move_mount", tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)
+
+
 def private_mount_ns(trees: list[tuple[int, str]]) -> int:
     """An fd of a new mount namespace (a private copy of ours) in which each detached tree is attached at its
     target. Only bwrap enters it (``enter_mount_ns`` before exec): the binds exist nowhere on the host, so

@@ -157,8 +157,9 @@ class LocalSandbox:
                 os.chown(d, self.uid, self.uid)
 
     def _map_sources(self) -> None:
-        """ID-mapped binds (and plain ones of re-exposed paths the sandbox's uid cannot reach), attached only in
-        a private mount namespace that bwrap enters, so the sandbox's uid reads and writes them as the launcher."""
+        """ID-mapped binds, attached only in a private mount namespace that bwrap enters, so the sandbox's uid
+        reads and writes them as the launcher; and read-only plain binds of re-exposed paths the sandbox's uid
+        cannot reach, attached on the host (no namespace to make: a sandbox without binds costs no fork)."""
         assert self.uid is not None
         wanted = [(b.source, b.read_only, True) for b in self.layout.binds]
         wanted += [(d, True, False) for d in reexposed() if not identity.world_reachable(d)]  # e.g. a Python under /root
@@ -178,7 +179,16 @@ class LocalSandbox:
                 else:
                     open(target, "w").close()
                 try:
-                    trees.append((identity.detached_bind(source, ns if mapped else None, read_only), target))
+                    tree = identity.detached_bind(source, ns if mapped else None, read_only)
+                    if mapped:
+                        trees.append((tree, target))
+                    else:
+                        self.state["mounted"] = True  # from here on, removal detaches it
+                        self._save()
+                        try:
+                            identity.attach(tree, target)
+                        finally:
+                            os.close(tree)
                 except OSError as exc:
                     raise SandboxError(
                         "cannot give the sandbox's own user access to %s: %s" % (source, exc),
@@ -187,7 +197,8 @@ class LocalSandbox:
                         backend=NAME,
                     ) from None
                 self.layout.sources[source] = target
-            self.mount_ns = identity.private_mount_ns(trees)
+            if trees:
+                self.mount_ns = identity.private_mount_ns(trees)
         finally:
             for tree, _ in trees:
                 os.close(tree)
