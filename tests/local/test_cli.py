@@ -147,3 +147,10 @@ def test_exec_bind_and_root_option(tmp_path, sandbox_root) -> None:  # type: ign
     )  # fmt: skip
     assert proc.returncode == 1 and proc.stdout.startswith("bound") and "Read-only" in proc.stderr
     assert root.is_dir() and os.listdir(root) == []  # the sandbox lived there and was removed
+
+
+def test_exec_ttl_expiry_leaves_nothing(sandbox_root) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli("exec", "--backend", "local", "--option", "root=%s" % sandbox_root, "--ttl", "1", "--", "sleep", "30")
+    assert proc.returncode != 0 and "ttl" in proc.stderr and "Fix:" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(sandbox_root) == []
+    assert not [m for m in open("/proc/self/mountinfo") if sandbox_root in m]
