@@ -34,6 +34,9 @@ DEFAULT_WORKDIR = "/home/user"
 BACKSTOP_SECONDS = 30.0
 #: Times one command's dropped output stream is reattached (Process/Connect) before the exec fails.
 MAX_REATTACH = 5
+#: Our tries of a REST call; each is already up to 4 tries by the SDK (429/502/503/504, honouring Retry-After).
+#: envd calls get the default 6 tries: the SDK does not repeat those.
+REST_ATTEMPTS = 3
 CONFIG_ENV = ("E2B_API_KEY", "E2B_API_URL", "E2B_SANDBOX_URL", "E2B_DOMAIN")
 
 
@@ -66,7 +69,7 @@ class _Live:
             return False
         with self.lock:
             try:
-                retrying(lambda: self.sbx.set_timeout(int(min(self.lease, left))), attempts=3)
+                retrying(lambda: self.sbx.set_timeout(int(min(self.lease, left))), attempts=REST_ATTEMPTS)
             except Exception as exc:
                 return not is_gone(exc)  # a failed renewal is retried next tick, several ticks before the lease ends
             self.renewals += 1
@@ -172,7 +175,7 @@ def _kill_quietly(sandbox_id: str, s: Settings) -> None:
     from ._client import retrying, sdk
 
     try:
-        retrying(lambda: sdk().Sandbox.kill(sandbox_id, **s.api_params()))
+        retrying(lambda: sdk().Sandbox.kill(sandbox_id, **s.api_params()), attempts=REST_ATTEMPTS)
     except Exception:  # best effort: the sandbox dies at the end of its lease anyway
         pass
 
@@ -186,7 +189,7 @@ def _live(handle: SandboxHandle) -> _Live:
     s = settings(handle.options)
     lease = int(s.lease_seconds or DEFAULT_LEASE_SECONDS)
     with translated("connect", handle.sandbox_id, retry_safe=True, s=s):
-        sbx = retrying(lambda: sdk().Sandbox.connect(handle.sandbox_id, timeout=lease, **s.api_params()))
+        sbx = retrying(lambda: sdk().Sandbox.connect(handle.sandbox_id, timeout=lease, **s.api_params()), attempts=REST_ATTEMPTS)
     live = _Live(sbx, s, deadline=time.time() + s.plan.max_ttl_seconds, lease=lease)
     live.start()
     object.__setattr__(handle, "native", live)
@@ -276,25 +279,30 @@ def _reattach(live: _Live, proc: Any, sid: str, lost: BaseException, timeout: fl
             ) from exc
         if isinstance(exc, sdk().NotFoundException):  # the command ended while no stream was attached
             raise SandboxError(
-                "the command ended while its output stream was lost (%s: %s), so its exit status is unknown; it was NOT retried"
-                % (type(lost).__name__, lost),
+                "the command ended while its output stream was lost (%s), so its exit status is unknown; it was NOT retried" % _brief(lost),
                 hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
                 backend=NAME,
                 op="sandbox_exec",
                 sandbox_id=sid,
             ) from exc
-        _lost(proc, sid, lost, "reattaching failed too (%s: %s)" % (type(exc).__name__, exc))
+        _lost(proc, sid, lost, "reattaching failed too (%s)" % _brief(exc))
 
 
 def _lost(proc: Any, sid: str, exc: BaseException, why: str) -> NoReturn:
     _kill_command(proc)  # never leave a command running that nobody watches; it is not re-run either
     raise SandboxError(
-        "lost the command's output stream (%s: %s) and %s; the command was killed and NOT retried" % (type(exc).__name__, exc, why),
+        "lost the command's output stream (%s) and %s; the command was killed and NOT retried" % (_brief(exc), why),
         hint="the network to E2B dropped mid-command; rerun the step (use @retry to do it automatically)",
         backend=NAME,
         op="sandbox_exec",
         sandbox_id=sid,
     ) from exc
+
+
+def _brief(exc: BaseException) -> str:
+    """``Type: first sentence`` of an SDK error (its full text, with advice meant for SDK users, is in the cause)."""
+    text = str(exc).strip().split(": The sandbox", 1)[0]
+    return "%s: %s" % (type(exc).__name__, text if len(text) <= 200 else text[:197] + "...")
 
 
 def _kill_command(proc: Any) -> None:
@@ -404,7 +412,7 @@ def sandbox_destroy(handle: SandboxHandle) -> bool:
         handle.native.stop()  # no renewal after this: if the kill fails, the lease ends the sandbox
     s = settings(handle.options)
     with translated("destroy", handle.sandbox_id, retry_safe=True, s=s):
-        return bool(retrying(lambda: sdk().Sandbox.kill(handle.sandbox_id, **s.api_params())))
+        return bool(retrying(lambda: sdk().Sandbox.kill(handle.sandbox_id, **s.api_params()), attempts=REST_ATTEMPTS))
 
 
 @hookimpl
@@ -424,7 +432,7 @@ def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[
         return found
 
     with translated("list", retry_safe=True, s=s):
-        found = retrying(every_page)
+        found = retrying(every_page, attempts=REST_ATTEMPTS)
     workdir = s.workdir or DEFAULT_WORKDIR
     return [
         SandboxHandle(NAME, info.sandbox_id, workdir=workdir, labels=dict(info.metadata or {}), options=dict(options))
