@@ -412,3 +412,14 @@ def test_existing_cwds_still_work(sandbox) -> None:  # type: ignore[no-untyped-d
     assert sandbox.run(["pwd"], cwd="a/b")[:2] == (0, sandbox.handle.workdir + "/a/b\n")
     assert sandbox.run(["pwd"], cwd="/usr")[:2] == (0, "/usr\n")
     assert sandbox.run(["pwd"], cwd="/tmp")[:2] == (0, "/tmp\n")
+
+
+@needs_root
+@pytest.mark.parametrize("with_bind", [False, True])
+def test_a_sandbox_neither_sees_nor_pins_other_sandboxes_mounts(make, tmp_path, with_bind) -> None:  # type: ignore[no-untyped-def]
+    other = make()
+    assert sh(other, "dd if=/dev/zero of=/tmp/blob bs=1M count=8 2>/dev/null")[0] == 0  # tmpfs memory of its own
+    sb = make(binds=(Bind(str(tmp_path)),) if with_bind else ())
+    code, out, _ = sb.run(["cat", "/proc/self/mountinfo"])
+    assert code == 0 and other.handle.native.name not in out  # another sandbox's tmpfs is not in its namespace
+    assert other.handle.native.name in open("/proc/self/mountinfo").read()  # while it is mounted on the host

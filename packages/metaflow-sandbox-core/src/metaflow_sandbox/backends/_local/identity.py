@@ -26,6 +26,7 @@ from metaflow_sandbox import SandboxError
 
 log = logging.getLogger("metaflow_sandbox.local")
 
+STAGE_PREFIX = "/tmp/metaflow-sandbox-stage-"
 INSIDE_ID = 65534  # the sandbox's uid/gid as its processes see it ("nobody")
 UID_BASE, UID_SPAN = 0x40000000, 0x3FFF0000  # far above any account or subordinate-id range
 
@@ -110,11 +111,12 @@ def attach(tree: int, target: str) -> None:
     _syscall("move_mount", tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH)
 
 
-def private_mount_ns(trees: list[tuple[int, str]]) -> int:
+def private_mount_ns(trees: list[tuple[int, str]], drop: list[str]) -> int:
     """An fd of a new mount namespace (a private copy of ours) in which each detached tree is attached at its
     target. Only bwrap enters it (``enter_mount_ns`` before exec): the binds exist nowhere on the host, so
     nothing there can walk into them (an ``rm -rf`` of the sandbox root cannot reach the launcher's data),
     and they vanish with the namespace when the last fd and process are gone, even after a SIGKILL."""
+    encoded_drop = [os.fsencode(p) for p in drop]
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
@@ -125,6 +127,8 @@ def private_mount_ns(trees: list[tuple[int, str]]) -> int:
             os.close(go_w)
             if _libc.unshare(_CLONE_NEWNS) == 0 and _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) == 0:
                 code = b"1"
+                for path in encoded_drop:  # other sandboxes' mounts: this namespace must not pin them
+                    _libc.umount2(path, 2)
                 for tree, target in trees:
                     if _libc.syscall(_SYS["move_mount"], tree, b"", _AT_FDCWD, os.fsencode(target), _MOVE_MOUNT_F_EMPTY_PATH) != 0:
                         code = b"0"
@@ -145,10 +149,18 @@ def private_mount_ns(trees: list[tuple[int, str]]) -> int:
         os.waitpid(pid, 0)
 
 
-def enter_mount_ns(fd: int) -> None:
-    """In the forked child, before exec (still root): join the sandbox's private mount namespace."""
-    if _libc.setns(fd, _CLONE_NEWNS) != 0:
+def enter_mount_ns(fd: int | None, drop: list[str]) -> None:
+    """In the forked child, before exec (still root): join the sandbox's private mount namespace (if any), then
+    a throwaway copy without ``drop`` (other sandboxes' mounts): bwrap's namespace would otherwise keep them,
+    pinning their tmpfs memory after they end and showing their names in its /proc/self/mountinfo."""
+    if fd is not None and _libc.setns(fd, _CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "setns")
+    if not drop:
+        return
+    if _libc.unshare(_CLONE_NEWNS) != 0 or _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise OSError(ctypes.get_errno(), "unshare")
+    for path in drop:
+        _libc.umount2(path, 2)  # MNT_DETACH; already gone is fine
 
 
 @functools.lru_cache(maxsize=1)
@@ -167,7 +179,7 @@ def supported() -> str | None:
         fd = userns_fd(new_uid())
         tree = detached_bind(src, fd, read_only=True)
         try:
-            os.close(private_mount_ns([(tree, dst)]))
+            os.close(private_mount_ns([(tree, dst)], []))
         finally:
             os.close(tree)
         return None
@@ -227,7 +239,7 @@ def world_reachable(path: str, read: bool = True) -> bool:
 
 def stage_dir(root_setting: str) -> str:
     """A launcher-owned 0711 directory under /tmp for sandboxes whose root their uid cannot reach."""
-    stage = "/tmp/metaflow-sandbox-stage-%d" % os.getuid()
+    stage = STAGE_PREFIX + str(os.getuid())
     try:
         os.mkdir(stage, 0o711)
     except FileExistsError:

@@ -268,12 +268,15 @@ def preexec(
     fsize_mb: int | None = None,
     uid: int | None = None,
     mount_ns: int | None = None,
+    foreign_mounts: Sequence[str] = (),
 ) -> Callable[[], None] | None:
     """What the child runs between fork and exec (only when there is something to apply): join the cgroups,
     pin CPUs, set rlimits, and (root launcher) become the sandbox's own unprivileged uid, last."""
     if cpus is None and not cgroup_procs and rlimit_mb is None and nproc is None and fsize_mb is None and uid is None:
         return None
     from .identity import enter_mount_ns
+
+    drop = [os.fsencode(p) for p in foreign_mounts]  # encoded here: the child should not allocate much
 
     procs = list(cgroup_procs)
 
@@ -294,8 +297,8 @@ def preexec(
         if fsize_mb:
             size = int(fsize_mb) * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
-        if mount_ns is not None:  # where the sandbox's binds are (before dropping root)
-            enter_mount_ns(mount_ns)
+        if mount_ns is not None or drop:  # where the sandbox's binds are, without other sandboxes' mounts
+            enter_mount_ns(mount_ns, drop)
         if uid is not None:
             os.setgroups([])
             os.setgid(uid)

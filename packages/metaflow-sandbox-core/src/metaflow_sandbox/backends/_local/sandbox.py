@@ -47,7 +47,7 @@ class LocalSandbox:
         self.sid = "local-" + uuid.uuid4().hex[:12]
         self.owner = os.getpid()
         self.name = "mfsb-%d-%d-%s" % (_PIDNS, os.getpid(), self.sid[6:])
-        base = _base_dir(spec.options)
+        base = self.base = _base_dir(spec.options)
         self.root = os.path.join(base, self.name)
         self.uid = _sandbox_uid(bwrap)  # None: the processes are the launcher's uid (mapped, without capabilities)
         # Where work/, tmp/ and the mapped binds live: next to the state, unless the sandbox's uid cannot reach
@@ -198,7 +198,7 @@ class LocalSandbox:
                     ) from None
                 self.layout.sources[source] = target
             if trees:
-                self.mount_ns = identity.private_mount_ns(trees)
+                self.mount_ns = identity.private_mount_ns(trees, self._foreign_mounts())
         finally:
             for tree, _ in trees:
                 os.close(tree)
@@ -216,7 +216,16 @@ class LocalSandbox:
             fsize_mb=None if self.disk_capped else self.disk_mb,
             uid=self.uid,
             mount_ns=self.mount_ns,
+            foreign_mounts=self._foreign_mounts(),
         )
+
+    def _foreign_mounts(self) -> list[str]:
+        """Other sandboxes' mounts (tmpfs disks, clones) on the host, for the exec's namespace to drop (root only)."""
+        if not identity.is_root() or not self.bwrap:
+            return []
+        mine = self.data.rstrip("/") + "/"
+        found = ondisk.mounts_under(self.base) + ondisk.mounts_under(identity.STAGE_PREFIX + str(os.getuid()))
+        return [p for p in found if not p.startswith(mine)]
 
     def disk_full(self) -> bool:
         """Whether the sandbox's writable space is (nearly) full: a 'No space left' was ours, not a bind's."""
