@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -53,12 +54,21 @@ def flow_env(variant: str, extra: dict | None = None) -> dict[str, str]:
     return env
 
 
+CPU: dict[str, list[float]] = {v: [] for v in VARIANTS}  # CPU seconds per task, every process of the run
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_once(workdir: Path, variant: str, width: int, workers: int = 0) -> tuple[float, list[float]]:
     env = flow_env(variant, {"BENCH_WIDTH": str(width)})
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run([sys.executable, str(FLOW), "--no-pylint", "run", "--max-workers", str(workers or width)],
                           cwd=workdir, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    CPU[variant].append((_children_cpu() - cpu) / width)
     if proc.returncode != 0:
         raise SystemExit("flow failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
     return wall, task_durations(proc.stdout + proc.stderr)
@@ -124,10 +134,10 @@ def launcher_side(launcher: int) -> dict[str, list[int]]:
             cmd = table[child][1]
             if "bwrap" in cmd.split(" ")[0] or "/emulator" in cmd or "weed" in cmd.split(" ")[0]:
                 continue  # the sandbox itself (its processes are not the launcher's cost), or a server of this bench
-            if " sandbox serve " in cmd:
+            if parent_role == "server":
+                role = "forked"  # a forked trampoline keeps the server's command line
+            elif " sandbox serve " in cmd:
                 role = "server"
-            elif parent_role == "server":
-                role = "forked"
             elif parent_role == "launcher" and " sandbox step " in cmd:
                 role = "worker"
             else:
@@ -278,7 +288,10 @@ def main() -> None:
     result: dict = {"width": args.width, "rounds": args.rounds, "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
     with tempfile.TemporaryDirectory(prefix="mfsb-bench-") as tmp:
         work = Path(tmp)
-        run_once(work, "fast", args.width)  # warm-up: code package cache, page cache
+        os.environ["TMPDIR"] = tmp  # this run's local sandboxes live here, out of other runs' way
+        if "ratio" in cases or "overhead" in cases:
+            run_once(work, "fast", args.width)  # warm-up: code package cache, page cache
+            CPU["fast"].clear()
         if "ratio" in cases:
             walls: dict[str, list[float]] = {v: [] for v in VARIANTS}
             for _ in range(args.rounds):
@@ -290,6 +303,10 @@ def main() -> None:
             print("16-task foreach, median wall (s): plain %.2f  fast %.2f  trampoline %.2f" % tuple(med[v] for v in VARIANTS))
             ratios = (med["fast"] / med["plain"], med["trampoline"] / med["plain"])
             print("  ratio @sandbox/plain: fast path %.2f (goal <= 1.2), trampoline %.2f" % ratios)
+            cpu = {v: statistics.median(c) for v, c in CPU.items()}
+            result["ratio"]["cpu_per_task_ms"] = {v: 1000 * c for v, c in cpu.items()}
+            print("  CPU per task, all processes of the run, over plain (ms): fast path %.0f, trampoline %.0f"
+                  % (1000 * (cpu["fast"] - cpu["plain"]), 1000 * (cpu["trampoline"] - cpu["plain"])))
         if "overhead" in cases:
             task = {v: statistics.median(run_once(work, v, args.width, workers=1)[1]) for v in VARIANTS}
             result["overhead"] = {"task_median_s": task, "fast_minus_plain_ms": 1000 * (task["fast"] - task["plain"]),

@@ -21,8 +21,24 @@ REQUIRED_HOOKS = ("sandbox_create", "sandbox_exec", "sandbox_upload", "sandbox_d
 OPTIONAL_HOOKS = ("sandbox_list", "sandbox_capabilities", "sandbox_check_config")
 
 
+_frozen: Optional[dict[str, list[importlib_metadata.EntryPoint]]] = None
+
+
+def freeze_discovery() -> None:
+    """Remember the installed backends for the rest of this process and its forks.
+
+    Reading every distribution's metadata costs tens of ms; the fast path's per-run server calls
+    this once so that each trampoline it forks finds its backend without reading it again.
+    """
+    global _frozen
+    _frozen = None
+    _frozen = available_backends()
+
+
 def available_backends() -> dict[str, list[importlib_metadata.EntryPoint]]:
     """Backend name -> entry points claiming it (one per distribution), from metadata only."""
+    if _frozen is not None:
+        return {name: list(eps) for name, eps in _frozen.items()}
     found: dict[str, dict[str, importlib_metadata.EntryPoint]] = {}
     for ep in importlib_metadata.entry_points(group=GROUP):
         dist = _dist_name(ep)

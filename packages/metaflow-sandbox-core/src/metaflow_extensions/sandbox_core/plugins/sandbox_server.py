@@ -186,8 +186,8 @@ def _die_with_parent(launcher_pid):
 
 def _preload(obj):
     """Import, once, what every trampoline imports: the core, the step's backends and their SDKs."""
-    import metaflow_sandbox  # noqa: F401
     import metaflow_sandbox.lifeline  # noqa: F401
+    from metaflow_sandbox.plugins import freeze_discovery
 
     from . import sandbox_cli, sandbox_code_cache, sandbox_logs, sandbox_task  # noqa: F401
     from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
@@ -199,6 +199,9 @@ def _preload(obj):
                     load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
                 except Exception as err:  # the trampoline will report it, with its fix
                     print("preload of backend %r failed: %s" % (deco.backend_name, err), file=sys.stderr)
+    freeze_discovery()
+    if threading.active_count() > 1:  # forking a threaded process copies its locks in whatever state they are
+        print("warning: %d threads before forking: %s" % (threading.active_count(), threading.enumerate()), file=sys.stderr)
 
 
 def _receive(conn):
