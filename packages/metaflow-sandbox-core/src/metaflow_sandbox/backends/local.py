@@ -64,6 +64,7 @@ def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
         binds=True,
         images=False,
         shares_host_filesystem=True,
+        enforces_limits=True,  # CPU affinity; a memory cgroup, else RLIMIT_AS (both end an over-limit command)
         config_env=(
             isolation.ENV_ISOLATION,
             isolation.ENV_BWRAP,
