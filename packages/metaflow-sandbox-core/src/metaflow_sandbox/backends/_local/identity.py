@@ -158,7 +158,7 @@ def enter_mount_ns(fd: int | None, drop: list[str]) -> None:
     if not drop:
         return
     if _libc.unshare(_CLONE_NEWNS) != 0 or _libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        raise OSError(ctypes.get_errno(), "unshare")
+        return  # hygiene, not isolation: the sandbox root stays hidden from the command either way
     for path in drop:
         _libc.umount2(path, 2)  # MNT_DETACH; already gone is fine
 
