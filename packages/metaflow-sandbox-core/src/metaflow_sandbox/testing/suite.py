@@ -2,11 +2,13 @@
 
 Two tiers in one class. ``test_offline_*`` need no sandbox (entry point, plugin manager, no network at
 import, credentials errors). ``test_lifecycle_*``, ``test_exec_*`` and ``test_files_*`` run against live
-sandboxes: one class-scoped ``sandbox`` shared by most tests, plus fresh ones for tests that destroy.
-Select a tier with ``-k offline`` or ``-k "not offline"``.
+sandboxes: one class-scoped ``sandbox`` shared by most tests, plus fresh ones for tests that destroy or
+need their own spec (a short ttl, limits, a launcher variable that must not leak).
+Select a tier with ``-k offline`` or ``-k "not offline"``. The flow tier is ``FlowConformance``.
 
 Capability flags are properties whose defaults are the strictest behaviour; turning one off turns the
-tests that need it into an explicit ``pytest.skip`` with the reason, never a silent pass.
+tests that need it into an explicit ``pytest.skip`` with the reason, never a silent pass. What the
+backend declares in ``Capabilities`` (``enforces_limits``, ``min_ttl_seconds``) drives the rest.
 """
 
 from __future__ import annotations
