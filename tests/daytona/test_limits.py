@@ -24,19 +24,26 @@ def private_runtime_dir(tmp_path, monkeypatch):
 
 TASK = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     from metaflow_sandbox import Backend, SandboxSpec
     backend = Backend("daytona", options={"concurrency": 2})
+    backend.capabilities()
+    print("ready", flush=True)
+    while not os.path.exists(sys.argv[2]):  # all tasks create at once, however slow their imports were
+        time.sleep(0.05)
     with backend.create(SandboxSpec(labels={"metaflow-sandbox": "1", "run": sys.argv[1]})) as sb:
-        sb.run(["sleep", "0.8"])
+        sb.run(["sleep", "1"])
     """
 )
 
 
-def test_concurrency_holds_across_processes(emulator):
+def test_concurrency_holds_across_processes(emulator, tmp_path):
     """Five task processes, concurrency 2: the emulator never sees more than 2 of their sandboxes at once."""
-    run = uuid.uuid4().hex[:8]
-    procs = [subprocess.Popen([sys.executable, "-c", TASK, run]) for _ in range(5)]
+    run, go = uuid.uuid4().hex[:8], tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", TASK, run, str(go)], stdout=subprocess.PIPE, text=True) for _ in range(5)]
+    for p in procs:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+    go.touch()
     peak, stop = [0], threading.Event()
 
     def watch() -> None:
@@ -48,7 +55,7 @@ def test_concurrency_holds_across_processes(emulator):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        assert [p.wait(120) for p in procs] == [0] * 5
+        assert [p.wait(300) for p in procs] == [0] * 5
     finally:
         stop.set()
         watcher.join()
@@ -133,7 +140,8 @@ def test_daytona_declares_its_published_quotas_and_options_override_them():
 
 
 def test_cost_of_a_slot_is_small():
-    """Taking and giving back a slot and a token is a few file operations: well under a millisecond each."""
+    """Taking and giving back a slot and a token is a few file operations (~0.5 ms on an idle machine); the bound
+    is loose for loaded CI machines but below the 20 ms a create would lose to one wait for a slot."""
     limiter = Limiter("cost-backend", concurrency=10, per_minute=10**9)
     limiter.acquire().release()
     n = 200
@@ -142,7 +150,7 @@ def test_cost_of_a_slot_is_small():
         limiter.acquire().release()
     per_call = (time.perf_counter() - start) / n
     print("limits_rate: acquire+release %.3f ms" % (per_call * 1000))
-    assert per_call < 0.005
+    assert per_call < 0.015
 
 
 @pytest.mark.parametrize("key", ["retry_attempts", "retry_seconds", "lease_renew_seconds"])

@@ -24,6 +24,8 @@ DEFAULT_ATTEMPTS = 8
 DEFAULT_SECONDS = 60.0
 BASE_DELAY = 0.2
 MAX_DELAY = 10.0
+#: A refused connection (wrong URL, provider down) stops being retried sooner: usually a setting to fix.
+REFUSED_SECONDS = 15.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ def _chain(exc: BaseException) -> list[BaseException]:
     cur: Optional[BaseException] = exc
     while cur is not None and len(out) < 8:
         out.append(cur)
-        cur = cur.__cause__ or cur.__context__
+        reason = getattr(cur, "reason", None)  # urllib3's MaxRetryError keeps the real error here
+        cur = cur.__cause__ or cur.__context__ or (reason if isinstance(reason, BaseException) else None)
     return out
 
 
@@ -115,6 +118,16 @@ def _throttled_out(exc: BaseException) -> bool:
 
     reason = getattr(exc, "reason", None)
     return isinstance(exc, urllib3.exceptions.ResponseError) or isinstance(reason, urllib3.exceptions.ResponseError)
+
+
+def is_refused(exc: BaseException) -> bool:
+    """The connection was never made (refused, unknown host): the server cannot have done anything."""
+    import urllib3
+
+    if any(isinstance(cur, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError)) for cur in _chain(exc)):
+        return True
+    text = str(exc)
+    return any(t in text for t in ("Connection refused", "Failed to establish a new connection", "Name or service not known"))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -167,7 +180,8 @@ def call(fn: Callable[[], T], what: str, policy: Policy, retry_if: Optional[Call
             asked = retry_after(exc)
             if asked is not None:
                 delay = max(delay, asked)
-            if attempt >= policy.attempts or elapsed + delay > policy.seconds:
+            budget = min(policy.seconds, REFUSED_SECONDS) if is_refused(exc) else policy.seconds
+            if attempt >= policy.attempts or elapsed + delay > budget:
                 exc.retry_attempts_made = attempt  # type: ignore[attr-defined]
                 exc.retry_seconds_spent = elapsed  # type: ignore[attr-defined]
                 raise

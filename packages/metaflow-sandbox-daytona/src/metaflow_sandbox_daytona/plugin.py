@@ -189,18 +189,21 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     daytona = _client.client(spec.options)
     params = _params(spec, daytona)
     timeout = _client.sdk_timeout(_float_opt(spec.options, "create_timeout", CREATE_TIMEOUT))
+    maybe_made: list[bool] = []
     try:
-        sandbox = _create_once(daytona, params, timeout, policy)
+        sandbox = _create_once(daytona, params, timeout, policy, maybe_made)
     except Exception as exc:
-        _delete_by_name(daytona, params.name, policy)  # a create that may have happened leaves nothing behind
+        if maybe_made:  # a create that may have happened leaves nothing behind
+            _delete_by_name(daytona, params.name, policy)
         _recover_named(daytona, params, exc)
     workdir = _workdir(sandbox, policy)
     return _handle(sandbox, spec.options, workdir)
 
 
-def _create_once(daytona: Any, params: Any, timeout: float, policy: _retry.Policy) -> Any:
+def _create_once(daytona: Any, params: Any, timeout: float, policy: _retry.Policy, maybe_made: list[bool]) -> Any:
     """POST the create, retrying what may be retried: the name is unique, so a create that happened
-    although its answer was lost (5xx, reset, timeout) answers 409 the next time and is fetched by name."""
+    although its answer was lost (5xx, reset, timeout) answers 409 the next time and is fetched by name.
+    ``maybe_made`` gets an entry once an attempt failed in a way that does not rule out a sandbox."""
     from daytona.common.errors import DaytonaConflictError
 
     def attempt() -> Any:
@@ -208,6 +211,10 @@ def _create_once(daytona: Any, params: Any, timeout: float, policy: _retry.Polic
             return daytona.create(params, timeout=timeout)
         except DaytonaConflictError:
             return _adopt(daytona, params.name, timeout, policy)
+        except Exception as exc:
+            if not (_retry.status_of(exc) in (400, 401, 403, 404, 429) or _retry.is_refused(exc)):
+                maybe_made.append(True)
+            raise
 
     return _retry.call(attempt, "create", policy)
 
