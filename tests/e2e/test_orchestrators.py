@@ -43,6 +43,14 @@ def test_deploy_with_a_sandboxed_step_is_refused_with_the_fix(s3_target, schedul
     assert not (s3_target.tmp / "dag.py").exists()
 
 
+def test_deploy_refuses_sandboxes_attached_with_with_too(s3_target):
+    # `--with daytona` at deploy time puts @daytona on every step: refused the same way, naming @daytona.
+    run = s3_target.flow("plain_flow.py", "--with", "daytona", "argo-workflows", "create", "--only-json", timeout=180)
+    assert run.returncode == 1, run.output[-3000:]
+    assert "has @daytona, which `argo-workflows create` does not support" in run.output
+    assert "apiVersion" not in run.stdout
+
+
 def test_read_only_scheduler_commands_still_work(s3_target):
     # `airflow list-runs`-like commands compile nothing: our check stays out of their way.
     run = s3_target.flow("orch_flow.py", "step-functions", "list-runs", timeout=120)
