@@ -36,7 +36,9 @@ FAST_PATH_ENV = "METAFLOW_SANDBOX_FAST_PATH"
 SERVER_ENV = "METAFLOW_SANDBOX_SERVER"
 SERVER_PID_ENV = "METAFLOW_SANDBOX_SERVER_PID"
 # Read at run time from os.environ (the runtime sets them while the run goes on), not at import.
-RUNTIME_ENV = {"METAFLOW_CODE_SHA", "METAFLOW_CODE_URL", "METAFLOW_CODE_DS", "METAFLOW_CODE_METADATA", SERVER_ENV, SERVER_PID_ENV}
+# PYTHONNOUSERSITE: @pypi/@conda set it for the trampoline, which drops it when it re-execs with the launcher's Python.
+RUNTIME_ENV = {"METAFLOW_CODE_SHA", "METAFLOW_CODE_URL", "METAFLOW_CODE_DS", "METAFLOW_CODE_METADATA", SERVER_ENV, SERVER_PID_ENV,
+               "PYTHONNOUSERSITE"}
 # Top-level options that only the task's own command line can carry (added after runtime_step_cli).
 TASK_ONLY_OPTIONS = ("config-value", "local-config-file")
 
