@@ -374,6 +374,7 @@ def _become_task(request, fds, inherited):
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ.pop("PYTHONNOUSERSITE", None)  # as after the trampoline's re-exec with the launcher's Python
     sys.argv = list(request["argv"])
 
 
