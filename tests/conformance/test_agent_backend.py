@@ -111,11 +111,6 @@ def test_flow_tier_passes_on_local_datastore_when_sharing_host(agent, tmp_path: 
     assert "7 passed" in tail, tail
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sandbox_decorator.backend_shares_filesystem(name) loads the backend without its METAFLOW_SANDBOX_<NAME>_* "
-    "options, so a capability that depends on an option is judged with none at launch (the trampoline passes them)",
-)
 def test_sharing_declared_through_a_backend_option_is_seen_at_launch(agent, tmp_path: Path) -> None:
     """``METAFLOW_SANDBOX_AGENT_SHARE_HOST_FS=1`` (the documented way to set an option) allows the local datastore."""
     from importlib import resources
@@ -123,6 +118,7 @@ def test_sharing_declared_through_a_backend_option_is_seen_at_launch(agent, tmp_
     flow = tmp_path / "kitflow.py"
     flow.write_text(resources.files("metaflow_sandbox.testing").joinpath("flows/kitflow.py.txt").read_text())
     env = {"METAFLOW_SANDBOX_AGENT_SHARE_HOST_FS": "1", "METAFLOW_SANDBOX_BACKEND": "agent", "METAFLOW_HOME": str(tmp_path / "mf-home")}
+    env["USER"] = "tester"  # Metaflow refuses to run as "root"
     args = [sys.executable, str(flow), "--no-pylint", "--datastore=local", "--metadata=local", "run", "--with", "sandbox"]
     proc = _run(agent, args, cwd=tmp_path, env=env)
     assert "cannot see this machine's files" not in proc.stdout + proc.stderr

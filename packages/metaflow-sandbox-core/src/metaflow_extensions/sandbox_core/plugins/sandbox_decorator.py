@@ -178,7 +178,9 @@ class SandboxDecorator(StepDecorator):
         self.flow_datastore = flow_datastore
         self.backend_name, self.backend_source = resolve_backend(self.attributes["backend"])
         # Inside the sandbox the launcher has already checked this (and loading backends there is waste).
-        if flow_datastore.TYPE == "local" and not os.environ.get(WORKLOAD_ENV) and not backend_shares_filesystem(self.backend_name):
+        in_sandbox = os.environ.get(WORKLOAD_ENV)
+        options = self.attributes["options"]
+        if flow_datastore.TYPE == "local" and not in_sandbox and not backend_shares_filesystem(self.backend_name, options):
             raise SandboxException(
                 "Step *%s* runs on backend '%s', which cannot see this machine's files, but the datastore is "
                 "local (which works only with backends whose sandboxes see this machine's files, such as 'local').\n"
@@ -373,6 +375,6 @@ def load_backend(name, options=None):
         raise SandboxException(str(err))
 
 
-def backend_shares_filesystem(name):
-    """Whether a sandbox of this backend sees the launcher's files (only then a local datastore works)."""
-    return load_backend(name).capabilities().shares_host_filesystem
+def backend_shares_filesystem(name, attribute_options=None):
+    """Whether a sandbox of this backend, with its options, sees the launcher's files (only then a local datastore works)."""
+    return load_backend(name, backend_options(name, attribute_options)).capabilities().shares_host_filesystem

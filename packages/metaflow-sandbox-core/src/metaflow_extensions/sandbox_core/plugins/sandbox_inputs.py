@@ -164,7 +164,7 @@ def check_settings(backend):
     ttl_margin()
     forward_env_names(backend)
     default_lease_seconds()
-    if backend.name == "local":
+    if backend.capabilities().shares_host_filesystem:  # only then the launcher's caches are used
         check_cache_dirs()
 
 
