@@ -10,15 +10,20 @@ SIGTERM and SIGHUP to it, SIGTERMs it when the launcher dies, and exits with its
 dies by its signal), so the runtime sees what it sees from a trampoline. Where the server cannot
 be reached the client becomes the trampoline itself (exec), after a one-line notice.
 
-Standard library only, and never imported by Metaflow: keep it that way.
+Standard library only, and its C modules where the Python ones import more (`socket` and `signal`
+pull in `enum`, `json` pulls in `re`): a running client holds about 3 MB of its own. Never imported
+by Metaflow: keep it that way.
+
+Protocol: the request is a 4-byte big-endian length and the repr() of a dict of str (argv, env,
+cwd, pid), with the three fds on its first bytes; the server answers lines "pid N", then "exit N"
+(negative: killed by that signal) or "fallback <reason>".
 """
 
-import json
+import _signal as signal
+import _socket as socket
+import array
 import os
 import select
-import signal
-import socket
-import struct
 import sys
 import time
 
@@ -30,6 +35,7 @@ LAUNCHER_PYTHON_ENV = "METAFLOW_SANDBOX_LAUNCHER_PYTHON"
 CONNECT_WAIT = 60.0
 WATCH_PERIOD = 0.25
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+CHUNK = 65536
 
 
 def _alive(pid):
@@ -68,11 +74,11 @@ def fall_back(argv, reason):
 
 
 def send_request(sock, argv):
-    header = json.dumps({"argv": argv, "env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}).encode()
-    data = struct.pack("!I", len(header)) + header
-    socket.send_fds(sock, [data[:65536]], [0, 1, 2])
-    if len(data) > 65536:
-        sock.sendall(data[65536:])
+    header = repr({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd(), "pid": os.getpid()}).encode("utf-8", "surrogateescape")
+    data = len(header).to_bytes(4, "big") + header
+    fds = array.array("i", [0, 1, 2])
+    sent = sock.sendmsg([data[:CHUNK]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds.tobytes())])
+    sock.sendall(data[sent:])
 
 
 class Task:
@@ -105,24 +111,21 @@ class Task:
         self.buffer += data
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
-            try:
-                msg = json.loads(line)
-            except ValueError:
-                continue
-            if "pid" in msg and self.pid is None:
-                self.pid = int(msg["pid"])
+            kind, _, value = line.decode("utf-8", "replace").partition(" ")
+            if kind == "pid" and self.pid is None:
+                self.pid = int(value)
                 for signum in self.pending:
                     self.signal(signum)
                 self.pending = []
-            if self.result is None and ("exit" in msg or "fallback" in msg):
-                self.result = msg
+            elif self.result is None and kind in ("exit", "fallback"):
+                self.result = (kind, value)
         return True
 
 
 def run(argv):
     if os.environ.get("METAFLOW_SANDBOX_FAST_PATH", "1").strip().lower() in ("0", "false", "no", "off"):
         fall_back(argv, "METAFLOW_SANDBOX_FAST_PATH is off")
-    if not hasattr(socket, "send_fds"):
+    if not hasattr(socket.socket, "sendmsg"):
         fall_back(argv, "this Python (%s) cannot pass file descriptors" % sys.version.split()[0])
     path = os.environ.get(SERVER_ENV)
     server_pid = int(os.environ.get(SERVER_PID_ENV) or 0)
@@ -149,9 +152,9 @@ def run(argv):
     if task.result is None:
         sys.stderr.write("metaflow-sandbox: the sandbox server lost this task (its process ended without an exit code)\n")
         return 1
-    if "fallback" in task.result:
-        fall_back(argv, task.result["fallback"])
-    code = int(task.result["exit"])
+    if task.result[0] == "fallback":
+        fall_back(argv, task.result[1])
+    code = int(task.result[1])
     if code < 0:  # died by a signal: so do we, so the runtime sees the same status
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)

@@ -17,9 +17,9 @@ trampoline's exit status. Where the fast path cannot be used the client runs the
 (docs/performance.md says when).
 """
 
+import ast
 import builtins
 import gc
-import json
 import os
 import select
 import signal
@@ -218,7 +218,9 @@ def _receive(conn):
             if not more:
                 raise ValueError("truncated request")
             data += more
-        request = json.loads(data[4:need])
+        request = ast.literal_eval(data[4:need].decode("utf-8", "surrogateescape"))  # the client's repr(): it has no json
+        if not isinstance(request, dict):
+            raise ValueError("not a request")
         if len(fds) != 3:
             raise ValueError("expected 3 file descriptors, got %d" % len(fds))
         return request, fds
@@ -229,8 +231,10 @@ def _receive(conn):
 
 
 def _send(conn, message):
+    """One line to the client: "pid N", "exit N" or "fallback <reason>"."""
+    ((kind, value),) = message.items()
     try:
-        conn.sendall((json.dumps(message) + "\n").encode())
+        conn.sendall(("%s %s\n" % (kind, str(value).replace("\n", " "))).encode())
     except OSError:
         pass  # the client is gone; its task learns it from the closed connection
 
