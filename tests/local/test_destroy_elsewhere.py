@@ -127,3 +127,22 @@ def test_a_remover_killed_half_way_is_finished_by_the_next_sweep(base: str) -> N
     if info["cgroup"]:
         assert not os.path.exists(info["cgroup"])
     assert not pids_with("sleep " + token)
+
+
+def test_cli_gc_in_another_process_destroys_a_live_owners_sandbox(base: str) -> None:
+    from .local_helpers import run_cli
+
+    owner, info, token, _ = _start_owner("bwrap", base)
+    try:
+        env = dict(os.environ, METAFLOW_SANDBOX_LOCAL_ROOT=base)
+        listed = run_cli("list", "--backend", "local", "--json", env=env)
+        assert listed.returncode == 0 and [s["id"] for s in json.loads(listed.stdout)] == [info["id"]]
+        gc = run_cli("gc", "--backend", "local", env=env)
+        assert gc.returncode == 0 and "destroyed local sandbox %s" % info["id"] in gc.stdout
+        assert wait_until(lambda: not pids_with("sleep " + token))
+        assert os.listdir(base) == []
+        owner.wait(10)
+        assert owner.returncode != 0  # its exec learnt the sandbox is gone
+    finally:
+        owner.kill()
+        owner.wait()
