@@ -153,7 +153,7 @@ def test_cost_of_a_slot_is_small():
     assert per_call < 0.015
 
 
-@pytest.mark.parametrize("key", ["retry_attempts", "retry_seconds", "lease_renew_seconds"])
+@pytest.mark.parametrize("key", ["retry_attempts", "retry_seconds", "lease_renew_seconds", "concurrency", "create_rate", "limit_wait"])
 def test_bad_daytona_options_are_refused_by_check_config(key):
     """check_config runs at launch (before any task): a bad number is refused there, naming the setting."""
     with pytest.raises(SandboxError) as err:

@@ -136,6 +136,7 @@ class Backend:
 
     def check_config(self) -> bool:
         """Raise ``BackendNotConfiguredError`` if credentials are missing; no network call."""
+        limiter_for(self.name, self.capabilities(), self.options)  # a bad concurrency/create_rate/limit_wait fails at launch
         if not self.implements("sandbox_check_config"):
             return True
         return bool(self.call("sandbox_check_config", idempotent=True, options=self.options))
