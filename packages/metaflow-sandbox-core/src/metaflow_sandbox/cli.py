@@ -177,7 +177,7 @@ def _exec_spec(args: argparse.Namespace) -> SandboxSpec:
     labels = {MARKER_LABEL: "1", "metaflow-sandbox.source": "cli", "metaflow.user": _user()}
     labels.update(parse.labels(args.label or (), "--label"))
     return SandboxSpec(
-        resources=Resources(cpu=cpu, memory_mb=memory),
+        resources=Resources(cpu=cpu, memory_mb=int(memory) if memory is not None else None),
         env=parse.environment(env, "--env"),
         labels=labels,
         ttl_seconds=ttl if ttl else (timeout + 60 if timeout else None),

@@ -78,7 +78,7 @@ class Lifeline:
     """An owner's connection to the reaper. Every method is cheap and never raises."""
 
     def __init__(self, sock: socket.socket, path: str):
-        self.sock = sock
+        self.sock: Optional[socket.socket] = sock
         self.path = path
         self.lock = threading.Lock()
 

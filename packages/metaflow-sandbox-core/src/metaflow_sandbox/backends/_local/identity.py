@@ -149,7 +149,7 @@ def private_mount_ns(trees: list[tuple[int, str]], drop: list[str]) -> int:
         os.waitpid(pid, 0)
 
 
-def enter_mount_ns(fd: int | None, drop: list[str]) -> None:
+def enter_mount_ns(fd: int | None, drop: list[bytes]) -> None:
     """In the forked child, before exec (still root): join the sandbox's private mount namespace (if any), then
     a throwaway copy without ``drop`` (other sandboxes' mounts): bwrap's namespace would otherwise keep them,
     pinning their tmpfs memory after they end and showing their names in its /proc/self/mountinfo."""

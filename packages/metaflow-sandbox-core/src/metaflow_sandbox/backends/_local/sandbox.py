@@ -379,63 +379,6 @@ def _memory_limit(name: str, memory_mb: int | None, options: Mapping[str, Any]) 
     return None, memory_mb
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    with _lock:
-        if key in _warned:
-            return
-        _warned.add(key)
-    log.warning("metaflow-sandbox: %s", msg)
-
-
-def _path_with_python() -> str:
-    """The launcher's PATH, with this Python's bin dir first so ``python`` inside is the launcher's."""
-    path = os.environ.get("PATH", os.defpath)
-    bindir = os.path.dirname(sys.executable)
-    if bindir and bindir not in path.split(os.pathsep):
-        path = bindir + os.pathsep + path
-    return path
-
-
-def _base_dir(options: Mapping[str, Any]) -> str:
-    base = options.get("root") or options.get("root_dir") or os.environ.get(ENV_ROOT)  # option "root" = METAFLOW_SANDBOX_LOCAL_ROOT
-    base = base or os.path.join(tempfile.gettempdir(), "metaflow-sandbox-%d" % os.getuid())
-    os.makedirs(base, mode=0o700, exist_ok=True)
-    st = os.lstat(base)
-    if st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
-        raise SandboxError(
-            "the local sandbox directory %s is not a directory owned by you" % base,
-            hint="remove it, or point %s (option root) at a private directory" % ENV_ROOT,
-            backend=NAME,
-        )
-    return str(base)
-
-
-def _memory_limit(name: str, memory_mb: int | None, options: Mapping[str, Any]) -> tuple[Any, int | None]:
-    """(cgroup, None) for a hard limit; (None, MB) for the RLIMIT_AS fallback; (None, None) for no limit."""
-    if not memory_mb:
-        return None, None
-    limiter = options_.memory_limiter(options)
-    if limiter != "rlimit":
-        cgroup = limits.MemoryCgroup.create(name, memory_mb)
-        if cgroup is not None:
-            return cgroup, None
-        if limiter == "cgroup":
-            raise SandboxError(
-                "memory_limiter=cgroup was requested but no writable memory cgroup is available",
-                hint="delegate a cgroup to this user (systemd-run --user --scope -p Delegate=yes ...) or unset %s" % ENV_MEMORY_LIMITER,
-                backend=NAME,
-            )
-        _warn_once(
-            "rlimit",
-            "no writable memory cgroup here; the local backend's memory limit is enforced as an address-space "
-            "limit (RLIMIT_AS), which is less exact. Fix: run under a delegated cgroup (systemd-run --user --scope -p Delegate=yes ...).",
-        )
-    return None, memory_mb
-
-
 def lookup(handle: SandboxHandle) -> LocalSandbox | None:
     return handle.native if isinstance(handle.native, LocalSandbox) else _live.get(handle.sandbox_id)
 
@@ -514,7 +457,8 @@ def other_sandboxes(options: Mapping[str, Any]) -> list[SandboxHandle]:
         state = ondisk.read_state(root)
         if sid in _live or state is None:  # ours, or not yet described (its creator writes that first)
             continue
-        labels = state.get("labels") if isinstance(state.get("labels"), dict) else {}
+        raw = state.get("labels")
+        labels = {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
         workdir = str(state.get("workdir") or "/tmp")
         found.append(SandboxHandle(NAME, sid, workdir=workdir, labels=labels, options=dict(options)))
     return found
