@@ -8,7 +8,8 @@ Not a test. Every figure is a ratio or a difference against a baseline measured 
 - ratio: the 16-task foreach (bench/flows/foreach16.py), rounds alternating plain / @sandbox on
   the fast path / @sandbox on the trampoline (METAFLOW_SANDBOX_FAST_PATH=0); median walls, ratios.
 - overhead: one task at a time, the median time from the runtime launching a foreach task to its
-  success (the runtime's own timestamps), sandboxed minus plain.
+  success (the runtime's own timestamps), sandboxed minus plain; variants interleaved run by run,
+  and each run's first task left out (on the fast path it also waits for the run's server to start).
 - memory: 8 sleeping sandboxed tasks; the launcher side's processes sampled while they run
   (PSS and USS from /proc/<pid>/smaps_rollup: forked children share pages copy-on-write, so RSS
   would count the shared pages once per task). Per task: its worker (thin client or trampoline)
@@ -308,7 +309,11 @@ def main() -> None:
             print("  CPU per task, all processes of the run, over plain (ms): fast path %.0f, trampoline %.0f"
                   % (1000 * (cpu["fast"] - cpu["plain"]), 1000 * (cpu["trampoline"] - cpu["plain"])))
         if "overhead" in cases:
-            task = {v: statistics.median(run_once(work, v, args.width, workers=1)[1]) for v in VARIANTS}
+            samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for _ in range(max(1, args.rounds // 2)):  # interleaved, so load drift hits every variant alike
+                for variant in VARIANTS:
+                    samples[variant].extend(run_once(work, variant, args.width, workers=1)[1][1:])  # the 1st waits for the server
+            task = {v: statistics.median(d) for v, d in samples.items()}
             result["overhead"] = {"task_median_s": task, "fast_minus_plain_ms": 1000 * (task["fast"] - task["plain"]),
                                   "trampoline_minus_plain_ms": 1000 * (task["trampoline"] - task["plain"])}
             print("one task alone, launch to success (ms over plain): fast path %.0f (goal <= 60), trampoline %.0f"
