@@ -270,9 +270,11 @@ def concurrency_case(workdir: Path, backends: list[str], n: int) -> dict:
             extra = dict(env, BENCH_WIDTH=str(n), BENCH_SLEEP="2")
             plain, _, _ = run_tasks_flow(workdir, "plain", extra, n)
             wall, proc, sampler = run_tasks_flow(workdir, "fast", extra, n)
-            out[backend] = {"tasks": n, "all_succeeded": proc.returncode == 0, "wall_s": wall, "plain_wall_s": plain,
-                            "wall_ratio": wall / plain, "launcher_side_peak_pss_mb": sampler.peak_pss_kb / 1024,
-                            "per_task": sampler.per_task_mb()}
+            out[backend] = c = {"tasks": n, "all_succeeded": proc.returncode == 0, "wall_s": wall, "plain_wall_s": plain,
+                                "wall_ratio": wall / plain, "launcher_side_peak_pss_mb": sampler.peak_pss_kb / 1024,
+                                "per_task": sampler.per_task_mb()}
+            print("%d concurrent on %s: all succeeded %s, wall %.1f s (plain %.1f s, ratio %.2f), launcher-side peak PSS %.0f MB"
+                  % (n, backend, c["all_succeeded"], wall, plain, c["wall_ratio"], c["launcher_side_peak_pss_mb"]), flush=True)
     return out
 
 
@@ -329,11 +331,7 @@ def main() -> None:
                 print("print -> console, %s: median %.3f s, p99 %.3f s, max %.3f s (%d lines)"
                       % (variant, lat[variant]["median_s"], lat[variant]["p99_s"], lat[variant]["max_s"], lat[variant]["lines"]))
         if "concurrency" in cases:
-            result["concurrency"] = conc = concurrency_case(work, args.backends.split(","), args.concurrency)
-            for backend, c in conc.items():
-                print("%d concurrent on %s: all succeeded %s, wall %.1f s (plain %.1f s, ratio %.2f), launcher-side peak PSS %.0f MB"
-                      % (c["tasks"], backend, c["all_succeeded"], c["wall_s"], c["plain_wall_s"], c["wall_ratio"],
-                         c["launcher_side_peak_pss_mb"]))
+            result["concurrency"] = concurrency_case(work, args.backends.split(","), args.concurrency)  # prints as it goes
     result["load_after"] = os.getloadavg()[0]
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
