@@ -41,6 +41,10 @@ def pypi_flow(tmp_path, monkeypatch):
     path = tmp_path / "pypi_flow.py"
     path.write_text(FLOW)
     monkeypatch.setenv("METAFLOW_DATASTORE_SYSROOT_S3", "s3://bucket/prefix")
+    # Metaflow reads its config once, at first import, which another test in this process may have done.
+    from metaflow.plugins.datastores import s3_storage
+
+    monkeypatch.setattr(s3_storage, "DATASTORE_SYSROOT_S3", "s3://bucket/prefix")
     spec = importlib.util.spec_from_file_location("pypi_flow", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

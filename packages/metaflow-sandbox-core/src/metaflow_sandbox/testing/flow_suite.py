@@ -110,7 +110,8 @@ class FlowConformance:
         (cwd / "kitflow.py").write_text(resources.files("metaflow_sandbox.testing").joinpath("flows/kitflow.py.txt").read_text())
         prefix = "METAFLOW_SANDBOX_%s_" % cls.backend.upper().replace("-", "_")
         env = dict(os.environ)
-        env.setdefault("USER", "kit")
+        if not any(env.get(v) not in (None, "", "root") for v in ("METAFLOW_USER", "SUDO_USER", "USERNAME", "USER")):
+            env["METAFLOW_USER"] = "kit"  # Metaflow refuses to run without a user name, and "root" is none
         env.update({prefix + key.upper(): str(value) for key, value in author.backend_options().items()})
         env.update(author.flow_env())
         env["METAFLOW_SANDBOX_BACKEND"] = cls.backend
