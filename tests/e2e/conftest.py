@@ -234,6 +234,28 @@ def local_leftovers(tmp: Path) -> list[str]:
     return left
 
 
+def child_pids(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = open("/proc/%s/stat" % entry).read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line with spaces between arguments ("" once it is gone)."""
+    try:
+        return open("/proc/%d/cmdline" % pid, "rb").read().decode(errors="replace").replace("\0", " ")
+    except OSError:
+        return ""
+
+
 TARGETS = ["local-localds", "local-s3", "daytona-s3", "e2b-s3"]
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from metaflow_sandbox import thin_client
 
-from .conftest import FLOWS, PYTHON, Target, base_env, local_leftovers
+from .conftest import FLOWS, PYTHON, Target, base_env, child_pids, cmdline, local_leftovers
 
 CLIENT = thin_client.__file__
 FAST_LINE = "fast path: trampoline ran"
@@ -156,26 +156,6 @@ def test_flow_on_the_fallback_path(local):
     assert data["values"] == [0, 10, 20, 30] and data["attempts"]["1"] == 1
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open("/proc/%s/stat" % entry).read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return open("/proc/%d/cmdline" % pid, "rb").read().decode(errors="replace").replace("\0", " ")
-    except OSError:
-        return ""
-
-
 def test_a_killed_server_fails_no_task(local):
     """Tasks already forked finish and report their exit codes; later tasks run the trampoline."""
     env = base_env(local.tmp)
@@ -189,7 +169,7 @@ def test_a_killed_server_fails_no_task(local):
         deadline = time.time() + 120
         server = []
         while time.time() < deadline and not (server and "line-" not in log.read_text() and len(local_leftovers(local.tmp)) >= 2):
-            server = [p for p in _children(proc.pid) if " sandbox serve " in _cmdline(p)]
+            server = [p for p in child_pids(proc.pid) if " sandbox serve " in cmdline(p)]
             time.sleep(0.1)
         assert server, "no sandbox server started:\n" + log.read_text()[-3000:]
         os.kill(server[0], signal.SIGKILL)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FLOWS, PYTHON, Target, base_env, local_leftovers, s3_env
+from .conftest import FLOWS, PYTHON, Target, base_env, child_pids, cmdline, local_leftovers, s3_env
 
 SIGNALS = [
     ("SIGINT", "launcher"),
@@ -30,26 +30,6 @@ SIGNALS = [
 ]
 TASKS = 4
 GRACE = 10.0
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = open("/proc/%s/stat" % entry).read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return open("/proc/%d/cmdline" % pid, "rb").read().decode(errors="replace").replace("\0", " ")
-    except OSError:
-        return ""
 
 
 def _local_cgroups(names: set[str]) -> list[str]:
@@ -109,7 +89,7 @@ def test_no_sandbox_outlives_a_killed_run(killable, signame, target):
     log = Path(t.tmp) / "flow.log"
     proc = _start(t)
     try:
-        trampolines = lambda: [p for p in _children(proc.pid) if " sandbox step " in _cmdline(p)]
+        trampolines = lambda: [p for p in child_pids(proc.pid) if " sandbox step " in cmdline(p)]
         running = lambda: len([x for x in t.live_sandboxes() if "/mfsb-" in str(x)]) if t.backend == "local" else len(t.live_sandboxes())
         _wait_for(lambda: running() >= TASKS and len(trampolines()) >= TASKS, 120, "%d live sandboxes" % TASKS, log)
         sig = getattr(signal, signame)
