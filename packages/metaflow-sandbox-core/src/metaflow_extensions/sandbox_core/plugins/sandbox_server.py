@@ -202,6 +202,7 @@ def _preload(obj):
                 except Exception as err:  # the trampoline will report it, with its fix
                     print("preload of backend %r failed: %s" % (deco.backend_name, err), file=sys.stderr)
     freeze_discovery()
+    sandbox_task.backend_settings()  # loads every installed backend once (~170 ms), not in every forked task
     if threading.active_count() > 1:  # forking a threaded process copies its locks in whatever state they are
         print("warning: %d threads before forking: %s" % (threading.active_count(), threading.enumerate()), file=sys.stderr)
 
