@@ -7,14 +7,10 @@ the same discovery as any installed backend. For each one we assert WHICH kit te
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
-# Import the kit (and with it importlib_metadata) BEFORE pytester snapshots sys.meta_path: importing the
-# importlib_metadata backport deletes the stdlib PathFinder.find_distributions and appends its own finder;
-# if that happened inside an in-process run, the snapshot restore would drop the finder and leave no
-# distribution discoverable at all.
-import metaflow_sandbox.testing  # noqa: F401
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -45,16 +41,19 @@ ENTRY_POINTS = {
 
 
 @pytest.fixture
-def kit(pytester: pytest.Pytester):
-    """A pytester dir where the broken backends are an installed distribution; returns a runner."""
+def kit(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch):
+    """A pytester dir where the broken backends are an installed distribution; returns a runner.
+
+    Each kit run is a subprocess: an in-process run restores ``sys.modules`` afterwards, which leaves
+    this worker with two generations of the modules the run imported first (the ``local`` backend's,
+    say), so a later test could raise one generation's exception class where the other is caught.
+    """
     dist = pytester.path / "kit_broken_backends-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: kit-broken-backends\nVersion: 0.1\n")
     lines = ["[metaflow_sandbox.backends]"] + ["%s = %s" % kv for kv in ENTRY_POINTS.items()]
     (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
-    pytester.syspathinsert(pytester.path)
-    pytester.syspathinsert(HERE / "broken")
-    pytester.syspathinsert(ACME_SRC)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(map(str, [pytester.path, HERE / "broken", ACME_SRC])))
     pytester.makeconftest(
         """
         import pytest
@@ -83,7 +82,7 @@ def kit(pytester: pytest.Pytester):
         )
         pytester.makepyfile(test_kit=head + textwrap.indent(textwrap.dedent(body), " " * 4))
         args = ["-p", "no:cacheprovider", "-rfEs"] + (["-k", " or ".join(select)] if select else [])
-        return pytester.runpytest(*args)
+        return pytester.runpytest_subprocess(*args)
 
     return run
 
@@ -177,7 +176,7 @@ def test_enforced_limits_pass_on_a_backend_that_enforces_them(kit) -> None:
 def test_base_class_alone_collects_nothing(pytester: pytest.Pytester) -> None:
     """Importing the kit does not run it: only an author's ``Test*`` subclass is collected."""
     pytester.makepyfile(test_import="from metaflow_sandbox.testing import BackendConformance  # noqa: F401\n")
-    result = pytester.runpytest("-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes()
     assert "no tests ran" in result.stdout.str()
 
