@@ -59,10 +59,15 @@ class Faults:
     image_build_ms: float = 100.0
     #: Serve socket.io (the SDK's event stream); False answers 404 so the SDK falls back to polling.
     socketio: bool = True
-    _rng: random.Random = field(default_factory=random.Random, repr=False)
+    #: One seeded stream per (switch, endpoint): the n-th request to an endpoint meets the same fate
+    #: however requests to other endpoints interleave with it (a concurrent flow stays repeatable).
+    _rngs: dict = field(default_factory=dict, repr=False)
 
-    def __post_init__(self) -> None:
-        self._rng = random.Random(self.seed)
+    def _rng(self, switch: str, endpoint: str) -> random.Random:
+        key = (switch, endpoint)
+        if key not in self._rngs:
+            self._rngs[key] = random.Random("%s:%s:%s" % (self.seed, switch, endpoint))
+        return self._rngs[key]
 
     def update(self, changes: Mapping[str, Any]) -> None:
         names = {f.name for f in fields(self) if not f.name.startswith("_")}
@@ -74,7 +79,7 @@ class Faults:
                 value = tuple([value] if isinstance(value, str) else value)
             setattr(self, key, value)
         if "seed" in changes:
-            self._rng = random.Random(self.seed)
+            self._rngs.clear()
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
@@ -83,16 +88,17 @@ class Faults:
         """Status to answer instead of serving ``endpoint``, or None."""
         if endpoint not in self.error_endpoints:
             return None
+        rng = self._rng("error", endpoint)
         if self.error_next > 0:
             self.error_next -= 1
-            return self._status()
-        if self.error_rate and self._rng.random() < self.error_rate:
-            return self._status()
+            return self._status(rng)
+        if self.error_rate and rng.random() < self.error_rate:
+            return self._status(rng)
         return None
 
-    def _status(self) -> int:
+    def _status(self, rng: random.Random) -> int:
         if isinstance(self.error_status, (list, tuple)):
-            return int(self._rng.choice(list(self.error_status)))
+            return int(rng.choice(list(self.error_status)))
         return int(self.error_status)
 
     def lose_reply(self, endpoint: str) -> bool:
@@ -102,7 +108,7 @@ class Faults:
         if self.lost_reply_next > 0:
             self.lost_reply_next -= 1
             return True
-        return bool(self.lost_reply_rate) and self._rng.random() < self.lost_reply_rate
+        return bool(self.lost_reply_rate) and self._rng("lost", endpoint).random() < self.lost_reply_rate
 
     def take(self, name: str) -> bool:
         """Consume one unit of a countdown switch (True means: inject now)."""
