@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
@@ -32,7 +33,7 @@ from metaflow_sandbox import (
 )
 
 from ._local import files as files_
-from ._local import isolation, limits, proc
+from ._local import identity, isolation, limits, proc
 from ._local import options as options_
 from ._local.mounts import PathError
 from ._local.sandbox import (
@@ -86,6 +87,11 @@ def _physical_memory_mb() -> int | None:
 @hookimpl
 def sandbox_check_config(options: Mapping[str, Any]) -> bool:
     options_.check(options)  # at launch: a typo in a setting is refused before any task starts
+    # The once-per-process probes (bwrap works, a root launcher's sandboxes get their own uid; ~50 ms), now:
+    # a fork server that checks its backends once hands every forked task the answers.
+    bwrap = isolation.select(options)
+    if bwrap is not None and identity.is_root():
+        identity.why_no_own_uid(bwrap)
     return True
 
 
@@ -136,6 +142,7 @@ def sandbox_exec(
     timeout: float | None,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
+    exec_id: str | None = None,
 ) -> ExecResult:
     sb = live_sandbox(handle)
     full_env = {**sb.env, **(env or {})}
@@ -170,7 +177,7 @@ def sandbox_exec(
             on_stdout,
             watch,
             sb.preexec(),
-            started=sb.track,
+            started=lambda p: _started(sb, exec_id, p),
         )
     except proc.Timeout:
         raise SandboxTimeoutError(
@@ -185,6 +192,7 @@ def sandbox_exec(
     finally:
         with sb.lock:
             sb.running = {p for p in sb.running if p.poll() is None}
+            _commands.pop((sb.sid, exec_id), None)
     if sb.destroyed:
         sb.torn_down.wait(30)  # e.g. the ttl timer is still removing it: report once nothing is left
         raise sb.gone("went away while the command ran")
@@ -215,6 +223,30 @@ def sandbox_exec(
     elif code != 0:
         _explain_limits(sb, code, watch, pids_before)
     return ExecResult(exit_code=code, oom_killed=oom)
+
+
+#: (sandbox id, exec id) -> the command's process, while it runs: what sandbox_exec_kill signals.
+_commands: dict[tuple[str, str | None], subprocess.Popen] = {}
+
+
+def _started(sb: LocalSandbox, exec_id: str | None, p: subprocess.Popen) -> None:
+    with sb.lock:
+        _commands[(sb.sid, exec_id)] = p
+    sb.track(p)
+
+
+@hookimpl
+def sandbox_exec_kill(handle: SandboxHandle, exec_id: str) -> bool:
+    """SIGKILL the command's process group (under bwrap: its whole pid namespace); the sandbox stays."""
+    sb = lookup(handle)
+    if sb is None:
+        return False
+    with sb.lock:
+        p = _commands.get((sb.sid, exec_id))
+    if p is None or p.poll() is not None:
+        return False
+    proc.kill_group(p)
+    return True
 
 
 def _explain_limits(sb: LocalSandbox, code: int, watch: _StderrWatch, pids_before: int) -> None:

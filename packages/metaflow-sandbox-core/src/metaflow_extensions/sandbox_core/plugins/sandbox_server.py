@@ -198,7 +198,8 @@ def _preload(obj):
         for deco in node.decorators:
             if isinstance(deco, SandboxDecorator):
                 try:
-                    load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
+                    backend = load_backend(deco.backend_name, backend_options(deco.backend_name, deco.attributes.get("options")))
+                    backend.check_config()  # its once-per-process probes, inherited by every forked task
                 except Exception as err:  # the trampoline will report it, with its fix
                     print("preload of backend %r failed: %s" % (deco.backend_name, err), file=sys.stderr)
     freeze_discovery()
