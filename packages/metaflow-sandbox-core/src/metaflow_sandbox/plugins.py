@@ -32,6 +32,7 @@ def freeze_discovery() -> None:
     """
     global _frozen
     _frozen = None
+    _managers.clear()
     _frozen = available_backends()
 
 
@@ -50,8 +51,15 @@ def _dist_name(ep: importlib_metadata.EntryPoint) -> str:
     return ep.dist.name if ep.dist is not None else "<unknown distribution>"
 
 
+#: Validated managers, kept only once discovery is frozen (the fast path's server builds each one before
+#: it forks, so a forked task does not build it again: ~20 ms per Backend()).
+_managers: dict[str, pluggy.PluginManager] = {}
+
+
 def get_plugin_manager(name: str) -> pluggy.PluginManager:
     """Build a validated plugin manager holding exactly the backend ``name``."""
+    if _frozen is not None and name in _managers:
+        return _managers[name]
     eps = available_backends()
     if name not in eps:
         raise UnknownBackendError(name, eps)
@@ -63,7 +71,10 @@ def get_plugin_manager(name: str) -> pluggy.PluginManager:
         plugin = ep.load()
     except Exception as exc:  # any import failure of third-party code is its own, named
         raise BackendLoadError(name, dist, "importing %s raised %s: %s" % (ep.value, type(exc).__name__, exc)) from exc
-    return build_plugin_manager(name, plugin, dist=dist)
+    pm = build_plugin_manager(name, plugin, dist=dist)
+    if _frozen is not None:
+        _managers[name] = pm
+    return pm
 
 
 def build_plugin_manager(name: str, plugin: Any, dist: str = "<in-process>") -> pluggy.PluginManager:

@@ -194,6 +194,7 @@ def _preload(obj):
     from . import sandbox_cli, sandbox_code_cache, sandbox_logs, sandbox_task  # noqa: F401
     from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
 
+    freeze_discovery()  # first: the plugin managers built below are then kept for the forked tasks
     for node in obj.graph:
         for deco in node.decorators:
             if isinstance(deco, SandboxDecorator):
@@ -202,7 +203,6 @@ def _preload(obj):
                     backend.check_config()  # its once-per-process probes, inherited by every forked task
                 except Exception as err:  # the trampoline will report it, with its fix
                     print("preload of backend %r failed: %s" % (deco.backend_name, err), file=sys.stderr)
-    freeze_discovery()
     sandbox_task.backend_settings()  # loads every installed backend once (~170 ms), not in every forked task
     if threading.active_count() > 1:  # forking a threaded process copies its locks in whatever state they are
         print("warning: %d threads before forking: %s" % (threading.active_count(), threading.enumerate()), file=sys.stderr)
