@@ -112,6 +112,10 @@ class SandboxTimeoutError(SandboxError):
     """A command ran past its timeout and was killed."""
 
 
+class SandboxCancelledError(SandboxError):
+    """A command was stopped by ``Sandbox.cancel()`` before it ended."""
+
+
 class TransientBackendError(SandboxError):
     """A failure worth retrying (rate limit, 5xx, dropped connection). Only idempotent ops retry."""
 

@@ -53,20 +53,38 @@ def sandbox_exec(
     timeout: Optional[float],
     on_stdout: Optional[OutputCallback],
     on_stderr: Optional[OutputCallback],
+    exec_id: str,
 ) -> ExecResult:
     """Run ``command`` (an argv list) and return how it ended.
 
     :param env: variables added on top of the sandbox environment (``spec.env``) for this command
         only; they win over ``spec.env``.
     :param cwd: working directory; ``None`` means ``handle.workdir``.
-    :param timeout: seconds; ``None`` means no limit. When it passes, kill the command (its whole
-        process group) and raise ``SandboxTimeoutError``: never report a timeout as an exit code.
+    :param timeout: the facade keeps every deadline: with ``sandbox_exec_kill`` implemented it passes
+        ``None`` and, when the time is up, kills the command through that hook and raises
+        ``SandboxTimeoutError`` itself. Only a backend without that hook gets the seconds; it must then
+        kill the command (its whole process group) and raise SandboxTimeoutError: never report a
+        timeout as an exit code (else the facade destroys the sandbox to stop the command, and says so).
     :param on_stdout/on_stderr: called with decoded text while the command runs, in order,
-        stdout and stderr kept apart.
+        stdout and stderr kept apart. The facade calls this hook from a worker thread.
+    :param exec_id: names this command for ``sandbox_exec_kill`` (a backend may ignore it otherwise).
     Return as soon as the command's own process exits: kill the leftover processes it started
     (``sleep 30 &`` keeps its stdout open) instead of reading until every pipe holder is gone.
     A non-zero exit is a result (``ExecResult.exit_code``), not an exception. Raise
     ``SandboxNotFoundError`` if the sandbox is gone (destroyed, expired at its ttl).
+    """
+
+
+@hookspec(firstresult=True)
+def sandbox_exec_kill(handle: SandboxHandle, exec_id: str) -> bool:
+    """Optional. Kill the running command ``exec_id`` (its whole process group) and keep the sandbox.
+
+    The facade calls it from another thread when a command passes its timeout, on ``Sandbox.cancel()``
+    and on Ctrl-C/SIGTERM, and calls it again every half second until that ``sandbox_exec`` returns (a
+    kill may arrive before the command has started). Return True if a command was signalled, False if
+    ``exec_id`` is not running (not started yet, or already ended). Your ``sandbox_exec`` then returns
+    or raises as it likes; the facade reports the timeout or cancellation. Without this hook the facade
+    can stop a command only by destroying its sandbox.
     """
 
 

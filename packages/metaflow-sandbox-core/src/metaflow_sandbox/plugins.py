@@ -18,7 +18,7 @@ from .errors import AmbiguousBackendError, BackendLoadError, SandboxError, Unkno
 
 GROUP = "metaflow_sandbox.backends"
 REQUIRED_HOOKS = ("sandbox_create", "sandbox_exec", "sandbox_upload", "sandbox_download", "sandbox_destroy")
-OPTIONAL_HOOKS = ("sandbox_list", "sandbox_capabilities", "sandbox_check_config")
+OPTIONAL_HOOKS = ("sandbox_list", "sandbox_capabilities", "sandbox_check_config", "sandbox_exec_kill")
 
 
 _frozen: Optional[dict[str, list[importlib_metadata.EntryPoint]]] = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from collections import defaultdict
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -41,6 +42,7 @@ from .model import (
     UploadItem,
 )
 from .plugins import get_plugin_manager
+from .running import RunningCommand
 
 log = logging.getLogger("metaflow_sandbox")
 
@@ -53,6 +55,7 @@ _EXPECTED: dict[str, Any] = {
     "sandbox_list": list,
     "sandbox_capabilities": Capabilities,
     "sandbox_check_config": bool,
+    "sandbox_exec_kill": bool,
 }
 
 
@@ -221,6 +224,8 @@ class Sandbox:
         self.handle = handle
         self.destroyed = False
         self.owner = owner  # the lifeline key; released once the sandbox is destroyed
+        self._running: dict[str, RunningCommand] = {}
+        self._lock = threading.Lock()
 
     @property
     def id(self) -> str:
@@ -237,19 +242,39 @@ class Sandbox:
         timeout: Optional[float] = None,
         on_stdout: Optional[OutputCallback] = None,
         on_stderr: Optional[OutputCallback] = None,
+        exec_id: Optional[str] = None,
     ) -> ExecResult:
+        """Run ``command``; past ``timeout`` seconds it is killed and ``SandboxTimeoutError`` raised.
+
+        ``cancel()`` from another thread (or Ctrl-C/SIGTERM in this one) stops it too. ``exec_id`` names
+        the command for ``cancel(exec_id)``; one is made up when not given.
+        """
         if isinstance(command, str):
             raise TypeError("command must be an argv list, e.g. ['bash', '-c', %r]" % command)
-        return self._call(
-            "sandbox_exec",
-            idempotent=False,
-            command=list(command),
-            env=dict(env or {}),
-            cwd=cwd,
-            timeout=timeout,
-            on_stdout=on_stdout,
-            on_stderr=on_stderr,
-        )
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")):
+            err = parse.InvalidInputError("timeout", timeout, "a positive number of seconds (or None)", hint="pass e.g. timeout=60")
+            err.backend, err.op = self.backend.name, "sandbox_exec"
+            raise err
+        running = RunningCommand(self, exec_id)
+        with self._lock:
+            self._running[running.exec_id] = running
+        try:
+            return running.run(timeout, command=list(command), env=dict(env or {}), cwd=cwd, on_stdout=on_stdout, on_stderr=on_stderr)
+        finally:
+            with self._lock:
+                self._running.pop(running.exec_id, None)
+
+    def cancel(self, exec_id: Optional[str] = None) -> int:
+        """Stop the running command ``exec_id`` (every running command if None), from any thread.
+
+        Returns how many were asked to stop; each one's ``exec`` raises ``SandboxCancelledError`` once
+        it is gone. The sandbox stays usable when the backend implements ``sandbox_exec_kill``.
+        """
+        with self._lock:
+            targets = [r for i, r in self._running.items() if exec_id is None or i == exec_id]
+        for running in targets:
+            running.cancel()
+        return len(targets)
 
     def run(self, command: Sequence[str], **kw: Any) -> tuple[int, str, str]:
         """Convenience: exec and collect output; returns (exit_code, stdout, stderr)."""

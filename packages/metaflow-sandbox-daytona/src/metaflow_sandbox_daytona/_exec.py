@@ -1,8 +1,10 @@
 """Run one command in its own Daytona session, streaming its logs while it runs.
 
-Why a session per command: deleting the session is Daytona's only way to kill a command, so our
-timeout kills exactly this command and nothing else. The command runs as ``bash -c '...'`` in a
-child of the session shell, so ``exit``/``set -e`` never kill the session shell itself.
+Why a session per command: deleting the session is Daytona's only way to kill a command, so ``kill``
+(the facade's ``sandbox_exec_kill``, at a timeout, a cancel or Ctrl-C) ends exactly this command and
+nothing else. The session is named after the facade's exec id. Deadlines are the facade's, not ours.
+The command runs as ``bash -c '...'`` in a child of the session shell, so ``exit``/``set -e`` never
+kill the session shell itself.
 
 Logs arrive over the SDK's WebSocket stream (``get_session_command_logs_async``). If that stream
 fails or closes early (seen with real daemons) we reconnect (it replays; what was sent is skipped),
@@ -26,7 +28,6 @@ from metaflow_sandbox import (
     SandboxError,
     SandboxHandle,
     SandboxNotFoundError,
-    SandboxTimeoutError,
 )
 
 from . import _client, _retry
@@ -37,7 +38,6 @@ log = logging.getLogger("metaflow_sandbox.daytona")
 STREAM_RECONNECTS = 3
 POLL_MIN = 0.05
 POLL_MAX = 1.0
-KILL_GRACE = 5.0
 #: The lease is renewed this many times per lease period while a command runs.
 RENEWALS_PER_LEASE = 3
 
@@ -117,8 +117,14 @@ class _Stream(threading.Thread):
             self.error = exc
 
 
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+#: exec id -> the running command's output sink: what ``kill`` marks before deleting its session.
+_running: dict[str, _Sink] = {}
+_running_lock = threading.Lock()
+
+
+def session_name(exec_id: str) -> str:
+    """The command's own session: known from its exec id alone, so ``kill`` needs nothing else."""
+    return "mf-" + exec_id[:16]
 
 
 def run(
@@ -127,21 +133,24 @@ def run(
     command: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None,
-    timeout: float | None,
     on_stdout: Any,
     on_stderr: Any,
+    exec_id: str | None = None,
 ) -> ExecResult:
+    """Run until the command ends or ``kill`` deletes its session; the facade keeps the deadline."""
     from daytona import SessionExecuteRequest
 
+    exec_id = exec_id or uuid.uuid4().hex
     sid = handle.sandbox_id
     process = sandbox.process
-    session = "mf-" + uuid.uuid4().hex[:16]
-    deadline = time.monotonic() + timeout if timeout else None
+    session = session_name(exec_id)
     policy = _retry.Policy.from_options(handle.options)
-    _create_session(handle, process, session, policy)
     sink = _Sink(on_stdout, on_stderr)
+    with _running_lock:
+        _running[exec_id] = sink
     renewer = _LeaseRenewer(handle, sandbox)
     try:
+        _create_session(handle, process, session, policy)
         request = SessionExecuteRequest(command=wrap(command, env, cwd), run_async=True)
         cmd_id = _start(handle, process, session, request, policy)
         renewer.start()
@@ -149,15 +158,9 @@ def run(
         while True:
             stream = _Stream(process, session, cmd_id, sink)
             stream.start()
-            stream.join(_remaining(deadline))
-            if stream.is_alive():
-                _kill(handle, process, session, stream, sink)
-                raise SandboxTimeoutError(
-                    "command timed out after %ss and was killed" % timeout,
-                    hint="raise the timeout (@timeout) or make the step faster",
-                    backend=NAME,
-                    sandbox_id=sid,
-                )
+            while stream.is_alive() and not sink.killed:
+                stream.join(POLL_MAX)
+            _raise_if_killed(handle, sink)
             exit_code = _call(handle, "read exit code", lambda: process.get_session_command(session, cmd_id)).exit_code
             if exit_code is not None:
                 break
@@ -166,7 +169,7 @@ def run(
                 log.info("daytona: log stream of %s ended early (%s); reconnecting", sid, stream.error or "closed")
                 continue
             log.warning("daytona: log stream of %s keeps failing (%s); polling the logs instead", sid, stream.error)
-            exit_code = _wait_exit(handle, process, session, cmd_id, sink, deadline, stream, timeout)
+            exit_code = _wait_exit(handle, process, session, cmd_id, sink)
             break
         logs = _call(handle, "read logs", lambda: process.get_session_command_logs(session, cmd_id))
         sink.catch_up("stdout", logs.stdout)
@@ -181,22 +184,42 @@ def run(
                 sandbox_id=sid,
             )
         return ExecResult(exit_code=int(exit_code))
+    except SandboxError:
+        _raise_if_killed(handle, sink)  # a killed command's session is gone: that is the kill, not a failure
+        raise
     finally:
         renewer.stop()
+        with _running_lock:
+            _running.pop(exec_id, None)
         if not sink.killed:
             _delete_session(process, session)
 
 
-def _wait_exit(
-    handle: SandboxHandle,
-    process: Any,
-    session: str,
-    cmd_id: str,
-    sink: _Sink,
-    deadline: float | None,
-    stream: _Stream,
-    timeout: float | None,
-) -> int | None:
+def kill(handle: SandboxHandle, sandbox: Any, exec_id: str) -> bool:
+    """Deleting the command's session kills every process it started; False if ``exec_id`` is not running here."""
+    with _running_lock:
+        sink = _running.get(exec_id)
+    if sink is None:
+        return False
+    sink.closed = sink.killed = True  # no more output once the kill is asked for
+    try:
+        _retry.call(
+            lambda: sandbox.process.delete_session(session_name(exec_id)), "kill the command", _retry.Policy.from_options(handle.options)
+        )
+    except Exception as exc:
+        from daytona.common.errors import DaytonaNotFoundError
+
+        if not isinstance(exc, DaytonaNotFoundError):  # a 404: the session (or the command's start) is not there yet
+            translate(exc, op="sandbox_exec_kill", sandbox_id=handle.sandbox_id, retry_safe=False)
+    return True
+
+
+def _raise_if_killed(handle: SandboxHandle, sink: _Sink) -> None:
+    if sink.killed:
+        raise SandboxError("the command was killed (its session deleted)", backend=NAME, sandbox_id=handle.sandbox_id)
+
+
+def _wait_exit(handle: SandboxHandle, process: Any, session: str, cmd_id: str, sink: _Sink) -> int | None:
     """Exit code once known; while the command still runs (the stream died), poll its logs."""
     delay = POLL_MIN
     while True:
@@ -206,30 +229,9 @@ def _wait_exit(
         logs = _call(handle, "read logs", lambda: process.get_session_command_logs(session, cmd_id))
         sink.catch_up("stdout", logs.stdout)
         sink.catch_up("stderr", logs.stderr)
-        left = _remaining(deadline)
-        if left is not None and left <= 0:
-            _kill(handle, process, session, stream, sink)
-            raise SandboxTimeoutError(
-                "command timed out after %ss and was killed" % timeout,
-                hint="raise the timeout (@timeout) or make the step faster",
-                backend=NAME,
-                sandbox_id=handle.sandbox_id,
-            )
-        time.sleep(min(delay, left) if left is not None else delay)
+        _raise_if_killed(handle, sink)
+        time.sleep(delay)
         delay = min(POLL_MAX, delay * 1.5)
-
-
-def _kill(handle: SandboxHandle, process: Any, session: str, stream: _Stream, sink: _Sink) -> None:
-    """Deleting the session kills every process it started; then stop delivering output."""
-    sink.closed = sink.killed = True
-    try:
-        _retry.call(lambda: process.delete_session(session), "kill the command", _retry.Policy.from_options(handle.options))
-    except Exception as exc:
-        from daytona.common.errors import DaytonaNotFoundError
-
-        if not isinstance(exc, DaytonaNotFoundError):
-            translate(exc, op="sandbox_exec (kill after timeout)", sandbox_id=handle.sandbox_id, retry_safe=False)
-    stream.join(KILL_GRACE)
 
 
 def _delete_session(process: Any, session: str) -> None:

@@ -295,11 +295,16 @@ def sandbox_exec(
     command: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None,
-    timeout: float | None,
     on_stdout: Any,
     on_stderr: Any,
+    exec_id: str,
 ) -> ExecResult:
-    return _exec.run(handle, sdk_sandbox(handle), command, env, cwd, timeout, on_stdout, on_stderr)
+    return _exec.run(handle, sdk_sandbox(handle), command, env, cwd, on_stdout, on_stderr, exec_id)
+
+
+@hookimpl
+def sandbox_exec_kill(handle: SandboxHandle, exec_id: str) -> bool:
+    return _exec.kill(handle, sdk_sandbox(handle), exec_id)
 
 
 @hookimpl

@@ -19,7 +19,6 @@ from metaflow_sandbox import (
     SandboxHandle,
     SandboxNotFoundError,
     SandboxSpec,
-    SandboxTimeoutError,
     UnsupportedOptionError,
     UploadItem,
     hookimpl,
@@ -30,8 +29,6 @@ from .settings import NAME, Settings, require_key, settings
 from .templates import largest, pick_template
 
 DEFAULT_WORKDIR = "/home/user"
-#: Extra seconds on top of our own exec timeout for the SDK/envd deadline (a backstop if kill fails).
-BACKSTOP_SECONDS = 30.0
 #: Times one command's dropped output stream is reattached (Process/Connect) before the exec fails.
 MAX_REATTACH = 5
 #: Our tries of a REST call; each is already up to 4 tries by the SDK (429/502/503/504, honouring Retry-After).
@@ -59,6 +56,9 @@ class _Live:
         self.lock = threading.Lock()
         self.stopped = threading.Event()
         self.thread: threading.Thread | None = None
+        #: exec id -> the running command (what sandbox_exec_kill signals), and the ids a kill was asked for.
+        self.commands: dict[str, Any] = {}
+        self.killed: set[str] = set()
 
     def renew(self) -> bool:
         """Push the sandbox's timeout to min(lease, time left before the deadline); False once it is gone."""
@@ -202,10 +202,11 @@ def sandbox_exec(
     command: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None,
-    timeout: float | None,
     on_stdout: Any,
     on_stderr: Any,
+    exec_id: str,
 ) -> ExecResult:
+    """Run until the command ends or ``sandbox_exec_kill`` kills it; the facade keeps the deadline."""
     from ._client import is_gone, translated
 
     argv = checked_argv(command)
@@ -213,65 +214,55 @@ def sandbox_exec(
     live = _live(handle)
     sid = handle.sandbox_id
     with translated("exec", sid, s=live.settings):
-        # timeout=0 at the SDK level: its 60 s default would kill long steps. Our own limit is enforced
-        # below (kill + SandboxTimeoutError); the SDK deadline is only a backstop should the kill fail.
+        # timeout=0 at the SDK level: its 60 s default would kill long steps (the facade keeps our deadline).
         # Starting the command is never retried: a lost answer may mean it runs already.
         proc = live.sbx.commands.run(
-            shlex.join(argv),
-            background=True,
-            envs=envs or None,
-            cwd=cwd or handle.workdir,
-            timeout=(timeout + BACKSTOP_SECONDS) if timeout else 0,
-            retain_output=False,
+            shlex.join(argv), background=True, envs=envs or None, cwd=cwd or handle.workdir, timeout=0, retain_output=False
         )
-    timed_out = threading.Event()
-    started = time.monotonic()
-
-    def on_timeout() -> None:
-        timed_out.set()
-        _kill_command(proc)  # by pid: reaches the command whichever stream is attached
-
-    watchdog = threading.Timer(timeout, on_timeout) if timeout else None
-    if watchdog:
-        watchdog.daemon = True
-        watchdog.start()
+    live.commands[exec_id] = proc
     try:
         for reattached in range(MAX_REATTACH + 1):
             try:
-                code = _wait(proc, on_stdout, on_stderr)
-                break
+                return ExecResult(exit_code=_wait(proc, on_stdout, on_stderr))
             except SandboxError:
                 raise
             except Exception as exc:
-                if timed_out.is_set():
-                    raise SandboxTimeoutError(
-                        "command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid
-                    ) from exc
+                if exec_id in live.killed:
+                    raise SandboxError("the command was killed", backend=NAME, sandbox_id=sid) from exc
                 if is_gone(exc):
                     raise SandboxNotFoundError(
                         "E2B sandbox is gone (killed, or it reached its timeout): %s" % exc, backend=NAME, sandbox_id=sid
                     ) from exc
                 if reattached == MAX_REATTACH:
                     _lost(proc, sid, exc, "its output stream was lost %d times" % (MAX_REATTACH + 1))
-                backstop = (timeout + BACKSTOP_SECONDS - (time.monotonic() - started)) if timeout else 0
-                proc = _reattach(live, proc, sid, exc, max(1.0, backstop) if timeout else 0)
+                proc = live.commands[exec_id] = _reattach(live, proc, sid, exc)
                 if on_stderr:
                     on_stderr("[metaflow-sandbox] the output stream from E2B dropped; reattached to the running command "
                               "(output in between may be missing)\n")  # fmt: skip
+        raise AssertionError("unreachable")
     finally:
-        if watchdog:
-            watchdog.cancel()
-    if timed_out.is_set():
-        raise SandboxTimeoutError("command ran past its %ss timeout and was killed" % timeout, backend=NAME, sandbox_id=sid)
-    return ExecResult(exit_code=code)
+        live.commands.pop(exec_id, None)
+        live.killed.discard(exec_id)
 
 
-def _reattach(live: _Live, proc: Any, sid: str, lost: BaseException, timeout: float) -> Any:
+@hookimpl
+def sandbox_exec_kill(handle: SandboxHandle, exec_id: str) -> bool:
+    """Kill the command by pid (envd signals it, whichever stream is attached); False if it is not running here."""
+    live = handle.native if isinstance(handle.native, _Live) else None
+    proc = live.commands.get(exec_id) if live else None
+    if live is None or proc is None:
+        return False
+    live.killed.add(exec_id)
+    _kill_command(proc)
+    return True
+
+
+def _reattach(live: _Live, proc: Any, sid: str, lost: BaseException) -> Any:
     """Attach to the still-running command again (envd's Process/Connect): nothing is re-run."""
     from ._client import is_gone, retrying, sdk
 
     try:
-        return retrying(lambda: live.sbx.commands.connect(proc.pid, timeout=timeout, retain_output=False))
+        return retrying(lambda: live.sbx.commands.connect(proc.pid, timeout=0, retain_output=False))
     except Exception as exc:
         if is_gone(exc):
             raise SandboxNotFoundError(
@@ -448,6 +439,7 @@ __all__ = [
     "sandbox_destroy",
     "sandbox_download",
     "sandbox_exec",
+    "sandbox_exec_kill",
     "sandbox_list",
     "sandbox_upload",
 ]

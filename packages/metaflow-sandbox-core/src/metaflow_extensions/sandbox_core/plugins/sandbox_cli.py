@@ -9,7 +9,6 @@ import hashlib
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 
@@ -235,8 +234,8 @@ def _run_task(obj, backend, spec, command, deco, task):
         exec_env.update(_upload_credential_files(sbx))
         relay.system("Task is starting in %s sandbox %s." % (backend.name, sbx.id))
         relay.start_saving()
-        result = _interruptible(
-            sbx.exec,
+        # The facade waits in this (main) thread: Ctrl-C and SIGTERM reach it at once and stop the command.
+        result = sbx.exec(
             command,
             env=exec_env,
             timeout=min(deco.run_time_limit + TIMEOUT_GRACE, spec.ttl_seconds),
@@ -268,29 +267,6 @@ def _run_task(obj, backend, spec, command, deco, task):
             obj.echo_always("Could not destroy sandbox %s: %s" % (sbx.id, err), err=True)
         sync_metadata()
     return exit_code
-
-
-def _interruptible(func, *args, **kwargs):
-    """Run `func` in a worker thread so Ctrl-C and SIGTERM reach this (main) thread at once.
-
-    An SDK blocked in native code on a quiet stream would otherwise hold signals back until its
-    next byte arrives, past the 5 s Metaflow waits before it SIGKILLs the trampoline.
-    """
-    box = {}
-
-    def target():
-        try:
-            box["result"] = func(*args, **kwargs)
-        except BaseException as err:  # handed to the main thread below
-            box["error"] = err
-
-    worker = threading.Thread(target=target, name="sandbox-exec", daemon=True)
-    worker.start()
-    while worker.is_alive():
-        worker.join(0.2)
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
 
 
 def _seeds_metadata(obj):
