@@ -27,26 +27,9 @@ def daytona_env(emulator: EmulatorHandle) -> Iterator[dict[str, str]]:
 @pytest.fixture(autouse=True)
 def no_faults(emulator: EmulatorHandle) -> Iterator[None]:
     """Every test starts and ends with the emulator's faults switched off."""
-    emulator.set_faults(**CLEAR)
+    emulator.clear_faults()
     yield
-    emulator.set_faults(**CLEAR)
-
-
-CLEAR = dict(
-    latency_ms=0,
-    error_rate=0,
-    error_next=0,
-    drop_log_stream=0,
-    vanish_next_exec=0,
-    exit_minus_one_next=0,
-    minute_seconds=60.0,
-    error_endpoints=["list", "get"],
-    error_status=503,
-    retry_after=None,
-    lost_reply_rate=0,
-    lost_reply_next=0,
-    lost_reply_endpoints=["create"],
-)
+    emulator.clear_faults()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -212,7 +212,7 @@ def test_destroy_deletes_and_is_idempotent(backend, emulator):
     assert sb.destroy() is True
     assert sb.destroy() is False
     (record,) = [r for r in emulator.records() if r["id"] == sb.id]
-    assert record["deleted"] and record["reason"] == "deleted by API"
+    assert record["ended"] and record["reason"] == "deleted"
 
 
 def test_parallel_execs_in_one_sandbox(backend):

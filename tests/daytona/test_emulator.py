@@ -111,28 +111,15 @@ def test_cli_serves_on_the_given_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [
-        sys.executable,
-        "-m",
-        "metaflow_sandbox_daytona.emulator",
-        "--port",
-        str(port),
-        "--latency-ms",
-        "1",
-        "--error-endpoints",
-        "list,get",
-        "--error-rate",
-        "0.25",
-        "--seed",
-        "3",
-    ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    faults = {"latency_ms": 1, "error_endpoints": ["list", "get"], "error_rate": 0.25, "seed": 3}
+    cmd = [sys.executable, "-m", "metaflow_sandbox_daytona.emulator", "--port", str(port), "--faults", json.dumps(faults)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "DAYTONA_EMULATOR_READY http://127.0.0.1:%d/api" % port
+        line = proc.stderr.readline()
+        assert "DAYTONA_API_URL': 'http://127.0.0.1:%d/api'" % port in line, line
         opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        faults = json.loads(opener.open("http://127.0.0.1:%d/_emu/faults" % port, timeout=10).read())
-        assert faults["error_rate"] == 0.25 and faults["error_endpoints"] == ["list", "get"] and faults["seed"] == 3
+        served = json.loads(opener.open("http://127.0.0.1:%d/_emulator/faults" % port, timeout=10).read())
+        assert served["error_rate"] == 0.25 and served["error_endpoints"] == ["list", "get"] and served["seed"] == 3
     finally:
         proc.terminate()
         assert proc.wait(timeout=20) == 0

@@ -145,14 +145,14 @@ def test_latency_is_added_to_every_call(backend, emulator):
 
 def test_ttl_expiry_deletes_an_orphan(backend, emulator):
     """The launcher dies without destroying: the provider-side TTL still removes the sandbox."""
-    emulator.set_faults(minute_seconds=0.3)
+    emulator.set_faults(time_scale=0.3 / 60)
     sb = backend.create(SandboxSpec(labels=_labels(), ttl_seconds=60))
     deadline = time.monotonic() + 10
     while any(s["id"] == sb.id for s in emulator.live_sandboxes()):
         assert time.monotonic() < deadline, "ttl did not delete the sandbox"
         time.sleep(0.1)
     (record,) = [r for r in emulator.records() if r["id"] == sb.id]
-    assert record["reason"] == "ttl expired"
+    assert record["reason"] == "expired"
     with pytest.raises(SandboxNotFoundError):
         sb.exec(["true"])
     assert sb.destroy() is False
@@ -162,14 +162,14 @@ def test_auto_stop_then_auto_delete_in_the_emulator(emulator):
     """The emulator honours auto-stop/auto-delete the way Daytona does (SDK call with auto-stop on)."""
     from daytona import CreateSandboxFromSnapshotParams, Daytona
 
-    emulator.set_faults(minute_seconds=0.2)
+    emulator.set_faults(time_scale=0.2 / 60)
     sb = Daytona().create(CreateSandboxFromSnapshotParams(auto_stop_interval=1, auto_delete_interval=0), timeout=0)
     deadline = time.monotonic() + 10
     while any(s["id"] == sb.id for s in emulator.live_sandboxes()):
         assert time.monotonic() < deadline
         time.sleep(0.1)
     (record,) = [r for r in emulator.records() if r["id"] == sb.id]
-    assert record["reason"] == "auto-delete after stop"
+    assert record["reason"] == "auto-deleted"
 
 
 def test_create_that_never_starts_times_out_and_leaves_nothing(emulator):
@@ -183,5 +183,5 @@ def test_create_that_never_starts_times_out_and_leaves_nothing(emulator):
     assert time.monotonic() - start < 10
     (new,) = [r for r in emulator.records() if r["id"] not in before]
     assert err.value.sandbox_id == new["id"]
-    assert new["deleted"] and emulator.live_sandboxes() == []
+    assert new["ended"] and emulator.live_sandboxes() == []
     emulator.set_faults(image_build_ms=100, image_build_polls=1)

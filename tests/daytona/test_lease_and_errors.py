@@ -43,7 +43,7 @@ OWNER = textwrap.dedent(
 
 def test_lease_alone_deletes_a_sandbox_whose_owner_was_sigkilled(emulator):
     """Every owner gone (SIGKILL: no cleanup ran): no renewal, so auto-stop then auto-delete end the sandbox."""
-    emulator.set_faults(minute_seconds=1.0)  # the 1-minute lease lasts 1 s
+    emulator.set_faults(time_scale=1.0 / 60)  # the 1-minute lease lasts 1 s
     proc = subprocess.Popen([sys.executable, "-c", OWNER, uuid.uuid4().hex[:8]], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -54,7 +54,7 @@ def test_lease_alone_deletes_a_sandbox_whose_owner_was_sigkilled(emulator):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         record = _wait_gone(emulator, sandbox_id, 10)
-        assert record["reason"] == "auto-delete after stop"
+        assert record["reason"] == "auto-deleted"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -64,7 +64,7 @@ def test_lease_alone_deletes_a_sandbox_whose_owner_was_sigkilled(emulator):
 @pytest.mark.parametrize("renew, survives", [(0.1, True), (0, False)], ids=["renewed", "not-renewed"])
 def test_a_long_command_is_kept_alive_by_its_renewed_lease(emulator, renew, survives):
     """A command longer than the lease survives only because the owner renews the lease (the control shows it)."""
-    emulator.set_faults(minute_seconds=0.5)  # the 1-minute lease lasts 0.5 s; the command runs 3 s
+    emulator.set_faults(time_scale=0.5 / 60)  # the 1-minute lease lasts 0.5 s; the command runs 3 s
     backend = Backend("daytona", options={"lease_renew_seconds": renew})
     sb = backend.create(SandboxSpec(labels=_labels(), lease_seconds=60))
     try:
@@ -74,7 +74,7 @@ def test_a_long_command_is_kept_alive_by_its_renewed_lease(emulator, renew, surv
         else:
             with pytest.raises(SandboxError):
                 sb.run(["sh", "-c", "sleep 3; echo done"], timeout=30)
-            assert _wait_gone(emulator, sb.id, 10)["reason"] == "auto-delete after stop"
+            assert _wait_gone(emulator, sb.id, 10)["reason"] == "auto-deleted"
     finally:
         sb.destroy()
 

@@ -59,8 +59,8 @@ def test_concurrency_holds_across_processes(emulator, tmp_path):
     finally:
         stop.set()
         watcher.join()
-    made = [r for r in emulator.records() if r["request"]["labels"].get("run") == run]
-    assert len(made) == 5 and all(r["deleted"] for r in made)
+    made = [r for r in emulator.records() if r["labels"].get("run") == run]
+    assert len(made) == 5 and all(r["ended"] for r in made)
     assert peak[0] == 2, "expected at most (and, with 5 waiting tasks, exactly) 2 live sandboxes; saw %d" % peak[0]
 
 

@@ -49,7 +49,7 @@ def test_declared_dependencies():
     text = " ".join(requires)
     assert "metaflow-sandbox<0.3,>=0.2" in text.replace(" ", "") or "metaflow-sandbox>=0.2,<0.3" in text.replace(" ", "")
     assert any(r.startswith("daytona") and "<0.227" in r for r in requires)
-    assert any("aiohttp" in r and "extra" in r and "emulator" in r for r in requires)
+    assert any(r.startswith("metaflow-sandbox[emulator]") and "extra" in r and "emulator" in r for r in requires)
     assert not any(r.lower().startswith("e2b") for r in requires)
     assert not any(r.lower().startswith("metaflow ") or r.lower().startswith("metaflow>") for r in requires)
 

@@ -143,7 +143,7 @@ def test_create_that_gives_up_leaves_nothing(emulator):
     assert "Traceback" not in str(err.value)
     emulator.set_faults(lost_reply_rate=0)
     (made,) = [r for r in emulator.records() if r["id"] not in before]
-    assert made["deleted"] and made["reason"] == "deleted by API"
+    assert made["ended"] and made["reason"] == "deleted"
     assert emulator.live_sandboxes() == []
 
 
@@ -166,13 +166,13 @@ def test_destroy_that_keeps_failing_says_so_and_the_lease_ends_it(emulator):
     text = str(err.value)
     assert "could not delete" in text and "lease" in text and sb.id in text
     assert any(s["id"] == sb.id for s in emulator.live_sandboxes())
-    emulator.set_faults(minute_seconds=0.2)  # the 1-minute lease passes in 0.2 s
+    emulator.set_faults(time_scale=0.2 / 60)  # the 1-minute lease passes in 0.2 s
     deadline = time.monotonic() + 10
     while any(s["id"] == sb.id for s in emulator.live_sandboxes()):
         assert time.monotonic() < deadline, "the lease did not end the sandbox"
         time.sleep(0.1)
     (record,) = [r for r in emulator.records() if r["id"] == sb.id]
-    assert record["reason"] == "auto-delete after stop"
+    assert record["reason"] == "auto-deleted"
 
 
 def test_lost_session_and_delete_answers_count_as_done(emulator):

@@ -1,4 +1,4 @@
-"""``python -m metaflow_sandbox_daytona.emulator --port 8090``"""
+"""``python -m metaflow_sandbox_daytona.emulator --port 8090`` (needs the ``emulator`` extra: aiohttp)."""
 
 from .server import main
 
