@@ -5,7 +5,7 @@ What every emulator shares lives here, once; a provider's package keeps only its
 - :class:`FaultSchedule` (``faults``): switches, validated endpoint names, one set/clear rule, seeded fates;
 - :func:`launch` and :class:`EmulatorHandle` (``handle``): the child process, its ready handshake,
   exit with the launcher, and the admin client (``/_emulator/``);
-- :class:`LocalRunner` and :func:`killable` (``local``): emulated sandboxes as ``local`` sandboxes;
+- :class:`LocalRunner` (``local``): emulated sandboxes as ``local`` sandboxes;
 - :class:`EmulatedSandbox` (``sandboxes``): identity, labels, lease, end;
 - ``server.EmulatorServer``: the request log, latency and injected faults, the admin API, TTL reaping
   and the process's main loop. It needs aiohttp (``pip install 'metaflow-sandbox[emulator]'``), so it
@@ -16,7 +16,7 @@ See docs/adding-a-backend.md, "Emulating your provider".
 
 from .faults import FaultSchedule
 from .handle import ADMIN, EmulatorHandle, launch
-from .local import LocalRunner, killable
+from .local import LocalRunner
 from .sandboxes import EmulatedSandbox
 
-__all__ = ["ADMIN", "EmulatedSandbox", "EmulatorHandle", "FaultSchedule", "LocalRunner", "killable", "launch"]
+__all__ = ["ADMIN", "EmulatedSandbox", "EmulatorHandle", "FaultSchedule", "LocalRunner", "launch"]

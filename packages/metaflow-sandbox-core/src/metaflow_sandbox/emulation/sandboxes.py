@@ -29,7 +29,7 @@ class EmulatedSandbox:
     #: When and why it ended (wall time; "deleted", "expired", "vanished", "shutdown", or a provider's reason).
     ended: Optional[float] = None
     reason: Optional[str] = None
-    #: Kill files of the commands running in it (see ``local.killable``).
+    #: Exec ids of the commands running in it (``LocalRunner.start``).
     running: set[str] = dataclasses.field(default_factory=set)
 
     @property

@@ -81,10 +81,9 @@ class EmulatorServer:
         sb.ended, sb.reason = time.time(), reason
         self.count(reason)
         await self.on_end(sb)
-        local, kill_files = sb.local, list(sb.running)
-        for kill_file in kill_files:
-            if local is not None:
-                await self.runner.kill(local, kill_file)
+        local = sb.local
+        if local is not None and sb.running:
+            self.runner.cancel(local)
 
         async def commands_done() -> None:
             deadline = time.monotonic() + 5

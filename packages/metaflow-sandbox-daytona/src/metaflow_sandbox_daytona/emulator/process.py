@@ -1,8 +1,7 @@
 """Daytona's toolbox process API: one-shot execute, sessions (a persistent shell) and their commands' logs.
 
 A session keeps shell state between commands (``cd`` and ``export`` carry over) through a small state
-file pair in the work dir; each command runs under the toolkit's kill-file watcher, so deleting its
-session or its sandbox kills its whole process tree.
+file pair in the work dir; deleting its session or its sandbox cancels its commands through the facade.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import uuid
 from typing import TYPE_CHECKING, Any, Optional
 
 from aiohttp import web
-from metaflow_sandbox import SandboxError, SandboxTimeoutError
-from metaflow_sandbox.emulation import killable
+from metaflow_sandbox import SandboxCancelledError, SandboxError, SandboxTimeoutError
 
 from .protocol import DaytonaSandbox, error, http_error
 
@@ -39,10 +37,9 @@ eval {command}
 class Command:
     """One session command: its marked log (the daemon's wire format) and its exit code."""
 
-    def __init__(self, command: str, kill_file: str):
+    def __init__(self, command: str):
         self.id = str(uuid.uuid4())
         self.command = command
-        self.kill_file = kill_file
         self.exit_code: Optional[int] = None
         self.log = bytearray()
         self.stdout: list[str] = []
@@ -76,12 +73,12 @@ class Session:
     commands: dict[str, Command] = dataclasses.field(default_factory=dict)
 
 
-async def kill_session(emu: DaytonaServer, sb: DaytonaSandbox, session_id: str) -> None:
+def kill_session(emu: DaytonaServer, sb: DaytonaSandbox, session_id: str) -> None:
     """Forget a session and kill its running commands."""
     session = sb.sessions.pop(session_id, None)
     for cmd in session.commands.values() if session else ():
         if cmd.exit_code is None and sb.local is not None:
-            await emu.runner.kill(sb.local, cmd.kill_file)
+            emu.runner.cancel(sb.local, cmd.id)
 
 
 def routes(emu: DaytonaServer) -> list[web.RouteDef]:
@@ -142,14 +139,14 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
 
     async def session_delete(request: web.Request) -> web.Response:
         sb, session = session_of(request)
-        await kill_session(emu, sb, session.id)
+        kill_session(emu, sb, session.id)
         return web.Response(status=204)
 
     async def session_exec(request: web.Request) -> web.Response:
         sb, session = session_of(request)
         body = await request.json()
         state = sb.state_prefix(session.id)
-        cmd = Command(body["command"], kill_file="%s.%s.kill" % (state, uuid.uuid4().hex[:12]))
+        cmd = Command(body["command"])
         session.commands[cmd.id] = cmd
         task = asyncio.ensure_future(run(sb, state, cmd))
         emu.vanish_later(sb)
@@ -161,16 +158,18 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
     async def run(sb: DaytonaSandbox, state: str, cmd: Command) -> None:
         minus_one = emu.faults.take("exit_minus_one_next")
         script = SESSION_SCRIPT.format(state=shlex.quote(state), workdir=shlex.quote(sb.workdir), command=shlex.quote(cmd.command))
-        sb.running.add(cmd.kill_file)
+        sb.running.add(cmd.id)
         try:
             assert sb.local is not None
-            result = await emu.runner.start(sb.local, killable(["bash", "-c", script], cmd.kill_file, sb.workdir), cmd.append)
+            result = await emu.runner.start(sb.local, ["bash", "-c", script], cmd.append, exec_id=cmd.id)
             code = int(result.exit_code)
+        except SandboxCancelledError:  # its session or sandbox was deleted: killed, as by SIGKILL
+            code = 137
         except Exception as exc:  # the local sandbox vanished under the command
             print("daytona emulator: command %s failed: %s" % (cmd.id, exc), file=sys.stderr)
             code = -1
         finally:
-            sb.running.discard(cmd.kill_file)
+            sb.running.discard(cmd.id)
         await asyncio.sleep(0)  # let queued output callbacks land before the exit code
         cmd.finish(-1 if minus_one else code)
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from aiohttp import web
 from metaflow_sandbox.emulation import EmulatedSandbox
 
-#: Session state (exports, cwd) and kill files live here, in the sandbox's work dir.
+#: Session state (exports, cwd) lives here, in the sandbox's work dir.
 STATE_DIR = ".daytona-emu"
 
 

@@ -58,7 +58,7 @@ class DaytonaServer(EmulatorServer):
         assert isinstance(sb, DaytonaSandbox)
         self.set_state(sb, "destroyed")
         for session in list(sb.sessions):
-            await process.kill_session(self, sb, session)
+            process.kill_session(self, sb, session)
 
     async def tick(self) -> None:
         """Auto-stop (from the last activity) and auto-delete (from the stop), in provider minutes."""
@@ -131,7 +131,7 @@ class DaytonaServer(EmulatorServer):
 
     async def stop_sandbox(self, sb: DaytonaSandbox) -> None:
         for session in list(sb.sessions):
-            await process.kill_session(self, sb, session)
+            process.kill_session(self, sb, session)
         self.set_state(sb, "stopped")
         sb.stopped_at = time.monotonic()
 
