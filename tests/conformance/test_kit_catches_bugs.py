@@ -25,6 +25,8 @@ ENTRY_POINTS = {
     "buffers": "kit_broken_backends:BUFFERS",
     "ignores-timeout": "kit_broken_backends:IGNORES_TIMEOUT",
     "timeout-no-kill": "kit_broken_backends:NO_KILL",
+    "kill-noop": "kit_broken_backends:KILL_NOOP",
+    "kill-spares-children": "kit_broken_backends:KILL_SPARES_CHILDREN",
     "destroy-twice-true": "kit_broken_backends:DESTROY_TWICE_TRUE",
     "drops-high-bytes": "kit_broken_backends:DROPS_HIGH_BYTES",
     "missing-raises": "kit_broken_backends:MISSING_RAISES",
@@ -94,26 +96,30 @@ def _failed(result: pytest.RunResult) -> set[str]:
 def test_correct_backend_passes_everything(kit) -> None:
     """Control: the same backend without a bug passes the whole kit (no false alarms)."""
     result = kit("kitgood")
-    result.assert_outcomes(passed=34, skipped=1)
+    result.assert_outcomes(passed=36, skipped=1)
     result.stdout.fnmatch_lines(["SKIPPED*enforces_limits=False*advisory*"])
 
 
-# backend -> (kit tests selected with -k, kit tests that must fail, how many selected tests pass)
+STOPPING = ("exec_timeout", "exec_cancel", "exec_kill")
+EXEC_BASICS = "exec and not timeout and not streams and not limits and not cancel and not kill"
+# backend -> (kit tests selected with -k, kit tests that must fail, how many selected tests pass (, skip))
 CASES = {
     "exec-none": (
         ("exec_exit", "exec_stdout", "exec_env", "lifecycle"),
         {"test_exec_exit_codes_are_results", "test_exec_stdout_stderr_separate", "test_exec_env_visible", "test_lifecycle_ttl_honoured"},
         6,
     ),
-    "raises-nonzero": (("exec and not timeout and not streams and not limits",), {"test_exec_exit_codes_are_results"}, 10),
+    "raises-nonzero": ((EXEC_BASICS,), {"test_exec_exit_codes_are_results"}, 10),
     "mixes-streams": (
-        ("exec and not timeout and not streams and not limits",),
+        (EXEC_BASICS,),
         {"test_exec_stdout_stderr_separate", "test_exec_unicode_round_trip"},
         9,
     ),
     "buffers": (("exec_streams", "exec_exit"), {"test_exec_streams_before_exit"}, 1),
-    "ignores-timeout": (("exec_timeout",), {"test_exec_timeout_raises_and_kills"}, 0),
-    "timeout-no-kill": (("exec_timeout", "exec_exit"), {"test_exec_timeout_raises_and_kills"}, 1),
+    # The facade keeps every deadline; what a backend can still get wrong is how it stops a command.
+    "timeout-no-kill": (STOPPING, {"test_exec_timeout_raises_and_kills"}, (1, 1)),
+    "kill-noop": (STOPPING, {"test_exec_kill_keeps_sandbox_usable"}, 2),
+    "kill-spares-children": (STOPPING, {"test_exec_timeout_raises_and_kills", "test_exec_cancel_stops_command"}, 1),
     "destroy-twice-true": (
         ("lifecycle",),
         {"test_lifecycle_destroy_is_idempotent", "test_lifecycle_destroy_from_bare_handle_in_another_process"},
@@ -139,9 +145,10 @@ CASES = {
 def test_kit_catches_the_bug(kit, backend: str) -> None:
     """Each broken backend fails exactly the kit tests written for the rule it breaks."""
     select, must_fail, passing = CASES[backend]
+    passed, skipped = passing if isinstance(passing, tuple) else (passing, 0)
     result = kit(backend, *select)
     assert _failed(result) == must_fail, "\n".join(result.outlines[-40:])
-    result.assert_outcomes(failed=len(must_fail), passed=passing)
+    result.assert_outcomes(failed=len(must_fail), passed=passed, skipped=skipped)
     for name in sorted(must_fail):  # one call each: the summary lists them in run order
         result.stdout.fnmatch_lines(["FAILED test_kit.py::TestKit::%s*" % name])  # " - reason" only when it fits
 
@@ -165,6 +172,14 @@ def test_flow_tier_catches_the_bug(kit, pytester: pytest.Pytester) -> None:
     assert _failed(result) == {"test_flow_logs_persisted"}, "\n".join(result.outlines[-60:])
     result.assert_outcomes(failed=1, passed=6)
     result.stdout.fnmatch_lines(["*kit-log start stderr*"])
+
+
+def test_facade_stops_a_backend_that_ignores_timeouts(kit) -> None:
+    """An older backend with no kill hook that ignores ``timeout`` still passes the timeout and cancel rules:
+    the facade destroys its sandbox to stop the command (and the kill-hook test is a named skip)."""
+    result = kit("ignores-timeout", *STOPPING)
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["SKIPPED*does not implement the optional sandbox_exec_kill*"])
 
 
 def test_enforced_limits_pass_on_a_backend_that_enforces_them(kit) -> None:

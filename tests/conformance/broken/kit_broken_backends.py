@@ -47,8 +47,12 @@ class Good:
         return dataclasses.replace(acme.sandbox_create(spec), backend=self.name)
 
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        return acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        return acme.sandbox_exec(handle, command, env, cwd, on_stdout, on_stderr, exec_id)
+
+    @hookimpl
+    def sandbox_exec_kill(self, handle, exec_id):
+        return acme.sandbox_exec_kill(handle, exec_id)
 
     @hookimpl
     def sandbox_upload(self, handle, files):
@@ -69,15 +73,15 @@ class Good:
 
 class ExecReturnsNone(Good):
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        acme.sandbox_exec(handle, command, env, cwd, on_stdout, on_stderr, exec_id)
         return None
 
 
 class RaisesOnNonZeroExit(Good):
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        result = acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        result = acme.sandbox_exec(handle, command, env, cwd, on_stdout, on_stderr, exec_id)
         if result.exit_code:
             raise SandboxError("command failed with exit code %d" % result.exit_code)
         return result
@@ -85,16 +89,16 @@ class RaisesOnNonZeroExit(Good):
 
 class MixesStderrIntoStdout(Good):
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        return acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stdout)
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        return acme.sandbox_exec(handle, command, env, cwd, on_stdout, on_stdout, exec_id)
 
 
 class BuffersOutput(Good):
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
         out: list[str] = []
         err: list[str] = []
-        result = acme.sandbox_exec(handle, command, env, cwd, timeout, out.append, err.append)
+        result = acme.sandbox_exec(handle, command, env, cwd, out.append, err.append, exec_id)
         if on_stdout and out:
             on_stdout("".join(out))
         if on_stderr and err:
@@ -103,21 +107,27 @@ class BuffersOutput(Good):
 
 
 class IgnoresTimeout(Good):
+    """An older backend: no kill hook, and it ignores the timeout it is given (the facade must stop it)."""
+
+    sandbox_exec_kill = None
+
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        return acme.sandbox_exec(handle, command, env, cwd, None, on_stdout, on_stderr)
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr, exec_id):
+        return acme.sandbox_exec(handle, command, env, cwd, on_stdout, on_stderr, exec_id)
 
 
 class TimeoutWithoutKill(Good):
-    """Raises on time, but leaves the command running."""
+    """An older backend (no kill hook) that raises on time, but leaves the command running."""
+
+    sandbox_exec_kill = None
 
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr, exec_id):
         done: list[Any] = []
 
         def run() -> None:
             try:
-                done.append(acme.sandbox_exec(handle, command, env, cwd, None, on_stdout, on_stderr))
+                done.append(acme.sandbox_exec(handle, command, env, cwd, on_stdout, on_stderr, exec_id))
             except Exception as exc:  # handed to the caller below
                 done.append(exc)
 
@@ -129,6 +139,43 @@ class TimeoutWithoutKill(Good):
         if isinstance(done[0], Exception):
             raise done[0]
         return done[0]
+
+
+class KillDoesNothing(Good):
+    """Declares sandbox_exec_kill, which says True and kills nothing: the facade must destroy the sandbox."""
+
+    @hookimpl
+    def sandbox_exec_kill(self, handle, exec_id):
+        return True
+
+
+class KillSparesChildren(Good):
+    """Kills only a command's first process, and returns once that one exits, leaving its children running."""
+
+    running: dict[str, subprocess.Popen] = {}
+
+    @hookimpl
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        proc = subprocess.Popen(
+            list(command), cwd=cwd or handle.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
+        )
+        self.running[exec_id] = proc
+        pump = threading.Thread(target=lambda: [on_stdout and on_stdout(line.decode()) for line in proc.stdout], daemon=True)
+        pump.start()
+        try:
+            code = proc.wait()
+            pump.join(0.5)  # a child still holding stdout is left to it
+            return ExecResult(code)
+        finally:
+            self.running.pop(exec_id, None)
+
+    @hookimpl
+    def sandbox_exec_kill(self, handle, exec_id):
+        proc = self.running.get(exec_id)
+        if proc is None:
+            return False
+        proc.kill()
+        return True
 
 
 class DestroyNotIdempotent(Good):
@@ -165,10 +212,12 @@ class CredentialsNotReported(Good):
 
 
 class ReadsUntilPipesClose(Good):
-    """The doc's old example: read output until every holder of the pipes closed them."""
+    """The doc's old example: read output until every holder of the pipes closed them (and no kill hook)."""
+
+    sandbox_exec_kill = None
 
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr, exec_id):
         proc = subprocess.Popen(
             list(command), cwd=cwd or handle.workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         )
@@ -205,8 +254,8 @@ class DestroyNeedsNative(Good):
 
 class LeaksLauncherEnv(Good):
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        return acme.sandbox_exec(handle, command, {**os.environ, **env}, cwd, timeout, on_stdout, on_stderr)
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        return acme.sandbox_exec(handle, command, {**os.environ, **env}, cwd, on_stdout, on_stderr, exec_id)
 
 
 class ClaimsLimits(Good):
@@ -227,8 +276,8 @@ class FlowGood(Good):
 
 class DropsStderr(FlowGood):
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        return acme.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, None)
+    def sandbox_exec(self, handle, command, env, cwd, on_stdout, on_stderr, exec_id):
+        return acme.sandbox_exec(handle, command, env, cwd, on_stdout, None, exec_id)
 
 
 class LocalEnforcing:
@@ -249,8 +298,12 @@ class LocalEnforcing:
         return dataclasses.replace(local.sandbox_create(spec), backend=self.name)
 
     @hookimpl
-    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr):
-        return local.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr)
+    def sandbox_exec(self, handle, command, env, cwd, timeout, on_stdout, on_stderr, exec_id):
+        return local.sandbox_exec(handle, command, env, cwd, timeout, on_stdout, on_stderr, exec_id)
+
+    @hookimpl
+    def sandbox_exec_kill(self, handle, exec_id):
+        return local.sandbox_exec_kill(handle, exec_id)
 
     @hookimpl
     def sandbox_upload(self, handle, files):
@@ -279,6 +332,8 @@ MIXES_STREAMS = MixesStderrIntoStdout("mixes-streams")
 BUFFERS = BuffersOutput("buffers")
 IGNORES_TIMEOUT = IgnoresTimeout("ignores-timeout")
 NO_KILL = TimeoutWithoutKill("timeout-no-kill")
+KILL_NOOP = KillDoesNothing("kill-noop")
+KILL_SPARES_CHILDREN = KillSparesChildren("kill-spares-children")
 DESTROY_TWICE_TRUE = DestroyNotIdempotent("destroy-twice-true")
 DROPS_HIGH_BYTES = UploadDropsHighBytes("drops-high-bytes")
 MISSING_RAISES = MissingFileRaises("missing-raises")

@@ -39,7 +39,6 @@ from metaflow_sandbox import (
     SandboxHandle,
     SandboxNotFoundError,
     SandboxSpec,
-    SandboxTimeoutError,
     UnsupportedOptionError,
     UploadItem,
     hookimpl,
@@ -160,24 +159,17 @@ def sandbox_exec(
     command: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None,
-    timeout: float | None,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
+    exec_id: str,
 ) -> ExecResult:
-    exec_id = uuid.uuid4().hex
-    deadline = None if timeout is None else time.monotonic() + timeout
+    """Stream the command's events until it exits; deadlines are the facade's (it calls sandbox_exec_kill)."""
     callbacks = {"out": on_stdout, "err": on_stderr}
     decoders = {ev: codecs.getincrementaldecoder("utf-8")(errors="replace") for ev in callbacks}
     with _connect(handle) as (sock, rfile, wfile):
         send(wfile, {"op": "exec", "id": exec_id, "argv": list(command), "env": dict(env), "cwd": cwd})
         while True:
-            if deadline is not None:
-                sock.settimeout(max(0.001, deadline - time.monotonic()))
-            try:
-                message = recv(rfile)
-            except TimeoutError:
-                _kill(handle, exec_id)
-                raise SandboxTimeoutError("command timed out after %ss and was killed" % timeout) from None
+            message = recv(rfile)
             if message is None:
                 raise SandboxNotFoundError("agent sandbox %s ended while the command ran" % handle.sandbox_id)
             ev = message["ev"]
@@ -188,15 +180,18 @@ def sandbox_exec(
             _deliver(callbacks[ev], decoders[ev].decode(decode(message["data"])))
 
 
+@hookimpl
+def sandbox_exec_kill(handle: SandboxHandle, exec_id: str) -> bool:
+    """Ask the agent to kill the command's process group; False if it is not running (yet)."""
+    with _connect(handle) as (_, rfile, wfile):
+        send(wfile, {"op": "kill", "id": exec_id})
+        answer = recv(rfile) or {}
+    return bool(answer.get("killed"))
+
+
 def _deliver(callback: OutputCallback | None, text: str) -> None:
     if text and callback:
         callback(text)
-
-
-def _kill(handle: SandboxHandle, exec_id: str) -> None:
-    with contextlib.suppress(SandboxError), _connect(handle) as (_, rfile, wfile):
-        send(wfile, {"op": "kill", "id": exec_id})
-        recv(rfile)
 
 
 @hookimpl

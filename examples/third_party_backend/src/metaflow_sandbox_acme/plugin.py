@@ -2,8 +2,9 @@
 
 No isolation at all; it exists to show the contract. Settings: ``options["root"]`` (from
 ``METAFLOW_SANDBOX_ACME_ROOT``) or ``$ACME_ROOT``: where sandbox directories are made.
-``spec.ttl_seconds`` is honoured by a detached watchdog process; ``spec.image`` is refused and
-cpu/memory are advisory (both declared through ``Capabilities``). Everything a hook needs is on disk
+``spec.ttl_seconds`` is honoured by a detached watchdog process; a command's timeout is the facade's
+(it calls ``sandbox_exec_kill``); ``spec.image`` is refused and cpu/memory are advisory (both declared
+through ``Capabilities``). Everything a hook needs is on disk
 under the sandbox's directory, so ``sandbox_destroy`` works from a bare handle in another process.
 """
 
@@ -32,7 +33,6 @@ from metaflow_sandbox import (
     SandboxHandle,
     SandboxNotFoundError,
     SandboxSpec,
-    SandboxTimeoutError,
     UploadItem,
     hookimpl,
 )
@@ -116,15 +116,19 @@ def _pump(stream: Any, callback: OutputCallback | None) -> None:
         callback(tail)
 
 
+#: exec id -> its running command, so sandbox_exec_kill (called from another thread) can find it.
+_commands: dict[str, subprocess.Popen] = {}
+
+
 @hookimpl
 def sandbox_exec(
     handle: SandboxHandle,
     command: Sequence[str],
     env: Mapping[str, str],
     cwd: str | None,
-    timeout: float | None,
     on_stdout: OutputCallback | None,
     on_stderr: OutputCallback | None,
+    exec_id: str,
 ) -> ExecResult:
     home = _home(handle)
     try:
@@ -141,6 +145,7 @@ def sandbox_exec(
         stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group, so we can kill its children too
     )
+    _commands[exec_id] = proc
     _mark(home, "command", proc.pid)
     pumps = [
         threading.Thread(target=_pump, args=(proc.stdout, on_stdout)),
@@ -149,16 +154,26 @@ def sandbox_exec(
     for t in pumps:
         t.start()
     try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise SandboxTimeoutError("command timed out after %ss and was killed" % timeout, sandbox_id=handle.sandbox_id) from None
+        code = proc.wait()  # no deadline here: the facade keeps it and calls sandbox_exec_kill
     finally:
+        _commands.pop(exec_id, None)
         _kill(proc)  # also what the command left running (`sleep 30 &`): it would hold the pipes open
         for t in pumps:
             t.join()
         with contextlib.suppress(OSError):
             os.remove(os.path.join(home, "running", "command.%d" % proc.pid))
     return ExecResult(exit_code=code)
+
+
+@hookimpl
+def sandbox_exec_kill(handle: SandboxHandle, exec_id: str) -> bool:
+    """Kill a running command's whole process group; the sandbox stays. False if it is not running."""
+    proc = _commands.get(exec_id)
+    if proc is None or proc.returncode is not None:
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    return True
 
 
 def _kill(proc: subprocess.Popen) -> None:

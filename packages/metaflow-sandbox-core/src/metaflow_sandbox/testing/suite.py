@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ from metaflow_sandbox import (
     FileResult,
     Resources,
     Sandbox,
+    SandboxCancelledError,
     SandboxFileError,
     SandboxHandle,
     SandboxNotFoundError,
@@ -51,6 +53,7 @@ from metaflow_sandbox import (
     available_backends,
     get_plugin_manager,
 )
+from metaflow_sandbox.running import KILL_GRACE_SECONDS
 
 REQUIRED_HOOKS = ("sandbox_create", "sandbox_exec", "sandbox_upload", "sandbox_download", "sandbox_destroy")
 LARGE_FILE_BYTES = 50 * 1024 * 1024
@@ -638,22 +641,62 @@ class BackendConformance:
         assert code == 0
         assert out.strip() == _physical(sandbox, sandbox.handle.workdir)
 
-    def test_exec_timeout_raises_and_kills(self, sandbox: Sandbox, tdir: str) -> None:
-        """A timeout raises ``SandboxTimeoutError`` promptly, kills the command, and the sandbox stays usable.
+    def test_exec_timeout_raises_and_kills(self, fresh_sandbox: Callable[..., Sandbox]) -> None:
+        """Past its timeout a command's whole process group stops and ``SandboxTimeoutError`` is raised.
 
-        Troubleshooting: if this fails, your ``sandbox_exec`` must stop waiting after ``timeout`` seconds,
-        kill the command (its whole process group) and raise ``SandboxTimeoutError``, never return an exit code.
+        The facade keeps the deadline and stops the command through your ``sandbox_exec_kill`` (a backend
+        without it: through its own ``timeout``, else the facade destroys the sandbox). The command and a
+        background child both write a heartbeat file; the error must come within ``timeout +
+        KILL_GRACE_SECONDS + timeout_slack_seconds`` and both heartbeats must stop within 1 s.
+        Troubleshooting: if this fails, your ``sandbox_exec_kill`` must kill the command's whole process
+        group (not only its first process), or, without that hook, your ``sandbox_exec`` must kill it at
+        ``timeout`` and raise SandboxTimeoutError.
         """
-        marker = posixpath.join(tdir, "late")
+        sb = fresh_sandbox(kit_case="timeout")
         start = time.monotonic()
         with pytest.raises(SandboxTimeoutError):
-            sandbox.exec(["sh", "-c", 'sleep 3 && touch "$1"', "sh", marker], timeout=1)
+            _start_heartbeats(sb, timeout=1)
         elapsed = time.monotonic() - start
-        assert elapsed < 1 + self.timeout_slack_seconds, "raised only after %.1fs" % elapsed
-        time.sleep(max(0.0, start + 4.5 - time.monotonic()))
-        code, out, _ = sandbox.run(["sh", "-c", 'test -e "$1" && echo alive || echo killed', "sh", marker], timeout=60)
-        assert code == 0
-        assert out == "killed\n", "the timed-out command kept running after SandboxTimeoutError"
+        assert elapsed < 1 + KILL_GRACE_SECONDS + self.timeout_slack_seconds, "raised only after %.1fs" % elapsed
+        _assert_heartbeats_stopped(sb, "the timed-out command")
+
+    def test_exec_cancel_stops_command(self, fresh_sandbox: Callable[..., Sandbox]) -> None:
+        """``Sandbox.cancel()`` from another thread stops the running command's process group.
+
+        The running ``exec`` raises ``SandboxCancelledError`` within ``KILL_GRACE_SECONDS +
+        timeout_slack_seconds`` and both heartbeats stop (Ctrl-C and SIGTERM of a run take the same path).
+        Troubleshooting: if this fails, your ``sandbox_exec_kill`` must kill the command's whole process
+        group, and your ``sandbox_exec`` must return once it is killed.
+        """
+        sb = fresh_sandbox(kit_case="cancel")
+        timer = threading.Timer(1.0, sb.cancel)
+        timer.start()
+        start = time.monotonic()
+        try:
+            with pytest.raises(SandboxCancelledError):
+                _start_heartbeats(sb, timeout=120)
+        finally:
+            timer.cancel()
+        elapsed = time.monotonic() - start
+        assert elapsed < 1 + KILL_GRACE_SECONDS + self.timeout_slack_seconds, "exec returned %.1fs after the cancel" % (elapsed - 1)
+        _assert_heartbeats_stopped(sb, "the cancelled command")
+
+    def test_exec_kill_keeps_sandbox_usable(self, conformance_backend: Backend, fresh_sandbox: Callable[..., Sandbox]) -> None:
+        """With ``sandbox_exec_kill``: a killed command leaves its sandbox running the next command.
+
+        Troubleshooting: if this fails, your ``sandbox_exec_kill`` did not end the command within
+        ``KILL_GRACE_SECONDS`` (so the facade destroyed the sandbox to stop it): kill the process group
+        of ``exec_id`` and make your ``sandbox_exec`` return once it is dead.
+        """
+        if not conformance_backend.implements("sandbox_exec_kill"):
+            pytest.skip("backend does not implement the optional sandbox_exec_kill hook: a timeout or cancel ends its sandbox")
+        sb = fresh_sandbox(kit_case="kill")
+        with pytest.raises(SandboxTimeoutError):
+            sb.exec(["sh", "-c", "sleep 60"], timeout=1)
+        try:
+            assert sb.run(["sh", "-c", "echo alive"], timeout=60)[:2] == (0, "alive\n")
+        except SandboxNotFoundError:
+            pytest.fail("the sandbox was destroyed: sandbox_exec_kill did not stop the command within %ss" % KILL_GRACE_SECONDS)
 
     # ----- files -----------------------------------------------------------------------------
 
@@ -777,6 +820,31 @@ class BackendConformance:
         code, _, _ = sandbox.run(["sh", "-c", 'printf "made by a command\\n" > "$1"', "sh", path], timeout=60)
         assert code == 0
         assert sandbox.read_file(path) == b"made by a command\n"
+
+
+# The command and a background child of it (same process group) append to a heartbeat file each 0.1 s.
+_HEARTBEATS = (
+    'd=$1; mkdir -p "$d"; (while :; do echo x >> "$d/child"; sleep 0.1; done) & while :; do echo x >> "$d/parent"; sleep 0.1; done'
+)
+
+
+def _start_heartbeats(sb: Sandbox, timeout: float) -> None:
+    sb.exec(["sh", "-c", _HEARTBEATS, "sh", posixpath.join(sb.handle.workdir, "kit-heartbeats")], timeout=timeout)
+
+
+def _assert_heartbeats_stopped(sb: Sandbox, what: str) -> None:
+    """Both heartbeats ran, and neither grows 1 s after the exec raised. A destroyed sandbox stopped them too."""
+    probe = 'for f in parent child; do wc -c < "$1/$f" 2>/dev/null || echo 0; done'
+    where = posixpath.join(sb.handle.workdir, "kit-heartbeats")
+    time.sleep(1.0)
+    try:
+        first = sb.run(["sh", "-c", probe, "sh", where], timeout=60)[1].split()
+        time.sleep(1.0)
+        second = sb.run(["sh", "-c", probe, "sh", where], timeout=60)[1].split()
+    except SandboxNotFoundError:
+        return  # the facade destroyed the sandbox (it says so): nothing of it runs
+    assert all(int(n) > 0 for n in first), "the command's heartbeats never started: %s" % first
+    assert first == second, "%s kept running: heartbeat sizes (command, its child) went from %s to %s" % (what, first, second)
 
 
 def _prefix_times(seen: list[tuple[float, str]]) -> list[tuple[float, str]]:
