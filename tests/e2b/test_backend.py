@@ -21,9 +21,11 @@ from metaflow_sandbox import (
     SandboxTimeoutError,
     UnsupportedOptionError,
 )
-from metaflow_sandbox_e2b.emulator import Emulator
+from metaflow_sandbox_e2b.emulator import EmulatorHandle
 from metaflow_sandbox_e2b.settings import PLANS
 from metaflow_sandbox_e2b.templates import ladder, pick_template, template_name
+
+from .conftest import _execs
 
 
 @pytest.fixture
@@ -36,7 +38,7 @@ def labels() -> dict[str, str]:
     return {MARKER_LABEL: "1", "flow": "BackendFlow", "run": uuid.uuid4().hex[:8], "step": "start", "task": "1"}
 
 
-def _by_id(emulator: Emulator, sandbox_id: str) -> dict:
+def _by_id(emulator: EmulatorHandle, sandbox_id: str) -> dict:
     (info,) = [s for s in emulator.live_sandboxes() if s["id"] == sandbox_id]
     return info
 
@@ -81,14 +83,14 @@ def test_ladder_capped_by_plan() -> None:
     assert len(ladder(PLANS["hobby"])) == 16 and len(ladder(PLANS["pro"])) == 20
 
 
-def test_created_sandbox_has_the_template_size(backend: Backend, emulator: Emulator, labels) -> None:
+def test_created_sandbox_has_the_template_size(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     with backend.create(SandboxSpec(resources=Resources(cpu=3, memory_mb=3000), labels=labels, ttl_seconds=600)) as sb:
         info = _by_id(emulator, sb.id)
         assert info["template"] == template_name(None, 4, 4096)
         assert (info["cpu"], info["memory_mb"]) == (4, 4096)
 
 
-def test_too_big_request_refused_before_any_request(backend: Backend, emulator: Emulator) -> None:
+def test_too_big_request_refused_before_any_request(backend: Backend, emulator: EmulatorHandle) -> None:
     before = emulator.stats().get("api_requests", 0)
     with pytest.raises(UnsupportedOptionError, match=r"at most 8(\.0)? CPUs"):
         backend.create(SandboxSpec(resources=Resources(cpu=16)))
@@ -97,13 +99,13 @@ def test_too_big_request_refused_before_any_request(backend: Backend, emulator: 
     assert emulator.stats().get("api_requests", 0) == before
 
 
-def test_unknown_template_error_names_the_build_command(emulator: Emulator) -> None:
+def test_unknown_template_error_names_the_build_command(emulator: EmulatorHandle) -> None:
     with pytest.raises(UnsupportedOptionError) as info:
         Backend("e2b", options={"template": "never-built"}).create(SandboxSpec(ttl_seconds=60))
     assert "metaflow_sandbox_e2b.templates build" in str(info.value)
 
 
-def test_custom_template_option(emulator: Emulator, labels) -> None:
+def test_custom_template_option(emulator: EmulatorHandle, labels) -> None:
     with Backend("e2b", options={"template": "custom-big"}).create(SandboxSpec(labels=labels, ttl_seconds=60)) as sb:
         assert _by_id(emulator, sb.id)["cpu"] == 4
 
@@ -127,11 +129,11 @@ def test_templates_command_without_key_fails_before_building(monkeypatch: pytest
 
 
 # -- labels, list, idempotency -----------------------------------------------------------------
-def test_labels_become_metadata_and_list_filters(backend: Backend, emulator: Emulator, labels) -> None:
+def test_labels_become_metadata_and_list_filters(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     a = backend.create(SandboxSpec(labels=labels, env={"STEP_VAR": "x"}, ttl_seconds=600))
     b = backend.create(SandboxSpec(labels={**labels, "step": "end"}, ttl_seconds=600))
     try:
-        assert _by_id(emulator, a.id)["metadata"] == labels
+        assert _by_id(emulator, a.id)["labels"] == labels
         assert {s.id for s in backend.list({"run": labels["run"]})} == {a.id, b.id}
         listed = backend.list({"run": labels["run"], "step": "start"})
         assert [s.id for s in listed] == [a.id]
@@ -145,36 +147,36 @@ def test_labels_become_metadata_and_list_filters(backend: Backend, emulator: Emu
         a.destroy()
 
 
-def test_idempotent_create_same_key_one_sandbox(backend: Backend, emulator: Emulator, labels) -> None:
+def test_idempotent_create_same_key_one_sandbox(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     spec = SandboxSpec(labels=labels, ttl_seconds=600, idempotency_key="Run_1/start/1 attempt:0")
     first = backend.create(spec)
     second = backend.create(spec)
     try:
         assert first.id == second.id
-        assert len([s for s in emulator.live_sandboxes() if s["metadata"].get("run") == labels["run"]]) == 1
+        assert len([s for s in emulator.live_sandboxes() if s["labels"].get("run") == labels["run"]]) == 1
     finally:
         first.destroy()
 
 
-def test_create_response_lost_then_retried_makes_one_sandbox(backend: Backend, emulator: Emulator, labels) -> None:
+def test_create_response_lost_then_retried_makes_one_sandbox(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     """The SDK retries create on 503; with our idempotency key the retry returns the same sandbox."""
     before = emulator.stats()
-    emulator.set_faults(error_next=1, error_statuses=[503], error_after_create=True)
+    emulator.set_faults(lost_reply_next=1, lost_reply_status=503, lost_reply_endpoints=["create"])
     sb = backend.create(SandboxSpec(labels=labels, ttl_seconds=600, idempotency_key="lost-" + labels["run"]))
     try:
         after = emulator.stats()
         assert after.get("create", 0) - before.get("create", 0) == 1
         assert after.get("create_idempotent_hit", 0) - before.get("create_idempotent_hit", 0) == 1
-        assert [s["id"] for s in emulator.live_sandboxes() if s["metadata"].get("run") == labels["run"]] == [sb.id]
+        assert [s["id"] for s in emulator.live_sandboxes() if s["labels"].get("run") == labels["run"]] == [sb.id]
     finally:
         sb.destroy()
 
 
-def test_without_key_the_same_fault_duplicates(backend: Backend, emulator: Emulator, labels) -> None:
+def test_without_key_the_same_fault_duplicates(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     """Shows the fault is real: with no idempotency key, the SDK's retry creates a second sandbox."""
-    emulator.set_faults(error_next=1, error_statuses=[503], error_after_create=True)
+    emulator.set_faults(lost_reply_next=1, lost_reply_status=503, lost_reply_endpoints=["create"])
     sb = backend.create(SandboxSpec(labels=labels, ttl_seconds=600))
-    mine = [s["id"] for s in emulator.live_sandboxes() if s["metadata"].get("run") == labels["run"]]
+    mine = [s["id"] for s in emulator.live_sandboxes() if s["labels"].get("run") == labels["run"]]
     try:
         assert len(mine) == 2 and sb.id in mine
     finally:
@@ -221,16 +223,16 @@ def test_twenty_megabytes_of_output_in_order(sandbox) -> None:
     assert digest.hexdigest() == hashlib.sha256(expected).hexdigest()
 
 
-def test_timeout_kills_and_command_ran_once(sandbox, emulator: Emulator) -> None:
+def test_timeout_kills_and_command_ran_once(sandbox, emulator: EmulatorHandle) -> None:
     counter = sandbox.handle.workdir + "/runs.txt"
-    execs_before = emulator.stats()["execs"][sandbox.id]
+    execs_before = _execs(emulator, sandbox.id)
     start = time.monotonic()
     with pytest.raises(SandboxTimeoutError):
         sandbox.exec(["sh", "-c", 'echo run >> "$0"; sleep 20; echo late >> "$0"', counter], timeout=4)  # room for a slow start
     assert time.monotonic() - start < 10
     time.sleep(1)
     assert sandbox.read_file(counter) == b"run\n"
-    assert emulator.stats()["execs"][sandbox.id] == execs_before + 1  # one Process/Start: never re-run
+    assert _execs(emulator, sandbox.id) == execs_before + 1  # one Process/Start: never re-run
     assert sandbox.run(["true"])[0] == 0  # the sandbox stays usable
 
 
@@ -253,7 +255,7 @@ def test_env_from_create_and_exec(backend: Backend, labels) -> None:
 
 
 # -- lifetime ------------------------------------------------------------------------------------
-def test_sandbox_dies_at_its_ttl(backend: Backend, emulator: Emulator, labels) -> None:
+def test_sandbox_dies_at_its_ttl(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     sb = backend.create(SandboxSpec(labels=labels, ttl_seconds=2))
     time.sleep(3)
     assert sb.id not in [s["id"] for s in emulator.live_sandboxes()]
@@ -262,7 +264,7 @@ def test_sandbox_dies_at_its_ttl(backend: Backend, emulator: Emulator, labels) -
     assert sb.destroy() is False
 
 
-def test_lease_renewed_while_a_command_runs(emulator: Emulator, labels) -> None:
+def test_lease_renewed_while_a_command_runs(emulator: EmulatorHandle, labels) -> None:
     """Created with a 6 s lease; a 12 s command keeps the sandbox alive by renewing it."""
     backend = Backend("e2b", options={"lease_seconds": 6})
     with backend.create(SandboxSpec(labels=labels, ttl_seconds=600)) as sb:
@@ -271,7 +273,7 @@ def test_lease_renewed_while_a_command_runs(emulator: Emulator, labels) -> None:
         assert sb.run(["true"])[0] == 0
 
 
-def test_ttl_over_plan_cap_fails_naming_the_option(backend: Backend, emulator: Emulator) -> None:
+def test_ttl_over_plan_cap_fails_naming_the_option(backend: Backend, emulator: EmulatorHandle) -> None:
     with pytest.raises(UnsupportedOptionError):
         backend.create(SandboxSpec(ttl_seconds=2 * 3600))
     from metaflow_sandbox_e2b import plugin
@@ -283,7 +285,7 @@ def test_ttl_over_plan_cap_fails_naming_the_option(backend: Backend, emulator: E
 
 
 # -- credentials -----------------------------------------------------------------------------------
-def test_missing_key_fails_before_any_request(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_key_fails_before_any_request(emulator: EmulatorHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("E2B_API_KEY")
     before = emulator.stats().get("api_requests", 0)
     with pytest.raises(BackendNotConfiguredError) as info:
@@ -296,7 +298,7 @@ def test_missing_key_fails_before_any_request(emulator: Emulator, monkeypatch: p
     assert Backend("e2b", options={"api_key": "emulator-key"}).check_config() is True
 
 
-def test_wrong_key_is_a_clear_error(emulator: Emulator) -> None:
+def test_wrong_key_is_a_clear_error(emulator: EmulatorHandle) -> None:
     with pytest.raises(SandboxError, match="E2B_API_KEY"):
         Backend("e2b", options={"api_key": "wrong"}).create(SandboxSpec(ttl_seconds=60))
 
@@ -309,7 +311,7 @@ def test_capabilities(backend: Backend) -> None:
 
 
 # -- network ---------------------------------------------------------------------------------------
-def test_network_toggle(backend: Backend, emulator: Emulator, labels) -> None:
+def test_network_toggle(backend: Backend, emulator: EmulatorHandle, labels) -> None:
     """network=False becomes allow_internet_access=False; the sandbox then cannot reach a host port."""
     port = emulator.url.rsplit(":", 1)[1]
     probe = ["bash", "-c", 'exec 3<>"/dev/tcp/127.0.0.1/$0" && echo open || echo closed', port]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ import uuid
 
 import e2b
 import pytest
-from metaflow_sandbox_e2b.emulator import Emulator, start_emulator
+from metaflow_sandbox_e2b.emulator import EmulatorHandle, start_emulator
 
 
 @pytest.fixture
@@ -69,7 +70,7 @@ def test_sdk_command_timeout_is_enforced_server_side(sbx) -> None:
     assert sbx.files.exists("/home/user/late") is False  # envd kills the command at its deadline
 
 
-def test_keepalives_during_silence(sbx, emulator: Emulator) -> None:
+def test_keepalives_during_silence(sbx, emulator: EmulatorHandle) -> None:
     emulator.set_faults(keepalive_every=0.3)
     before = emulator.stats().get("keepalive", 0)
     assert sbx.commands.run("sleep 2; echo after-silence", timeout=0).stdout == "after-silence\n"
@@ -94,7 +95,7 @@ def test_list_paging_metadata_and_info(tag: str) -> None:
             s.kill()
 
 
-def test_timeout_connect_and_expiry(emulator: Emulator, tag: str) -> None:
+def test_timeout_connect_and_expiry(emulator: EmulatorHandle, tag: str) -> None:
     sandbox = e2b.Sandbox.create(timeout=60, metadata={"emu-test": tag})
     sandbox.set_timeout(1)  # shortening is allowed
     time.sleep(2)
@@ -108,14 +109,14 @@ def test_timeout_connect_and_expiry(emulator: Emulator, tag: str) -> None:
     assert emulator.stats().get("expired", 0) >= 1
 
 
-def test_auth_checked(emulator: Emulator) -> None:
+def test_auth_checked(emulator: EmulatorHandle) -> None:
     with pytest.raises(e2b.AuthenticationException):
         e2b.Sandbox.create(api_key="wrong-key")
 
 
 def test_plan_cap_and_concurrency_limit() -> None:
     with start_emulator(port=0, plan="hobby", max_sandboxes=1) as emu:
-        params = {"api_key": emu.api_key, "api_url": emu.url, "sandbox_url": emu.sandbox_url}
+        params = {"api_key": emu.api_key, "api_url": emu.url, "sandbox_url": emu.info["sandbox_url"]}
         with pytest.raises(e2b.SandboxException, match="400"):
             e2b.Sandbox.create(timeout=7200, **params)
         first = e2b.Sandbox.create(timeout=60, **params)
@@ -127,12 +128,12 @@ def test_plan_cap_and_concurrency_limit() -> None:
 
 def test_cli_starts_and_stops() -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "metaflow_sandbox_e2b.emulator", "--port", "0", "--ready-json", "--exit-on-stdin-eof"],
+        [sys.executable, "-m", "metaflow_sandbox_e2b.emulator", "--port", "0", "--ready", "--parent-pid", str(os.getpid())],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
-        assert '"api_url": "http://127.0.0.1:' in line
+        assert line.startswith("METAFLOW_SANDBOX_EMULATOR_READY ") and '"E2B_API_URL": "http://127.0.0.1:' in line
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         assert proc.wait(timeout=15) == 0
@@ -146,8 +147,10 @@ def test_multi_file_multipart_and_gzip_upload(sbx) -> None:
     assert out == "12210000\n"
 
 
-def test_unknown_fault_names_are_refused(emulator: Emulator) -> None:
+def test_unknown_fault_names_are_refused(emulator: EmulatorHandle) -> None:
     with pytest.raises(ValueError, match="latency_ms"):
-        emulator.set_faults(latency_ms=5)
+        emulator.set_faults(latency=0.005)  # the old E2B name: the error lists the known ones
+    with pytest.raises(ValueError, match="unknown endpoint"):
+        emulator.set_faults(error_endpoints=["Process/Start"])
     with pytest.raises(ValueError, match="vanish"):
         start_emulator(port=0, vanish=1)

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 from metaflow_sandbox import MARKER_LABEL, Backend, SandboxNotFoundError, SandboxSpec
-from metaflow_sandbox_e2b.emulator import Emulator
+from metaflow_sandbox_e2b.emulator import EmulatorHandle
 
 OWNER = textwrap.dedent(
     """
@@ -33,11 +33,11 @@ def labels() -> dict[str, str]:
     return {MARKER_LABEL: "1", "run": uuid.uuid4().hex[:8]}
 
 
-def _alive(emulator: Emulator, sandbox_id: str) -> dict | None:
+def _alive(emulator: EmulatorHandle, sandbox_id: str) -> dict | None:
     return next((s for s in emulator.live_sandboxes() if s["id"] == sandbox_id), None)
 
 
-def _wait_gone(emulator: Emulator, sandbox_id: str, within: float) -> float:
+def _wait_gone(emulator: EmulatorHandle, sandbox_id: str, within: float) -> float:
     start = time.monotonic()
     while _alive(emulator, sandbox_id) is not None:
         assert time.monotonic() - start < within, "sandbox %s still alive %.0fs after its owner died" % (sandbox_id, within)
@@ -55,7 +55,7 @@ def _wait_gone(emulator: Emulator, sandbox_id: str, within: float) -> float:
     ],
     ids=["lease-3s", "lease-60s-time-scale-0.05"],
 )
-def test_sigkilled_owner_sandbox_ends_by_the_lease_alone(emulator: Emulator, labels, lease, env, faults) -> None:
+def test_sigkilled_owner_sandbox_ends_by_the_lease_alone(emulator: EmulatorHandle, labels, lease, env, faults) -> None:
     emulator.set_faults(**faults)
     expired = emulator.stats().get("expired", 0)
     owner = subprocess.Popen(
@@ -75,7 +75,7 @@ def test_sigkilled_owner_sandbox_ends_by_the_lease_alone(emulator: Emulator, lab
     assert emulator.stats().get("expired", 0) == expired + 1  # the lease ended it, not a kill
 
 
-def test_live_owner_renews_through_a_long_command_and_between_calls(emulator: Emulator, labels) -> None:
+def test_live_owner_renews_through_a_long_command_and_between_calls(emulator: EmulatorHandle, labels) -> None:
     with Backend("e2b").create(SandboxSpec(labels=labels, ttl_seconds=600, lease_seconds=3)) as sb:
         assert 0 < _alive(emulator, sb.id)["expires_in"] <= 3
         assert sb.exec(["sleep", "7"]).exit_code == 0  # 2+ leases inside one command
@@ -85,7 +85,7 @@ def test_live_owner_renews_through_a_long_command_and_between_calls(emulator: Em
         assert sb.handle.native.renewals >= 8
 
 
-def test_renewals_never_reach_past_the_ttl(emulator: Emulator, labels) -> None:
+def test_renewals_never_reach_past_the_ttl(emulator: EmulatorHandle, labels) -> None:
     sb = Backend("e2b").create(SandboxSpec(labels=labels, ttl_seconds=5, lease_seconds=3))
     start = time.monotonic()
     with pytest.raises(SandboxNotFoundError):
@@ -103,7 +103,9 @@ def test_renewals_never_reach_past_the_ttl(emulator: Emulator, labels) -> None:
         ({"METAFLOW_SANDBOX_LEASE_SECONDS": "120"}, {"lease_seconds": "90"}, 90),  # the backend option overrides it
     ],
 )
-def test_the_sandbox_timeout_is_the_lease(emulator: Emulator, labels, monkeypatch: pytest.MonkeyPatch, env, options, expected) -> None:
+def test_the_sandbox_timeout_is_the_lease(
+    emulator: EmulatorHandle, labels, monkeypatch: pytest.MonkeyPatch, env, options, expected
+) -> None:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with Backend("e2b", options=options).create(SandboxSpec(labels=labels, ttl_seconds=3000)) as sb:

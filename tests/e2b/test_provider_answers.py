@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 from metaflow_sandbox import MARKER_LABEL, Backend, SandboxError, SandboxSpec, UnsupportedOptionError
 from metaflow_sandbox_e2b import plugin
-from metaflow_sandbox_e2b.emulator import Emulator
+from metaflow_sandbox_e2b.emulator import EmulatorHandle
 
 
 @pytest.fixture
@@ -22,7 +22,7 @@ def labels() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sandbox(emulator: Emulator) -> Iterator:
+def sandbox(emulator: EmulatorHandle) -> Iterator:
     with Backend("e2b").create(SandboxSpec(labels={MARKER_LABEL: "1", "run": "answers"}, ttl_seconds=300)) as sb:
         yield sb
 
@@ -58,7 +58,7 @@ def closed_url() -> str:
         return "http://127.0.0.1:%d" % s.getsockname()[1]  # nothing listens once closed
 
 
-def _requests(emulator: Emulator) -> tuple[int, int]:
+def _requests(emulator: EmulatorHandle) -> tuple[int, int]:
     stats = emulator.stats()
     return stats.get("api_requests", 0), stats.get("process_start", 0)
 
@@ -81,7 +81,7 @@ def _no_raw_error(err: BaseException) -> None:
     ],
     ids=["non-utf8-argv", "non-utf8-env", "env-var-over-128k", "env-over-512k"],
 )
-def test_exec_input_e2b_cannot_carry_is_refused_before_sending(emulator: Emulator, sandbox, argv, env, named) -> None:
+def test_exec_input_e2b_cannot_carry_is_refused_before_sending(emulator: EmulatorHandle, sandbox, argv, env, named) -> None:
     before = _requests(emulator)
     with pytest.raises(UnsupportedOptionError) as info:
         sandbox.exec(argv, env=env)
@@ -91,7 +91,7 @@ def test_exec_input_e2b_cannot_carry_is_refused_before_sending(emulator: Emulato
     assert sandbox.run(["echo", "still fine"])[:2] == (0, "still fine\n")
 
 
-def test_create_with_an_environment_e2b_cannot_carry_is_refused_before_any_request(emulator: Emulator, labels) -> None:
+def test_create_with_an_environment_e2b_cannot_carry_is_refused_before_any_request(emulator: EmulatorHandle, labels) -> None:
     """Through the hook itself (the facade's own check stops it earlier): no raw 413, nothing created."""
     before = _requests(emulator)
     spec = SandboxSpec(labels=labels, ttl_seconds=60, env={"V%d" % i: "z" * 120_000 for i in range(10)}, lease_seconds=60)
@@ -102,14 +102,14 @@ def test_create_with_an_environment_e2b_cannot_carry_is_refused_before_any_reque
     spec = SandboxSpec(labels={**labels, "note": "caf\udce9"}, ttl_seconds=60, lease_seconds=60)
     with pytest.raises(UnsupportedOptionError, match="label note"):
         plugin.sandbox_create(spec=spec)
-    assert [s for s in emulator.live_sandboxes() if s["metadata"].get("run") == labels["run"]] == []
+    assert [s for s in emulator.live_sandboxes() if s["labels"].get("run") == labels["run"]] == []
 
 
 # -- wrong URLs and unexpected answers ---------------------------------------------------------
 @pytest.mark.parametrize("variable", ["E2B_API_URL", "E2B_SANDBOX_URL"])
 @pytest.mark.parametrize("where", ["closed", "html"])
 def test_wrong_url_names_the_setting_and_leaves_nothing(
-    emulator: Emulator, labels, monkeypatch: pytest.MonkeyPatch, closed_url: str, html_server: str, variable: str, where: str
+    emulator: EmulatorHandle, labels, monkeypatch: pytest.MonkeyPatch, closed_url: str, html_server: str, variable: str, where: str
 ) -> None:
     url = closed_url if where == "closed" else html_server
     monkeypatch.setenv(variable, url)
@@ -119,7 +119,7 @@ def test_wrong_url_names_the_setting_and_leaves_nothing(
     assert url in str(info.value)
     assert variable in info.value.hint and "E2B_API_KEY" in info.value.hint
     monkeypatch.setenv(variable, emulator.env[variable])
-    assert [s for s in emulator.live_sandboxes() if s["metadata"].get("run") == labels["run"]] == []
+    assert [s for s in emulator.live_sandboxes() if s["labels"].get("run") == labels["run"]] == []
 
 
 @pytest.mark.parametrize("where", ["closed", "html"])
@@ -146,7 +146,7 @@ def _detached(sandbox):
     return SandboxHandle("e2b", sandbox.id, workdir=sandbox.handle.workdir, labels={}, options={})
 
 
-def test_wrong_api_key_names_it(emulator: Emulator, labels, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wrong_api_key_names_it(emulator: EmulatorHandle, labels, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("E2B_API_KEY", "e2b_not-the-key")
     with pytest.raises(SandboxError) as info:
         Backend("e2b").create(SandboxSpec(labels=labels, ttl_seconds=60))

@@ -1,72 +1,157 @@
-"""Run the REST and envd servers on 127.0.0.1 until stopped (the body of ``python -m ...emulator``)."""
+"""The E2B emulator process: the REST control plane and envd on two ports, on the emulation toolkit.
+
+The modules: ``api`` (the REST API the SDK 2.x uses), ``envd`` (the in-sandbox agent: process RPCs
+and files), ``protocol`` (the sandbox as E2B lists it, errors, envd processes), ``faults`` (E2B's
+switches). This one holds the world: templates, plan limits, creates with idempotency keys, leases.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
-import os
-import signal
-import sys
-import threading
-from typing import Any
+import re
+import secrets
+import time
+from typing import Any, Optional
 
 from aiohttp import web
+from metaflow_sandbox.emulation.server import EmulatorServer, common_arguments, run
 
-from .api import make_api_app
-from .envd import make_envd_app
-from .state import Faults, World
+from . import api, envd
+from .faults import E2BFaults
+from .protocol import ApiError, E2BSandbox
 
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m metaflow_sandbox_e2b.emulator", description="Offline E2B emulator.")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3999, help="REST API port (0 = any free port)")
-    p.add_argument("--envd-port", type=int, default=0, help="envd port (0 = any free port)")
-    p.add_argument("--api-key", default="emulator-key")
-    p.add_argument("--plan", choices=["hobby", "pro"], default="hobby", help="caps sandbox timeouts (1 h / 24 h)")
-    p.add_argument("--max-sandboxes", type=int, default=None, help="concurrency limit (429 above it)")
-    p.add_argument("--template", action="append", default=[], metavar="NAME=CPU:MEMORY_MB", help="extra template")
-    p.add_argument("--login-shell", action="store_true", help="keep `bash -l` (sources the host's /etc/profile)")
-    p.add_argument("--latency", type=float, default=0.0)
-    p.add_argument("--error-rate", type=float, default=0.0)
-    p.add_argument("--error-next", type=int, default=0, help="fail the next N REST requests")
-    p.add_argument("--error-statuses", default="429,503")
-    p.add_argument("--error-scope", choices=["api", "all"], default="api", help="all: envd requests too (never Process/Start)")
-    p.add_argument("--error-after-create", action="store_true")
-    p.add_argument("--retry-after", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--drop-stream-after", type=float, default=None)
-    p.add_argument("--drop-streams", type=int, default=None, help="drop only the first N command streams")
-    p.add_argument("--time-scale", type=float, default=1.0, help="real seconds per emulated second of sandbox timeouts")
-    p.add_argument("--outage", action="store_true", help="every request answers 503 (the provider is down)")
-    p.add_argument("--vanish-after", type=float, default=None)
-    p.add_argument("--keepalive-every", type=float, default=None)
-    p.add_argument("--faults", default=None, help="faults as JSON (overrides the flags)")
-    p.add_argument("--ready-json", action="store_true", help="print one JSON line with the ports when ready")
-    p.add_argument("--exit-on-stdin-eof", action="store_true", help="stop when the parent process goes away")
-    return p.parse_args(argv)
+PLAN_MAX_TIMEOUT = {"hobby": 3600, "pro": 86400}
+DEFAULT_TIMEOUT = 300
+DEFAULT_KEY = "emulator-key"
+#: Templates named like ours (``...-c4-m8192``) exist with that size, as if built.
+_SIZED = re.compile(r"-c(\d+)-m(\d+)$")
 
 
-def faults_from_args(args: argparse.Namespace) -> Faults:
-    if args.faults:
-        return Faults.from_dict(json.loads(args.faults))
-    return Faults(
-        latency=args.latency,
-        error_rate=args.error_rate,
-        error_next=args.error_next,
-        error_statuses=tuple(int(s) for s in args.error_statuses.split(",") if s),
-        error_scope=args.error_scope,
-        error_after_create=args.error_after_create,
-        retry_after=args.retry_after,
-        seed=args.seed,
-        drop_stream_after=args.drop_stream_after,
-        drop_streams=args.drop_streams,
-        time_scale=args.time_scale,
-        outage=args.outage,
-        vanish_after=args.vanish_after,
-        keepalive_every=args.keepalive_every,
-    )
+class E2BServer(EmulatorServer):
+    NAME = "e2b"
+    FAULTS = E2BFaults
+    faults: E2BFaults
+
+    def __init__(
+        self,
+        api_key: str = DEFAULT_KEY,
+        port: int = 0,
+        envd_port: int = 0,
+        plan: str = "hobby",
+        templates: Optional[dict[str, tuple[int, int]]] = None,
+        max_sandboxes: Optional[int] = None,
+        login_shell: bool = False,
+        faults: Optional[dict[str, Any]] = None,
+    ):
+        super().__init__(api_key, faults)
+        self.ports = (port, envd_port)
+        self.plan = plan
+        self.templates = {"base": (2, 512), **(templates or {})}
+        self.max_sandboxes = max_sandboxes
+        self.login_shell = login_shell
+        self.idempotent: dict[str, asyncio.Future[E2BSandbox]] = {}
+        self.streams: set[Any] = set()  # transports of open command streams (cut by an outage)
+
+    # ---------------------------------------------------------------- the toolkit's hooks
+    def apps(self) -> list[tuple[str, web.Application, int]]:
+        return [("api", api.make_app(self), self.ports[0]), ("envd", envd.make_app(self), self.ports[1])]
+
+    def env(self) -> dict[str, str]:
+        no_proxy = "127.0.0.1,localhost"
+        sdk = {"E2B_API_KEY": self.api_key, "E2B_API_URL": self.urls["api"], "E2B_SANDBOX_URL": self.urls["envd"]}
+        return dict(sdk, NO_PROXY=no_proxy, no_proxy=no_proxy)
+
+    def ready_info(self) -> dict[str, Any]:
+        return dict(super().ready_info(), url=self.urls["api"], sandbox_url=self.urls["envd"], api_key=self.api_key)
+
+    def faults_changed(self) -> None:
+        if self.faults.outage:
+            for transport in list(self.streams):
+                self.count("stream_dropped")
+                transport.abort()
+
+    # ---------------------------------------------------------------- sandboxes
+    def max_timeout(self) -> int:
+        return PLAN_MAX_TIMEOUT.get(self.plan, PLAN_MAX_TIMEOUT["hobby"])
+
+    def template_size(self, name: str) -> tuple[int, int]:
+        if name in self.templates:
+            return self.templates[name]
+        match = _SIZED.search(name)
+        if match:
+            return int(match.group(1)), int(match.group(2))
+        raise ApiError(404, "template '%s' not found" % name)
+
+    async def create(self, body: dict[str, Any], idempotency_key: Optional[str]) -> E2BSandbox:
+        """A create; a retried one with the same Idempotency-Key gets the first one's sandbox."""
+        if not idempotency_key:
+            return await self._create(body)
+        pending = self.idempotent.get(idempotency_key)
+        if pending is not None:
+            self.count("create_idempotent_hit")
+            return await asyncio.shield(pending)
+        fut: asyncio.Future[E2BSandbox] = asyncio.get_running_loop().create_future()
+        self.idempotent[idempotency_key] = fut
+        try:
+            sandbox = await self._create(body)
+        except BaseException as exc:
+            del self.idempotent[idempotency_key]
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved
+            raise
+        fut.set_result(sandbox)
+        return sandbox
+
+    async def _create(self, body: dict[str, Any]) -> E2BSandbox:
+        template = body.get("templateID") or "base"
+        cpu, memory = self.template_size(template)
+        timeout = int(body.get("timeout") or DEFAULT_TIMEOUT)
+        if timeout > self.max_timeout():
+            raise ApiError(400, "Timeout cannot be greater than %d hours" % (self.max_timeout() // 3600))
+        if self.max_sandboxes is not None and len(self.live()) >= self.max_sandboxes:
+            raise ApiError(429, "you have reached the maximum number of concurrent E2B sandboxes (%d)" % self.max_sandboxes)
+        envs = {str(k): str(v) for k, v in (body.get("envVars") or {}).items()}
+        sid = "i" + secrets.token_hex(10)
+        sb = E2BSandbox(
+            sid,
+            labels={str(k): str(v) for k, v in (body.get("metadata") or {}).items()},
+            request=body,
+            lease_seconds=timeout,
+            template=template,
+            cpu=cpu,
+            memory_mb=memory,
+            env=envs,
+            token="tok-" + secrets.token_hex(12),
+            allow_internet=body.get("allow_internet_access") is not False,
+        )
+        try:
+            sb.local = await self.runner.create(envs, {"e2b-emulator-sandbox": sid}, network=sb.allow_internet)
+        except Exception as exc:
+            raise ApiError(400, "cannot create sandbox: %s" % exc) from exc
+        sb.workdir = sb.local.handle.workdir
+        self.sandboxes[sid] = sb
+        self.count("create")
+        return sb
+
+    def get(self, sid: str) -> E2BSandbox:
+        sb = self.sandboxes.get(sid)
+        if sb is None or not sb.alive:
+            raise ApiError(404, "sandbox \"%s\" doesn't exist or you don't have access to it" % sid)
+        assert isinstance(sb, E2BSandbox)
+        return sb
+
+    def set_timeout(self, sid: str, seconds: int, extend_only: bool = False) -> E2BSandbox:
+        """The lease from now, never past the plan's maximum from the start; ``extend_only`` never shortens it."""
+        sb = self.get(sid)
+        scale, now = self.faults.time_scale, time.monotonic()
+        end = min(now + max(0, int(seconds)) * scale, sb.started + self.max_timeout() * scale)
+        current = sb.expires_at(scale)
+        if extend_only and current is not None:
+            end = max(end, current)
+        sb.lease_start, sb.lease_seconds = now, (end - now) / scale
+        return sb
 
 
 def templates_from_args(specs: list[str]) -> dict[str, tuple[int, int]]:
@@ -78,61 +163,24 @@ def templates_from_args(specs: list[str]) -> dict[str, tuple[int, int]]:
     return out
 
 
-async def serve(args: argparse.Namespace) -> None:
-    world = World(
-        api_key=args.api_key,
+def main(argv: Optional[list[str]] = None) -> None:
+    p = common_arguments(
+        argparse.ArgumentParser(prog="python -m metaflow_sandbox_e2b.emulator", description="Offline E2B emulator."), DEFAULT_KEY
+    )
+    p.add_argument("--envd-port", type=int, default=0, help="envd port (0 = any free port)")
+    p.add_argument("--plan", choices=["hobby", "pro"], default="hobby", help="caps sandbox timeouts (1 h / 24 h)")
+    p.add_argument("--max-sandboxes", type=int, default=None, help="concurrency limit (429 above it)")
+    p.add_argument("--template", action="append", default=[], metavar="NAME=CPU:MEMORY_MB", help="extra template")
+    p.add_argument("--login-shell", action="store_true", help="keep `bash -l` (sources the host's /etc/profile)")
+    args = p.parse_args(argv)
+    server = E2BServer(
+        args.api_key,
+        args.port,
+        args.envd_port,
         plan=args.plan,
         templates=templates_from_args(args.template),
         max_sandboxes=args.max_sandboxes,
-        faults=faults_from_args(args),
         login_shell=args.login_shell,
+        faults=json.loads(args.faults),
     )
-    runners = []
-    ports = []
-    for app, port in ((make_api_app(world), args.port), (make_envd_app(world), args.envd_port)):
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        site = web.TCPSite(runner, args.host, port)
-        await site.start()
-        runners.append(runner)
-        ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if args.exit_on_stdin_eof:
-        threading.Thread(target=_wait_stdin_eof, args=(loop, stop), daemon=True).start()
-    info = {"api_url": "http://%s:%d" % (args.host, ports[0]), "sandbox_url": "http://%s:%d" % (args.host, ports[1])}
-    if args.ready_json:
-        print(json.dumps(info), flush=True)
-    else:
-        print("E2B emulator: E2B_API_URL=%(api_url)s E2B_SANDBOX_URL=%(sandbox_url)s" % info, file=sys.stderr, flush=True)
-    reaper = asyncio.ensure_future(_reap(world))
-    await stop.wait()
-    reaper.cancel()
-    await world.shutdown()
-    for runner in runners:
-        await runner.cleanup()
-
-
-def _wait_stdin_eof(loop: Any, stop: asyncio.Event) -> None:
-    try:
-        while os.read(0, 1024):  # the raw fd: a buffered reader's lock would trip interpreter shutdown
-            pass
-    except OSError:
-        pass
-    try:
-        loop.call_soon_threadsafe(stop.set)
-    except RuntimeError:  # the loop already stopped (SIGTERM came first)
-        pass
-
-
-async def _reap(world: World) -> None:
-    """Sandboxes die at their timeout, like on E2B (lifecycle on_timeout = kill)."""
-    while True:
-        await asyncio.sleep(0.25)
-        await world.reap_expired()
-
-
-def main(argv: list[str] | None = None) -> None:
-    asyncio.run(serve(parse_args(argv)))
+    run(server, args)
