@@ -44,6 +44,9 @@ class FaultSchedule:
     #: The next N started commands (True: every one) lose their sandbox ``vanish_delay_ms`` after they start.
     vanish_next_exec: Union[int, bool] = 0
     vanish_delay_ms: float = 300.0
+    #: The provider is down: every request answers 503 and open streams are cut (the server's job), until
+    #: this is set back to False. Sandboxes keep running and their leases keep counting meanwhile.
+    outage: bool = False
     #: Real seconds per provider second, for every timer the provider counts (TTL, leases, auto-stop):
     #: 0.01 makes a 5-minute lease last 3 s.
     time_scale: float = 1.0
@@ -112,6 +115,8 @@ class FaultSchedule:
 
     def error_for(self, endpoint: str) -> Optional[int]:
         """The status to answer instead of serving this request, or None."""
+        if self.outage:
+            return 503
         if endpoint not in self.error_endpoints:
             return None
         rng = self.rng("error", endpoint)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Union
+from typing import Optional, Union
 
 from metaflow_sandbox.emulation import FaultSchedule
 
@@ -30,3 +30,9 @@ class DaytonaFaults(FaultSchedule):
     image_build_ms: float = 100.0
     #: Serve socket.io (the SDK's event stream); False answers 404 so the SDK falls back to polling.
     socketio: bool = True
+
+    def error_for(self, endpoint: str) -> Optional[int]:
+        """An outage spares the SDK's event stream (losing it is the ``socketio`` switch's job)."""
+        if self.outage and endpoint == "socketio":
+            return None
+        return super().error_for(endpoint)

@@ -194,8 +194,8 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
                     break
             if cmd.exit_code is not None and sent >= len(cmd.log):
                 break
-            if not sb.alive:
-                await ws.close(code=1011, message=b"sandbox is gone")
+            if not sb.alive or emu.faults.outage:
+                await ws.close(code=1011, message=b"sandbox is gone" if not sb.alive else b"service unavailable")
                 return ws
             try:
                 await asyncio.wait_for(waiter.wait(), timeout=1.0)

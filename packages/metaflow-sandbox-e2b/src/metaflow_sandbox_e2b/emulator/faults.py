@@ -23,14 +23,8 @@ class E2BFaults(FaultSchedule):
     drop_stream_after: Optional[float] = None
     #: ...but only the next N of them (None: every one).
     drop_streams: Optional[int] = None
-    #: E2B vanishes: open command streams are cut and every request (a command start too) answers 503,
-    #: until this is set back to False. Sandboxes keep running and expiring meanwhile.
-    outage: bool = False
     #: Overrides the client's keepalive-ping-interval (seconds).
     keepalive_every: Optional[float] = None
-
-    def error_for(self, endpoint: str) -> Optional[int]:
-        return 503 if self.outage else super().error_for(endpoint)
 
     def take_stream_drop(self) -> bool:
         """Whether to drop one more stream (a countdown unless ``drop_streams`` is None)."""
