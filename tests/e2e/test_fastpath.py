@@ -181,3 +181,19 @@ def test_a_killed_server_fails_no_task(local):
     assert output.count(FAST_LINE) == 2, output[-4000:]  # the two forked before the kill
     assert output.count(NOTICE) == 2  # the two after it, each with its notice
     assert sorted(int(line.split("line-")[1].split()[0]) for line in output.splitlines() if "] line-" in line) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["value", "file"])
+def test_a_flow_with_a_config_runs_on_the_fast_path(local, how):
+    """The run's Config (given as a value or as a file) reaches every forked trampoline and its sandboxed task."""
+    if how == "value":
+        args = ["--config-value", "settings", '{"scale": 7, "label": "given"}']
+    else:
+        (local.tmp / "settings.json").write_text('{"scale": 7, "label": "given"}')
+        args = ["--config", "settings", "settings.json"]
+    run = local.flow("config_flow.py", *args, "run", "--max-workers", "2")
+    assert run.returncode == 0, run.output[-6000:]
+    assert NOTICE not in run.output and "fast path off" not in run.output
+    assert run.output.count(FAST_LINE) == 2, run.output[-6000:]
+    data = local.client("d = Run('ConfigFlow/%s')['join'].task.data; emit([d.values, d.labels])" % run.run_id(), run)
+    assert data == [[7, 14], ["given"]]
