@@ -56,7 +56,10 @@ class LocalRunner:
         loop = asyncio.get_running_loop()
 
         def emit(kind: str) -> Callable[[str], None]:
-            return lambda text: loop.call_soon_threadsafe(on_output, kind, text)
+            def push(text: str) -> None:
+                loop.call_soon_threadsafe(on_output, kind, text)
+
+            return push
 
         def run() -> ExecResult:
             out, err = emit("stdout"), emit("stderr")
