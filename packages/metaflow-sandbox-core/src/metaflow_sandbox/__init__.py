@@ -36,6 +36,7 @@ from .model import (
     SandboxHandle,
     SandboxSpec,
     UploadItem,
+    valid_sandbox_path,
 )
 from .plugins import GROUP, available_backends, describe_backends, get_plugin_manager
 from .session import Backend, Sandbox, line_splitter, open_sandbox
@@ -81,4 +82,5 @@ __all__ = [
     "hookimpl",
     "line_splitter",
     "open_sandbox",
+    "valid_sandbox_path",
 ]

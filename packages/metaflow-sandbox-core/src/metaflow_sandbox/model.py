@@ -101,6 +101,14 @@ class ExecResult:
 PathLike = Union[str, "os.PathLike[str]"]
 
 
+def valid_sandbox_path(path: object) -> bool:
+    """The facade's one rule for file paths, for every backend: absolute text, no NUL byte, no ``..`` part.
+
+    Anything else is answered ``FileResult(path, error="invalid_path")`` before a backend sees it.
+    """
+    return isinstance(path, str) and path.startswith("/") and "\0" not in path and ".." not in path.split("/")
+
+
 @dataclass(frozen=True)
 class UploadItem:
     """Put ``content`` (bytes) or the local file ``source`` at absolute ``path`` in the sandbox."""

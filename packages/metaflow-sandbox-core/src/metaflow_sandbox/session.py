@@ -40,6 +40,7 @@ from .model import (
     SandboxHandle,
     SandboxSpec,
     UploadItem,
+    valid_sandbox_path,
 )
 from .plugins import get_plugin_manager
 from .running import RunningCommand
@@ -284,10 +285,17 @@ class Sandbox:
         return result.exit_code, "".join(out), "".join(err)
 
     def upload(self, files: Sequence[UploadItem]) -> list[FileResult]:
-        return self._checked_files(self._call("sandbox_upload", idempotent=True, files=list(files)), files)
+        return self._file_op("sandbox_upload", files)
 
     def download(self, files: Sequence[DownloadItem]) -> list[FileResult]:
-        return self._checked_files(self._call("sandbox_download", idempotent=True, files=list(files)), files)
+        return self._file_op("sandbox_download", files)
+
+    def _file_op(self, hook: str, items: Sequence[Union[UploadItem, DownloadItem]]) -> list[FileResult]:
+        """Invalid paths are answered here, the same for every backend; the rest go to the backend, in order."""
+        items = list(items)
+        valid = [item for item in items if valid_sandbox_path(item.path)]
+        answers = iter(self._checked_files(self._call(hook, idempotent=True, files=valid), valid) if valid else [])
+        return [next(answers) if valid_sandbox_path(item.path) else FileResult(item.path, error="invalid_path") for item in items]
 
     def _checked_files(self, results: list[FileResult], items: Sequence[Union[UploadItem, DownloadItem]]) -> list[FileResult]:
         if len(results) != len(items) or not all(isinstance(r, FileResult) for r in results):

@@ -10,7 +10,7 @@ import os
 import posixpath
 from typing import Any, Sequence
 
-from metaflow_sandbox import DownloadItem, FileResult, SandboxHandle, UploadItem
+from metaflow_sandbox import DownloadItem, FileResult, SandboxHandle, UploadItem, valid_sandbox_path
 
 from . import _retry
 from ._client import translate
@@ -22,7 +22,8 @@ def _retried(handle: SandboxHandle, what: str, fn: Any) -> Any:
 
 
 def _invalid(path: str) -> bool:
-    return not path.startswith("/") or ".." in path.split("/") or "\0" in path
+    """Defensive: the facade already answers these (``valid_sandbox_path``) before they reach us."""
+    return not valid_sandbox_path(path)
 
 
 def _code(message: str, status: int | None, code: str | None = None) -> str | None:

@@ -22,6 +22,7 @@ from metaflow_sandbox import (
     UnsupportedOptionError,
     UploadItem,
     hookimpl,
+    valid_sandbox_path,
 )
 
 from ._inputs import checked_argv, checked_env, checked_labels
@@ -316,26 +317,35 @@ def _wait(proc: Any, on_stdout: Any, on_stderr: Any) -> int:
 
 # -- files -------------------------------------------------------------------------------------
 def _bad_path(path: str) -> bool:
-    return not path.startswith("/") or ".." in path.split("/")
+    """Defensive: the facade already answers these (``valid_sandbox_path``) before they reach us."""
+    return not valid_sandbox_path(path)
 
 
 def _file_code(exc: BaseException) -> str | None:
-    """Per-file error code for an SDK file exception, or None if it is not a per-file problem."""
+    """Per-file error code from the SDK's error type and HTTP status, or None if it is not a per-file problem.
+
+    envd answers 404 (the SDK's ``FileNotFoundException``), 400 (``InvalidArgumentException``: a directory
+    where a file was meant, or a bad path) and 403; the SDK has no class for 403 and raises a
+    ``SandboxException("403: <message>")``, so its status is read from that prefix, never searched for.
+    """
     from ._client import is_gone, sdk
 
     e2b = sdk()
-    text = str(exc).lower()
     if is_gone(exc):
         return None
-    if isinstance(exc, e2b.FileNotFoundException) or "does not exist" in text or "no such file" in text:
+    if isinstance(exc, e2b.FileNotFoundException):
         return "file_not_found"
-    if "is a directory" in text:
-        return "is_directory"
-    if "permission denied" in text or "403" in text:
+    if isinstance(exc, e2b.InvalidArgumentException):
+        return "is_directory" if "is a directory" in str(exc).lower() else "invalid_path"
+    if type(exc) is e2b.SandboxException and _status(exc) == 403:
         return "permission_denied"
-    if isinstance(exc, e2b.InvalidArgumentException) or "invalid path" in text:
-        return "invalid_path"
     return None
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status of an SDK error the SDK formatted as ``"<status>: <message>"``."""
+    head = str(exc).split(":", 1)[0].strip()
+    return int(head) if head.isdigit() and len(head) == 3 else None
 
 
 @hookimpl
