@@ -11,7 +11,6 @@ import argparse
 import getpass
 import json
 import os
-import signal
 import sys
 from typing import Any, NoReturn, Sequence
 
@@ -20,13 +19,10 @@ from .errors import SandboxError
 from .model import MARKER_LABEL, Bind, Resources, SandboxSpec
 from .plugins import available_backends, describe_backends
 from .session import Backend
+from .signals import Terminated, sigterm_raises
 
 #: Longest --timeout / --ttl accepted: 30 days (a backend's own cap may be lower).
 MAX_SECONDS = 30 * 86400.0
-
-
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so ``finally`` blocks destroy the sandbox."""
 
 
 def _pairs(values: Sequence[str] | None, what: str) -> dict[str, str]:
@@ -134,26 +130,22 @@ def cmd_exec(args: argparse.Namespace) -> int:
         return write
 
     sandbox = None
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        sandbox = backend.create(spec)
-        if args.cwd:
-            _check_cwd(sandbox, args.cwd)
-        result = sandbox.exec(command, cwd=args.cwd, timeout=spec_timeout(args), on_stdout=out(sys.stdout), on_stderr=out(sys.stderr))
-        return result.exit_code
-    except KeyboardInterrupt:
-        print("\nmetaflow-sandbox: interrupted; destroying the sandbox", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("metaflow-sandbox: terminated; destroying the sandbox", file=sys.stderr)
-        return 143
-    finally:
+    with sigterm_raises():
         try:
+            sandbox = backend.create(spec)
+            if args.cwd:
+                _check_cwd(sandbox, args.cwd)
+            result = sandbox.exec(command, cwd=args.cwd, timeout=spec_timeout(args), on_stdout=out(sys.stdout), on_stderr=out(sys.stderr))
+            return result.exit_code
+        except KeyboardInterrupt:
+            print("\nmetaflow-sandbox: interrupted; destroying the sandbox", file=sys.stderr)
+            return 130
+        except Terminated:
+            print("metaflow-sandbox: terminated; destroying the sandbox", file=sys.stderr)
+            return 143
+        finally:
             if sandbox is not None:
                 sandbox.destroy()
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def spec_timeout(args: argparse.Namespace) -> float | None:
@@ -197,10 +189,6 @@ def _check_cwd(sandbox: Any, cwd: str) -> None:
             "a directory that exists in the sandbox (relative paths start at its work dir %s)" % sandbox.handle.workdir,
             "create it first (e.g. -- sh -c 'mkdir -p DIR && cd DIR && ...') or drop --cwd",
         )
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated()
 
 
 def _user() -> str:

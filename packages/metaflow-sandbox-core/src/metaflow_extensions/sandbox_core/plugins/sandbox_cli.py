@@ -7,7 +7,6 @@ in every case (success, failure, exception, Ctrl-C, SIGTERM; the provider TTL co
 
 import hashlib
 import os
-import signal
 import sys
 import time
 import traceback
@@ -27,9 +26,11 @@ from .sandbox_lifeline import watch_launcher
 from .sandbox_logs import LogRelay
 from .sandbox_task import CREDENTIAL_FILE_ENV, pip_install_commands, requirements, task_command, task_env
 
-# Seconds past the step's time limit before the sandbox itself is stopped: @timeout's own
+# Seconds past the step's time limit before the facade stops the command: @timeout's own
 # SIGALRM inside the task must win, so the failure reads as a timeout (metaflow-internals 2.7).
+# The facade's deadline catches a task that does not end at its alarm (it ignores SIGALRM, or hangs in C).
 TIMEOUT_GRACE = 60
+TIMEOUT_GRACE_ENV = "METAFLOW_SANDBOX_TIMEOUT_GRACE"
 
 
 @click.group()
@@ -40,14 +41,6 @@ def cli():
 @cli.group(help="Commands related to sandboxed steps (@sandbox, @daytona, @e2b).")
 def sandbox():
     pass
-
-
-class _Terminated(BaseException):
-    """SIGTERM, turned into an exception so `finally` destroys the sandbox."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
 
 
 def _reexec_with_launcher_python():
@@ -86,9 +79,11 @@ def _sandbox_deco(node):
 @click.pass_context
 def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_url, **kwargs):
     _reexec_with_launcher_python()
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    watch_launcher()
     from metaflow_sandbox import Bind
+    from metaflow_sandbox.signals import raise_on_sigterm
+
+    raise_on_sigterm()  # SIGTERM raises Terminated here: the facade stops the command, `finally` destroys the sandbox
+    watch_launcher()
 
     obj = ctx.obj
     node = obj.graph[step_name]
@@ -200,6 +195,7 @@ def _sandbox_spec(obj, node, deco, backend, task, env, binds):
 def _run_task(obj, backend, spec, command, deco, task):
     """Create, run with live logs, destroy in every case; returns the exit code for Metaflow."""
     from metaflow_sandbox import SandboxError, SandboxNotFoundError, SandboxTimeoutError
+    from metaflow_sandbox.signals import Terminated, ignore_sigterm
 
     datastore = obj.flow_datastore
     relay = LogRelay(
@@ -222,7 +218,7 @@ def _run_task(obj, backend, spec, command, deco, task):
         obj.echo_always("Could not start a '%s' sandbox for step *%s*: %s" % (backend.name, task["step"], err), err=True)
         note_refusal(task["step"], task["task_id"], backend.name, err)  # the launcher ends the run with it
         return METAFLOW_EXIT_DISALLOW_RETRY
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         # Killed mid-create: the lifeline's reaper finds a sandbox that still came up by its owner label.
         obj.echo_always("Interrupted while starting the sandbox of step *%s*." % task["step"], err=True)
         return METAFLOW_EXIT_DISALLOW_RETRY
@@ -238,7 +234,7 @@ def _run_task(obj, backend, spec, command, deco, task):
         result = sbx.exec(
             command,
             env=exec_env,
-            timeout=min(deco.run_time_limit + TIMEOUT_GRACE, spec.ttl_seconds),
+            timeout=min(deco.run_time_limit + _timeout_grace(), spec.ttl_seconds),
             on_stdout=relay.stdout,
             on_stderr=relay.stderr,
         )
@@ -252,14 +248,14 @@ def _run_task(obj, backend, spec, command, deco, task):
         relay.system("Sandbox %s disappeared while the task ran: %s" % (sbx.id, err), err=True)
     except SandboxError as err:
         relay.system("Sandbox %s failed while the task ran: %s" % (sbx.id, err), err=True)
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         obj.echo_always("Interrupted: destroying the sandbox of step *%s*." % task["step"], err=True)
         exit_code = METAFLOW_EXIT_DISALLOW_RETRY
     except Exception:
         traceback.print_exc()
         exit_code = METAFLOW_EXIT_DISALLOW_RETRY
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # let the teardown finish
+        ignore_sigterm()  # let the teardown finish
         relay.close()
         try:
             sbx.destroy()
@@ -267,6 +263,20 @@ def _run_task(obj, backend, spec, command, deco, task):
             obj.echo_always("Could not destroy sandbox %s: %s" % (sbx.id, err), err=True)
         sync_metadata()
     return exit_code
+
+
+def _timeout_grace():
+    """TIMEOUT_GRACE, or METAFLOW_SANDBOX_TIMEOUT_GRACE (1 to 60 s; shorter lets tests see the facade's deadline)."""
+    raw = os.environ.get(TIMEOUT_GRACE_ENV, "").strip()
+    if not raw:
+        return TIMEOUT_GRACE
+    from metaflow_sandbox import parse
+
+    try:
+        return parse.seconds(raw, TIMEOUT_GRACE_ENV, minimum=1, maximum=TIMEOUT_GRACE, allow_minimum=True)
+    except parse.InvalidInputError as err:  # a test knob: said, not fatal
+        print("metaflow-sandbox: %s (using %ss)" % (err, TIMEOUT_GRACE), file=sys.stderr)
+        return TIMEOUT_GRACE
 
 
 def _seeds_metadata(obj):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import uuid
 from typing import Any, Mapping
 
 from metaflow_sandbox import SandboxError, SandboxHandle, SandboxNotFoundError, SandboxSpec, UnsupportedOptionError
+from metaflow_sandbox.signals import cleanup_on_sigterm
 
 from . import identity, isolation, limits, ondisk, proc
 from . import options as options_
@@ -407,8 +407,7 @@ def start_once(options: Mapping[str, Any]) -> None:
         _started = True
     sweep(options)
     atexit.register(destroy_all)
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    cleanup_on_sigterm(destroy_all)
 
 
 def sweep(options: Mapping[str, Any]) -> None:
@@ -435,12 +434,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         pass
     return True
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    destroy_all()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def destroy_elsewhere(handle: SandboxHandle) -> bool:
