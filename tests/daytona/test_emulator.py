@@ -156,30 +156,6 @@ def test_socketio_pushes_state_events(emulator):
         sb.delete(timeout=0)
 
 
-def test_emulator_exits_when_its_parent_dies(tmp_path):
-    """A test process killed with SIGKILL does not leave the emulator (or its sandboxes) behind."""
-    script = tmp_path / "parent.py"
-    script.write_text(
-        "import sys, time\n"
-        "from metaflow_sandbox_daytona.emulator import start_emulator\n"
-        "emu = start_emulator()\n"
-        "print(emu.proc.pid, flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    emulator_pid = int(parent.stdout.readline())
-    parent.kill()
-    parent.wait()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            os.kill(emulator_pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    pytest.fail("the emulator (pid %d) outlived its parent" % emulator_pid)
-
-
 def test_unemulated_endpoint_is_a_clear_sdk_error(sandbox):
     from daytona.common.errors import DaytonaError
 

@@ -15,8 +15,8 @@ See docs/adding-a-backend.md, "Emulating your provider".
 """
 
 from .faults import FaultSchedule
-from .handle import ADMIN, EmulatorHandle, launch
+from .handle import ADMIN, DEFAULT_KEY, EmulatorHandle, launch
 from .local import LocalRunner
 from .sandboxes import EmulatedSandbox
 
-__all__ = ["ADMIN", "EmulatedSandbox", "EmulatorHandle", "FaultSchedule", "LocalRunner", "launch"]
+__all__ = ["ADMIN", "DEFAULT_KEY", "EmulatedSandbox", "EmulatorHandle", "FaultSchedule", "LocalRunner", "launch"]

@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 
 #: The one admin path prefix every emulator serves.
 ADMIN = "/_emulator/"
+#: The API key an emulator accepts unless told otherwise.
+DEFAULT_KEY = "emulator-key"
 #: The handshake line's prefix.
 READY = "METAFLOW_SANDBOX_EMULATOR_READY "
 

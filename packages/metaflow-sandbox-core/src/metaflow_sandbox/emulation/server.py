@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, ClassVar, Optional
 from aiohttp import web
 
 from .faults import FaultSchedule
-from .handle import ADMIN, READY
+from .handle import ADMIN, DEFAULT_KEY, READY
 from .local import LocalRunner
 from .sandboxes import EmulatedSandbox
 
@@ -250,7 +250,7 @@ class EmulatorServer:
         return {"admin": next(iter(self.urls.values())), "urls": self.urls, "env": self.env(), "endpoints": list(self.FAULTS.ENDPOINTS)}
 
 
-def common_arguments(parser: argparse.ArgumentParser, default_key: str) -> argparse.ArgumentParser:
+def common_arguments(parser: argparse.ArgumentParser, default_key: str = DEFAULT_KEY) -> argparse.ArgumentParser:
     """The options every emulator process takes (the launcher passes them)."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

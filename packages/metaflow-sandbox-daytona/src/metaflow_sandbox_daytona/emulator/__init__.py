@@ -15,11 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from metaflow_sandbox.emulation import EmulatorHandle, launch
+from metaflow_sandbox.emulation import DEFAULT_KEY, EmulatorHandle, launch
 
 from .faults import DaytonaFaults
-
-DEFAULT_KEY = "emulator-key"
 
 
 def start_emulator(port: int = 0, api_key: str = DEFAULT_KEY, timeout: float = 30.0, **faults: Any) -> EmulatorHandle:

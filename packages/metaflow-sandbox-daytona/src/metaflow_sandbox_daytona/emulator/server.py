@@ -15,15 +15,13 @@ import time
 from typing import Any, Optional
 
 from aiohttp import web
-from metaflow_sandbox.emulation import EmulatedSandbox
+from metaflow_sandbox.emulation import DEFAULT_KEY, EmulatedSandbox
 from metaflow_sandbox.emulation.server import EmulatorServer, common_arguments, run
 
 from . import control, files, process
 from .events import Events
 from .faults import DaytonaFaults
 from .protocol import DaytonaSandbox, endpoint_name, error, http_error, now_iso
-
-DEFAULT_KEY = "emulator-key"
 
 
 class DaytonaServer(EmulatorServer):
@@ -148,6 +146,6 @@ async def not_emulated(request: web.Request, handler: Any) -> web.StreamResponse
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = common_arguments(argparse.ArgumentParser("python -m metaflow_sandbox_daytona.emulator", description=__doc__), DEFAULT_KEY)
+    parser = common_arguments(argparse.ArgumentParser("python -m metaflow_sandbox_daytona.emulator", description=__doc__))
     args = parser.parse_args(argv)
     run(DaytonaServer(args.api_key, args.port, json.loads(args.faults)), args)

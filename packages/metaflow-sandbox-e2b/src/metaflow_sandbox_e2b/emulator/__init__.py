@@ -15,18 +15,16 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from metaflow_sandbox.emulation import EmulatorHandle, launch
+from metaflow_sandbox.emulation import DEFAULT_KEY, EmulatorHandle, launch
 
 from .faults import API_ENDPOINTS, ENVD_ENDPOINTS, E2BFaults
-
-API_KEY = "emulator-key"
 
 
 def start_emulator(
     port: int = 0,
     *,
     envd_port: int = 0,
-    api_key: str = API_KEY,
+    api_key: str = DEFAULT_KEY,
     plan: str = "hobby",
     max_sandboxes: Optional[int] = None,
     templates: Optional[dict[str, tuple[int, int]]] = None,
@@ -43,4 +41,4 @@ def start_emulator(
     return launch("metaflow_sandbox_e2b.emulator", args, faults, timeout)
 
 
-__all__ = ["API_ENDPOINTS", "API_KEY", "ENVD_ENDPOINTS", "E2BFaults", "EmulatorHandle", "start_emulator"]
+__all__ = ["API_ENDPOINTS", "ENVD_ENDPOINTS", "E2BFaults", "EmulatorHandle", "start_emulator"]

@@ -23,7 +23,6 @@ from .protocol import E2BSandbox, Proc
 if TYPE_CHECKING:
     from .server import E2BServer
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 CHUNK = 1 << 20
 
 _CONNECT_STATUS = {"not_found": 404, "invalid_argument": 400, "unimplemented": 501, "unavailable": 503, "internal": 500}

@@ -16,6 +16,7 @@ import time
 from typing import Any, Optional
 
 from aiohttp import web
+from metaflow_sandbox.emulation import DEFAULT_KEY
 from metaflow_sandbox.emulation.server import EmulatorServer, common_arguments, run
 
 from . import api, envd
@@ -24,7 +25,6 @@ from .protocol import ApiError, E2BSandbox
 
 PLAN_MAX_TIMEOUT = {"hobby": 3600, "pro": 86400}
 DEFAULT_TIMEOUT = 300
-DEFAULT_KEY = "emulator-key"
 #: Templates named like ours (``...-c4-m8192``) exist with that size, as if built.
 _SIZED = re.compile(r"-c(\d+)-m(\d+)$")
 
@@ -164,9 +164,7 @@ def templates_from_args(specs: list[str]) -> dict[str, tuple[int, int]]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    p = common_arguments(
-        argparse.ArgumentParser(prog="python -m metaflow_sandbox_e2b.emulator", description="Offline E2B emulator."), DEFAULT_KEY
-    )
+    p = common_arguments(argparse.ArgumentParser(prog="python -m metaflow_sandbox_e2b.emulator", description="Offline E2B emulator."))
     p.add_argument("--envd-port", type=int, default=0, help="envd port (0 = any free port)")
     p.add_argument("--plan", choices=["hobby", "pro"], default="hobby", help="caps sandbox timeouts (1 h / 24 h)")
     p.add_argument("--max-sandboxes", type=int, default=None, help="concurrency limit (429 above it)")
