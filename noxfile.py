@@ -41,7 +41,7 @@ TEST_DEPS += ["kubernetes<37"]
 
 def _install(session, packages):
     """Install sibling packages together so `metaflow-sandbox>=0.2` resolves to the local core."""
-    paths = [PACKAGES["core"] + ("[testing,emulator]" if set(packages) - {"core"} else "[testing]")]
+    paths = [PACKAGES["core"] + "[testing,emulator]"]  # emulator: tests/core/test_emulation.py runs a toy emulator
     for name in packages:
         if name != "core":
             paths.append(PACKAGES[name] + "[emulator]")
