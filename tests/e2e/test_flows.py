@@ -6,6 +6,8 @@ asserts that no sandbox is left alive afterwards.
 
 from __future__ import annotations
 
+import time
+
 
 def _ok(run):
     assert run.returncode == 0, run.output[-6000:]
@@ -95,10 +97,19 @@ def test_retry_then_catch(target):
 
 
 def test_timeout_fails_the_step_with_a_timeout_message(target):
+    """@timeout's alarm ends the step inside its sandbox. A step that ignores the alarm is stopped by the
+    facade's deadline (limit + METAFLOW_SANDBOX_TIMEOUT_GRACE, counted from the command's start): a timeout
+    message, never an exit code, and no sandbox left (the target fixture checks)."""
     run = target.flow("timeout_flow.py", timeout=240)
     assert run.returncode != 0
     assert "going to sleep" in run.output
     assert "timed out" in run.output.lower()
+    assert "ran past its time limit" not in run.output, "the alarm, not the sandbox deadline, ends this one"
+    started = time.monotonic()
+    stubborn = target.flow("timeout_flow.py", "run", "--stubborn", "true", env={"METAFLOW_SANDBOX_TIMEOUT_GRACE": "2"}, timeout=240)
+    assert stubborn.returncode != 0
+    assert "Step *slow* ran past its time limit of 3s (@timeout) and its sandbox was stopped." in stubborn.output, stubborn.output[-4000:]
+    assert time.monotonic() - started < 120, "the stubborn step was not stopped at its deadline (3 s + 2 s grace)"
 
 
 def test_resume_clones_and_reruns_in_a_sandbox(target):
