@@ -158,7 +158,7 @@ def test_sandbox_that_cannot_start_is_not_retried(target, daytona_emulator):
     try:
         run = target.flow("failures_flow.py")
     finally:  # the emulator is shared by the session: put the defaults back
-        daytona_emulator.set_faults(error_next=0, error_status=503, error_endpoints=["list", "get"])
+        daytona_emulator.clear_faults()
     assert run.returncode != 0
     assert "Could not start a 'daytona' sandbox for step flaky" in run.output
     assert "This failed task will not be retried" in run.output
