@@ -97,12 +97,15 @@ class EmulatorServer:
         """Leases run out in provider time (``time_scale``), as the provider would end the sandbox."""
         while True:
             await asyncio.sleep(0.1)
-            now = time.monotonic()
-            for sb in self.live():
-                expires = sb.expires_at(self.faults.time_scale)
-                if expires is not None and now >= expires:
-                    await self.end(sb, "expired")
-            await self.tick()
+            try:
+                now = time.monotonic()
+                for sb in self.live():
+                    expires = sb.expires_at(self.faults.time_scale)
+                    if expires is not None and now >= expires:
+                        await self.end(sb, "expired")
+                await self.tick()
+            except Exception as exc:  # one bad sandbox must not stop every lease
+                print("%s emulator: reaping failed: %r" % (self.NAME, exc), file=sys.stderr, flush=True)
 
     def vanish_later(self, sb: EmulatedSandbox) -> None:
         """The ``vanish_next_exec`` fault: a command just started; its sandbox dies ``vanish_delay_ms`` later."""
