@@ -38,6 +38,7 @@ from .model import (
     UploadItem,
     valid_sandbox_path,
 )
+from .options import option_env, options_from_config, read_number_option, read_option
 from .plugins import GROUP, available_backends, describe_backends, get_plugin_manager
 from .session import Backend, Sandbox, line_splitter, open_sandbox
 
@@ -82,5 +83,9 @@ __all__ = [
     "hookimpl",
     "line_splitter",
     "open_sandbox",
+    "option_env",
+    "options_from_config",
+    "read_number_option",
+    "read_option",
     "valid_sandbox_path",
 ]

@@ -18,6 +18,7 @@ from metaflow_sandbox import (
     SandboxNotFoundError,
     SandboxTimeoutError,
     TransientBackendError,
+    read_option,
 )
 
 NAME = "daytona"
@@ -37,22 +38,14 @@ class Config:
     target: str | None
 
 
-def _opt(options: Mapping[str, Any], key: str) -> str | None:
-    for k in (key, key.upper(), "daytona_" + key, ("daytona_" + key).upper()):
-        value = options.get(k)
-        if value not in (None, ""):
-            return str(value)
-    return None
-
-
 def resolve_config(options: Mapping[str, Any]) -> Config:
-    """Options (``api_key``/``api_url``/``target``) win over DAYTONA_* env vars; no network call."""
-    key = _opt(options, "api_key") or os.environ.get("DAYTONA_API_KEY")
+    """Options (``api_key``/``api_url``/``target``, METAFLOW_SANDBOX_DAYTONA_*) win over DAYTONA_* env vars; no network call."""
+    key = read_option(options, NAME, "api_key", ("DAYTONA_API_KEY",))
     if not key:
         raise BackendNotConfiguredError(NAME, "DAYTONA_API_KEY")
-    url = _opt(options, "api_url") or os.environ.get("DAYTONA_API_URL") or None
-    target = _opt(options, "target") or os.environ.get("DAYTONA_TARGET") or None
-    return Config(key, url, target)
+    return Config(
+        key, read_option(options, NAME, "api_url", ("DAYTONA_API_URL",)), read_option(options, NAME, "target", ("DAYTONA_TARGET",))
+    )
 
 
 def client(options: Mapping[str, Any]) -> Any:

@@ -47,23 +47,10 @@ class Policy:
 
 
 def number_option(options: Mapping[str, Any], key: str, default: float, low: float) -> float:
-    """A finite number >= ``low`` from the options, or a SandboxError naming the setting."""
-    from metaflow_sandbox import SandboxError
+    """A finite number >= ``low`` from the options, or an error naming the setting (metaflow_sandbox.read_number_option)."""
+    from metaflow_sandbox import read_number_option
 
-    raw = options.get(key)
-    if raw in (None, ""):
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = float("nan")
-    if not (low <= value < float("inf")):
-        raise SandboxError(
-            "daytona option %s=%r is not a number >= %s" % (key, raw, low),
-            hint="set METAFLOW_SANDBOX_DAYTONA_%s to e.g. %s, or unset it" % (key.upper(), round(default, 3)),
-            backend="daytona",
-        )
-    return value
+    return float(read_number_option(options, "daytona", key, default, low))  # type: ignore[arg-type]
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

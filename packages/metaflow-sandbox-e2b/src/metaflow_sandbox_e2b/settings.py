@@ -6,10 +6,9 @@ No SDK import and no network: ``check_config`` and ``capabilities`` are built fr
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
-from metaflow_sandbox import BackendNotConfiguredError, UnsupportedOptionError
+from metaflow_sandbox import BackendNotConfiguredError, UnsupportedOptionError, read_number_option, read_option
 
 NAME = "e2b"
 
@@ -71,31 +70,13 @@ class Settings:
 
 
 def _opt(options: Mapping[str, Any], key: str, env: str | None = None) -> str | None:
-    """``options[key]``, else ``METAFLOW_SANDBOX_E2B_<KEY>`` (library use without Metaflow's config), else E2B's ``env``."""
-    value = options.get(key)
-    if value in (None, ""):
-        value = os.environ.get("METAFLOW_SANDBOX_E2B_" + key.upper())
-    if value in (None, "") and env:
-        value = os.environ.get(env)
-    return None if value in (None, "") else str(value)
+    """``options[key]``, else ``METAFLOW_SANDBOX_E2B_<KEY>``, else E2B's own ``env`` (metaflow_sandbox.read_option)."""
+    return read_option(options, NAME, key, (env,) if env else ())
 
 
 def _number(options: Mapping[str, Any], key: str, low: float, high: float) -> float | None:
     """A finite number in [low, high] from option ``key``, or None if unset; anything else names the fix."""
-    raw = _opt(options, key)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (low <= value <= high):  # NaN fails both comparisons
-        raise UnsupportedOptionError(
-            "option '%s' must be a number between %g and %g, got %r" % (key, low, high, raw),
-            hint="fix or unset METAFLOW_SANDBOX_E2B_%s" % key.upper(),
-            backend=NAME,
-        )
-    return value
+    return read_number_option(options, NAME, key, None, low, high)
 
 
 def _int(options: Mapping[str, Any], key: str, default: int) -> int:

@@ -346,18 +346,12 @@ def backend_options(name, attribute_options=None):
     """Backend settings from Metaflow config: METAFLOW_SANDBOX_<NAME>_<KEY> -> options["<key>"].
 
     Read from ~/.metaflowconfig and the environment (environment wins), then the decorator's
-    non-secret `options` attribute on top.
+    non-secret `options` attribute on top (the one rule: metaflow_sandbox.options).
     """
     from metaflow import metaflow_config_funcs
+    from metaflow_sandbox import options_from_config
 
-    prefix = "METAFLOW_SANDBOX_%s_" % name.upper().replace("-", "_")
-    options = {}
-    for source in (metaflow_config_funcs.METAFLOW_CONFIG or {}, os.environ):
-        for key, value in source.items():
-            if key.startswith(prefix) and len(key) > len(prefix):
-                options[key[len(prefix):].lower()] = value
-    options.update(attribute_options or {})
-    return options
+    return options_from_config(name, metaflow_config_funcs.METAFLOW_CONFIG or {}, os.environ, attribute=attribute_options)
 
 
 def load_backend(name, options=None):
