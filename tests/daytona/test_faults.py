@@ -96,6 +96,7 @@ def test_dropped_log_stream_still_delivers_complete_output(backend, emulator, dr
     caller gets every byte exactly once, in order per stream, and the real exit code."""
     with backend.create(SandboxSpec(labels=_labels())) as sb:
         emulator.clear_requests()
+        dropped = emulator.stats().get("stream_dropped", 0)
         emulator.set_faults(drop_log_stream=drop, drop_close_code=close_code)
         out: list[str] = []
         err: list[str] = []
@@ -106,6 +107,7 @@ def test_dropped_log_stream_still_delivers_complete_output(backend, emulator, dr
         assert "".join(err) == "".join("err%d\n" % i for i in range(1, 6))
         follows = [r for r in emulator.requests() if r["endpoint"] == "logs" and "follow" in r["query"]]
         assert len(follows) == streams
+        assert emulator.stats().get("stream_dropped", 0) - dropped == (streams if drop is True else drop)  # the fault bit
 
 
 def test_sandbox_vanishing_mid_command_is_not_found(backend, emulator):

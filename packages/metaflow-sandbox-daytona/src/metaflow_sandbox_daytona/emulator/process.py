@@ -191,6 +191,7 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
                 sent += len(chunk)
                 await ws.send_bytes(chunk)
                 if drop:
+                    emu.count("stream_dropped")
                     break
             if cmd.exit_code is not None and sent >= len(cmd.log):
                 break
