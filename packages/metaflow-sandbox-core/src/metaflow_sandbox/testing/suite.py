@@ -772,19 +772,22 @@ class BackendConformance:
         assert down[1].content == b"good"
 
     def test_files_relative_path_is_invalid(self, sandbox: Sandbox, tdir: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        """A relative path is ``invalid_path`` (per item) for upload and download.
+        """A relative path, a NUL byte or a ``..`` part is ``invalid_path`` (per item) for upload and download.
 
-        Troubleshooting: if this fails, your ``sandbox_upload``/``sandbox_download`` must reject paths
-        that are not absolute with ``FileResult(path, error="invalid_path")``.
+        The facade answers these for every backend (``valid_sandbox_path``) before ``sandbox_upload`` or
+        ``sandbox_download`` is called; the valid item next to them still happens. Troubleshooting: if this
+        fails, your ``sandbox_upload``/``sandbox_download`` returned results out of order, or you call your
+        hooks around the facade instead of through ``metaflow_sandbox.Backend``.
         """
         if not self.distinct_file_errors:
             pytest.skip("backend declares distinct_file_errors = False")
         monkeypatch.chdir(tmp_path)  # a backend that writes relative paths anyway must not litter your repo
         good = posixpath.join(tdir, "ok.txt")
-        up = sandbox.upload([UploadItem("relative/file.txt", content=b"x"), UploadItem(good, content=b"ok")])
-        assert [(r.path, r.error) for r in up] == [("relative/file.txt", "invalid_path"), (good, None)]
-        down = sandbox.download([DownloadItem("relative/file.txt"), DownloadItem(good)])
-        assert [(r.path, r.error) for r in down] == [("relative/file.txt", "invalid_path"), (good, None)]
+        bad = ["relative/file.txt", posixpath.join(tdir, "nul\0byte"), posixpath.join(tdir, "..", "up.txt")]
+        up = sandbox.upload([UploadItem(p, content=b"x") for p in bad] + [UploadItem(good, content=b"ok")])
+        assert [(r.path, r.error) for r in up] == [(p, "invalid_path") for p in bad] + [(good, None)]
+        down = sandbox.download([DownloadItem(p) for p in bad] + [DownloadItem(good)])
+        assert [(r.path, r.error) for r in down] == [(p, "invalid_path") for p in bad] + [(good, None)]
 
     def test_files_directory_download_is_is_directory(self, sandbox: Sandbox, tdir: str) -> None:
         """Downloading a directory gives ``error="is_directory"``.
