@@ -13,3 +13,6 @@ SANDBOX_FORWARD_ENV = from_conf("SANDBOX_FORWARD_ENV", "")
 SANDBOX_PIP_CACHE = from_conf("SANDBOX_PIP_CACHE")
 # Directory on the launcher caching extracted, precompiled code packages for local sandboxes.
 SANDBOX_CODE_CACHE = from_conf("SANDBOX_CODE_CACHE")
+# Seconds after a step's @timeout at which the facade stops a task its own alarm did not end (default 60).
+# Read as text and parsed where used (plugins/sandbox_cli.py).
+SANDBOX_TIMEOUT_GRACE = from_conf("SANDBOX_TIMEOUT_GRACE")

@@ -267,7 +267,7 @@ def _run_task(obj, backend, spec, command, deco, task):
 
 def _timeout_grace():
     """TIMEOUT_GRACE, or METAFLOW_SANDBOX_TIMEOUT_GRACE (1 to 60 s; shorter lets tests see the facade's deadline)."""
-    raw = os.environ.get(TIMEOUT_GRACE_ENV, "").strip()
+    raw = str(_config("SANDBOX_TIMEOUT_GRACE", "")).strip()  # the environment, or ~/.metaflowconfig
     if not raw:
         return TIMEOUT_GRACE
     from metaflow_sandbox import parse
