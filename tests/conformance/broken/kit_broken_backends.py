@@ -160,6 +160,7 @@ class KillSparesChildren(Good):
             list(command), cwd=cwd or handle.workdir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
         )
         self.running[exec_id] = proc
+        acme._mark(acme._home(handle), "command", proc.pid)  # its bug is the kill hook's: destroy still ends the group
         pump = threading.Thread(target=lambda: [on_stdout and on_stdout(line.decode()) for line in proc.stdout], daemon=True)
         pump.start()
         try:
