@@ -4,10 +4,9 @@ and the environment variable to fix, before any sandbox exists (``sandbox_check_
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Mapping
 
-from metaflow_sandbox import UnsupportedOptionError
+from metaflow_sandbox import UnsupportedOptionError, read_option
 
 ENV_PIDS_LIMIT = "METAFLOW_SANDBOX_LOCAL_PIDS_LIMIT"
 ENV_DISK_MB = "METAFLOW_SANDBOX_LOCAL_DISK_MB"
@@ -37,12 +36,11 @@ MEMORY_LIMITERS = ("auto", "cgroup", "rlimit")
 
 
 def _raw(options: Mapping[str, Any], key: str, env: str) -> tuple[Any, str]:
-    """The value (option first, then environment) and how the user set it, for the message."""
-    value = options.get(key)
-    if value is not None and value != "":
-        return value, "option %s" % key
-    value = os.environ.get(env, "")
-    return (value if value.strip() else None), env
+    """The value (resolved like every backend's: ``read_option``) and how the user set it, for the message."""
+    value = read_option(options, "local", key)  # env is option_env("local", key): METAFLOW_SANDBOX_LOCAL_<KEY>
+    if value is not None and not value.strip():
+        value = None
+    return value, ("option %s" % key if options.get(key) not in (None, "") else env)
 
 
 def _refuse(what: str, value: Any, expected: str, key: str, env: str) -> UnsupportedOptionError:
