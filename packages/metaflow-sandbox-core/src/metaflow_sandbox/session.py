@@ -293,9 +293,10 @@ class Sandbox:
     def _file_op(self, hook: str, items: Sequence[Union[UploadItem, DownloadItem]]) -> list[FileResult]:
         """Invalid paths are answered here, the same for every backend; the rest go to the backend, in order."""
         items = list(items)
-        valid = [item for item in items if valid_sandbox_path(item.path)]
+        invalid = {i for i, item in enumerate(items) if not valid_sandbox_path(item.path)}
+        valid = [item for i, item in enumerate(items) if i not in invalid]
         answers = iter(self._checked_files(self._call(hook, idempotent=True, files=valid), valid) if valid else [])
-        return [next(answers) if valid_sandbox_path(item.path) else FileResult(item.path, error="invalid_path") for item in items]
+        return [FileResult(item.path, error="invalid_path") if i in invalid else next(answers) for i, item in enumerate(items)]
 
     def _checked_files(self, results: list[FileResult], items: Sequence[Union[UploadItem, DownloadItem]]) -> list[FileResult]:
         if len(results) != len(items) or not all(isinstance(r, FileResult) for r in results):
