@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 FIRST_PARTY = {"daytona": "metaflow-sandbox[daytona]", "e2b": "metaflow-sandbox[e2b]"}
 
@@ -133,3 +133,11 @@ class SandboxFileError(SandboxError):
         super().__init__("%s: %s" % (code, path), hint=hints.get(code), **kw)  # type: ignore[arg-type]
         self.path = path
         self.code = code
+
+
+class EnvironmentBuildError(SandboxError):
+    """A prepared environment failed to build; ``build_log`` holds the provider's log (its tail)."""
+
+    def __init__(self, message: str, build_log: str = "", **kw: Any):
+        super().__init__(message, **kw)
+        self.build_log = build_log

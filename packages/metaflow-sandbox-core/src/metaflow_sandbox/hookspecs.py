@@ -14,9 +14,11 @@ import pluggy
 from .model import (
     Capabilities,
     DownloadItem,
+    EnvironmentSpec,
     ExecResult,
     FileResult,
     OutputCallback,
+    PreparedEnvironment,
     SandboxHandle,
     SandboxSpec,
     UploadItem,
@@ -138,4 +140,35 @@ def sandbox_check_config(options: Mapping[str, Any]) -> bool:
     """Optional. Return True if credentials/settings are present, without any network call.
 
     Raise ``BackendNotConfiguredError`` naming the variable to set when they are not.
+    """
+
+
+@hookspec(firstresult=True)
+def sandbox_environment_prepare(environment: EnvironmentSpec, on_log: Optional[OutputCallback]) -> PreparedEnvironment:
+    """Optional. Find the environment named by ``environment.key``, or build it, and return it ready.
+
+    Build through the provider's own image API (a snapshot, a template, a cached directory), with
+    ``environment.requirements`` installed into the Python that sandboxes run, and carry
+    ``environment.labels`` (the facade adds ``ENVIRONMENT_LABEL``) so ``sandbox_environment_list``
+    finds it. Name it from ``environment.name``, so another launcher on another machine finds it too;
+    two callers preparing the same key at once must end with one environment (wait for the other's
+    build rather than start a second). Stream the provider's build log to ``on_log``. Block until it is
+    ready and return it with ``built=True`` if this call built it. A sandbox created with
+    ``SandboxSpec(environment=result.ref)`` must then run ``python`` with every requirement importable
+    and install nothing. Raise ``EnvironmentBuildError`` with the build log's tail when the build fails
+    (and leave no half-built environment that a later call would mistake for a ready one).
+    """
+
+
+@hookspec(firstresult=True)
+def sandbox_environment_list(options: Mapping[str, Any]) -> list[PreparedEnvironment]:
+    """Optional (with ``sandbox_environment_prepare``). Every environment we built: those carrying ``ENVIRONMENT_LABEL``."""
+
+
+@hookspec(firstresult=True)
+def sandbox_environment_remove(ref: str, options: Mapping[str, Any]) -> bool:
+    """Optional (with ``sandbox_environment_prepare``). Delete one prepared environment by its ``ref``.
+
+    Idempotent: True if it was removed now, False if it was already gone. Sandboxes running from it
+    may keep running; new creates from it fail.
     """

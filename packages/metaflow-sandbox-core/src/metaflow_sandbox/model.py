@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Union
@@ -69,6 +71,65 @@ class SandboxSpec:
     binds: tuple[Bind, ...] = ()
     idempotency_key: Optional[str] = None
     options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    #: ``PreparedEnvironment.ref`` to start from (a Daytona snapshot, an E2B template, a cached
+    #: directory): it was built from ``image``, so the backend starts from it instead of ``image``.
+    environment: Optional[str] = None
+
+
+#: Label every prepared environment we build carries, with its ``EnvironmentSpec.key`` as value.
+ENVIRONMENT_LABEL = "metaflow-sandbox.environment"
+ENVIRONMENT_PREFIX = "mfsb-env-"
+
+
+@dataclass(frozen=True)
+class EnvironmentSpec:
+    """What a prepared environment holds. Its ``key`` names it on every backend and every machine.
+
+    ``requirements`` are pip requirement lines: Metaflow's datastore dependencies plus the step's
+    ``packages=``/``requirements_file=``. ``resources`` matter only to backends that size sandboxes
+    per environment (E2B templates, Daytona snapshots); they name it with a resource-class suffix.
+    """
+
+    python_version: str
+    requirements: tuple[str, ...] = ()
+    image: Optional[str] = None
+    resources: Resources = field(default_factory=Resources)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def key(self) -> str:
+        """A content hash of python version, requirements (order and duplicates ignored) and base image."""
+        content = json.dumps(
+            {"python": self.python_version, "requirements": sorted(set(self.requirements)), "image": self.image or ""},
+            sort_keys=True,
+        )
+        return hashlib.sha256(content.encode()).hexdigest()[:16]
+
+    @property
+    def name(self) -> str:
+        """``mfsb-env-<key>``: what a backend names it by (plus its own resource-class suffix, if any)."""
+        return ENVIRONMENT_PREFIX + self.key
+
+
+@dataclass(frozen=True)
+class PreparedEnvironment:
+    """One prepared environment on a backend: what ``list`` shows and ``SandboxSpec.environment`` takes.
+
+    ``state`` is ``ready``, ``building`` or ``failed``; ``built`` is True when this call built it
+    (False: it was found). Times are epoch seconds, None when the provider does not say.
+    """
+
+    backend: str
+    ref: str
+    key: str
+    state: str = "ready"
+    built: bool = False
+    created_at: Optional[float] = None
+    last_used_at: Optional[float] = None
+    size_bytes: Optional[int] = None
+    detail: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

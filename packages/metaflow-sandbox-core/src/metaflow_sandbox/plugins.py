@@ -18,7 +18,15 @@ from .errors import AmbiguousBackendError, BackendLoadError, SandboxError, Unkno
 
 GROUP = "metaflow_sandbox.backends"
 REQUIRED_HOOKS = ("sandbox_create", "sandbox_exec", "sandbox_upload", "sandbox_download", "sandbox_destroy")
-OPTIONAL_HOOKS = ("sandbox_list", "sandbox_capabilities", "sandbox_check_config", "sandbox_exec_kill")
+OPTIONAL_HOOKS = (
+    "sandbox_list",
+    "sandbox_capabilities",
+    "sandbox_check_config",
+    "sandbox_exec_kill",
+    "sandbox_environment_prepare",
+    "sandbox_environment_list",
+    "sandbox_environment_remove",
+)
 
 
 _frozen: Optional[dict[str, list[importlib_metadata.EntryPoint]]] = None

@@ -6,6 +6,7 @@ operations retry, and only on ``TransientBackendError``: user code is never re-r
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import logging
 import os
@@ -29,14 +30,17 @@ from .limits_rate import hold_slot, limiter_for, release_slot
 from .model import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_TTL_SECONDS,
+    ENVIRONMENT_LABEL,
     LEASE_ENV,
     MARKER_LABEL,
     Capabilities,
     DownloadItem,
+    EnvironmentSpec,
     ExecResult,
     FileResult,
     OutputCallback,
     PathLike,
+    PreparedEnvironment,
     SandboxHandle,
     SandboxSpec,
     UploadItem,
@@ -57,6 +61,9 @@ _EXPECTED: dict[str, Any] = {
     "sandbox_capabilities": Capabilities,
     "sandbox_check_config": bool,
     "sandbox_exec_kill": bool,
+    "sandbox_environment_prepare": PreparedEnvironment,
+    "sandbox_environment_list": list,
+    "sandbox_environment_remove": bool,
 }
 
 
@@ -215,6 +222,35 @@ class Backend:
             )
         handles = self.call("sandbox_list", idempotent=True, labels=dict(labels or {}), options=self.options)
         return [Sandbox(self, h) for h in handles]
+
+    def prepares_environments(self) -> bool:
+        """True when the backend builds environments ahead of tasks (``sandbox_environment_prepare``)."""
+        return self.implements("sandbox_environment_prepare")
+
+    def prepare_environment(self, environment: EnvironmentSpec, on_log: Optional[OutputCallback] = None) -> PreparedEnvironment:
+        """Find or build ``environment`` (idempotent by its key, so transient failures retry)."""
+        self._need("sandbox_environment_prepare", "prepare environments")
+        labels = {**environment.labels, MARKER_LABEL: "1", ENVIRONMENT_LABEL: environment.key}
+        if self.options and not environment.options:
+            environment = dataclasses.replace(environment, options=self.options)
+        environment = dataclasses.replace(environment, labels=labels)
+        return self.call("sandbox_environment_prepare", idempotent=True, environment=environment, on_log=on_log)
+
+    def environments(self) -> builtins.list[PreparedEnvironment]:
+        self._need("sandbox_environment_list", "list prepared environments")
+        return self.call("sandbox_environment_list", idempotent=True, options=self.options)
+
+    def remove_environment(self, ref: str) -> bool:
+        self._need("sandbox_environment_remove", "remove prepared environments")
+        return self.call("sandbox_environment_remove", idempotent=True, ref=ref, options=self.options)
+
+    def _need(self, hook: str, what: str) -> None:
+        if not self.implements(hook):
+            raise UnsupportedOptionError(
+                "backend '%s' cannot %s" % (self.name, what),
+                hint="turn prepared environments off for it (METAFLOW_SANDBOX_PREPARE=0), or ask its authors to implement %s" % hook,
+                backend=self.name,
+            )
 
 
 class Sandbox:
