@@ -263,3 +263,80 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# -- images, the bare base and enforced resources (emulation.images, LocalRunner) --------------------
+# tabulate is absent from the dev venv (checked below), so an import of it can only come from an image.
+@pytest.fixture(scope="module")
+def image_kit(tmp_path_factory):
+    from metaflow_sandbox.emulation import BareBase, ImageStore
+
+    root = str(tmp_path_factory.mktemp("kit"))
+    os.chmod(root, 0o755)
+    for parent in [os.path.dirname(root), os.path.dirname(os.path.dirname(root))]:
+        os.chmod(parent, os.stat(parent).st_mode | 0o711)
+    return BareBase(root), ImageStore(os.path.join(root, "images"))
+
+
+def _run_in(runner, argv, **create: Any) -> tuple[int, str]:
+    import asyncio
+
+    async def go() -> tuple[int, str]:
+        out: list[str] = []
+        sb = await runner.create({}, {}, **create)
+        try:
+            res = await runner.blocking(sb.exec, argv, on_stdout=out.append, on_stderr=out.append)
+        finally:
+            await runner.blocking(sb.destroy)
+        return res.exit_code, "".join(out)
+
+    return asyncio.run(go())
+
+
+def test_an_image_is_a_real_pip_install_that_a_bare_base_sandbox_imports_and_pip_is_recorded(image_kit) -> None:
+    from metaflow_sandbox.emulation import LocalRunner
+
+    with pytest.raises(ImportError):
+        __import__("tabulate")
+    base, store = image_kit
+    lines: list[str] = []
+    image = store.build(store.add("kit-tabulate", ["tabulate"]), on_log=lines.append)
+    assert image.state == "active" and image.size_bytes > 0 and image.done.is_set()
+    assert any("Successfully installed tabulate" in line for line in lines) and lines == image.log
+    probe = "import tabulate, sys; print('TAB', tabulate.__name__); import boto3"
+    runner = LocalRunner(base=base)
+    code, out = _run_in(runner, ["bash", "-c", "python -c %r; pip install six; python -m pip install six; exit 0" % probe], image=image)
+    assert code == 0 and "TAB tabulate" in out
+    assert "No module named 'boto3'" in out  # the launcher's venv has boto3; the bare base does not
+    assert base.pip_attempts() == ["pip install six", "python -m pip install six"]
+    code, out = _run_in(runner, ["python", "-c", "import tabulate"])  # no image: the base alone
+    assert code == 1 and "No module named 'tabulate'" in out
+
+
+def test_a_failed_build_keeps_pips_output_and_leaves_no_directory(image_kit) -> None:
+    _, store = image_kit
+    image = store.build(store.add("kit-broken", ["mfsb-no-such-package-xyz==0.0.1"]))
+    assert image.state == "error" and "No matching distribution found for mfsb-no-such-package-xyz" in (image.error or "")
+    assert not os.path.exists(image.path) and not os.path.exists(image.path + ".building")
+    with pytest.raises(ValueError, match="already exists"):
+        store.add("kit-broken", [])
+    assert store.remove("kit-broken") and not store.remove("kit-broken")
+
+
+def test_local_runner_enforces_cpu_and_hides_the_launchers_home(tmp_path) -> None:
+    from metaflow_sandbox import Resources
+    from metaflow_sandbox.emulation import LocalRunner
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPUs to tell a 1-CPU limit apart")
+    home = os.path.expanduser("~")
+    secret = os.path.join(home, ".mfsb-emulation-probe-%d" % os.getpid())
+    with open(secret, "w") as f:
+        f.write("launcher secret")
+    try:
+        runner = LocalRunner()
+        code, out = _run_in(runner, ["bash", "-c", "nproc; cat %s" % secret], resources=Resources(cpu=1, memory_mb=256))
+    finally:
+        os.unlink(secret)
+    assert out.splitlines()[0] == "1"
+    assert "launcher secret" not in out and code != 0

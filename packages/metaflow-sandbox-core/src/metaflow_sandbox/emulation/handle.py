@@ -85,6 +85,14 @@ class EmulatorHandle:
         """Counters: <app>_requests, injected_<status>, injected_<app>, lost_reply, deleted, expired, vanished, and the provider's."""
         return self._admin("GET", "stats")
 
+    def images(self) -> list[dict[str, Any]]:
+        """Images the emulator built or is building (a provider's snapshots/templates): name, state, requirements, size_bytes, error."""
+        return self._admin("GET", "images")
+
+    def pip_attempts(self) -> list[str]:
+        """Every pip command a sandbox ran on the bare base (``--bare-base``), oldest first; always empty without it."""
+        return self._admin("GET", "pip-attempts")
+
     def faults(self) -> dict[str, Any]:
         return self._admin("GET", "faults")
 

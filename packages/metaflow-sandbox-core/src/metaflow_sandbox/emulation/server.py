@@ -3,8 +3,9 @@
 A provider's emulator subclasses :class:`EmulatorServer`: it builds its aiohttp apps (its protocol)
 and gets, the same way as every other emulator, the request log and counters, latency and injected
 errors and lost replies by endpoint name, the admin API under ``/_emulator/``, TTL reaping, ending a
-sandbox (its commands killed, its ``local`` sandbox destroyed in the background), and a process that
-hands its URLs to the launcher and exits when the launcher dies.
+sandbox (its commands killed, its ``local`` sandbox destroyed in the background), images built by real
+pip installs (``self.images``), the bare base (``--bare-base``), and a process that hands its URLs to
+the launcher and exits when the launcher dies.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import ctypes
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -26,6 +28,7 @@ from aiohttp import web
 
 from .faults import FaultSchedule
 from .handle import ADMIN, DEFAULT_KEY, READY
+from .images import BareBase, ImageStore, state_dir
 from .local import LocalRunner
 from .sandboxes import EmulatedSandbox
 
@@ -40,13 +43,17 @@ class EmulatorServer:
     #: The provider's fault schedule (a FaultSchedule subclass declaring its ENDPOINTS).
     FAULTS: ClassVar[type[FaultSchedule]] = FaultSchedule
 
-    def __init__(self, api_key: str, faults: Optional[dict[str, Any]] = None):
+    def __init__(self, api_key: str, faults: Optional[dict[str, Any]] = None, bare_base: bool = False):
         self.api_key = api_key
+        #: Images (prepared environments) and the bare base live here, until the emulator stops.
+        self.state_dir = state_dir("mfsb-emu-%s-" % self.NAME)
+        self.images = ImageStore(os.path.join(self.state_dir, "images"))
+        self.base = BareBase(self.state_dir) if bare_base else None
         self.faults = self.FAULTS().set(**(faults or {}))
         self.sandboxes: dict[str, EmulatedSandbox] = {}  # every sandbox ever made, ended ones too
         self.log: list[dict[str, Any]] = []
         self.stats: collections.Counter[str] = collections.Counter()
-        self.runner = LocalRunner(name=self.NAME)
+        self.runner = LocalRunner(name=self.NAME, base=self.base)
         self.urls: dict[str, str] = {}
 
     # ---------------------------------------------------------------- what a provider supplies
@@ -195,7 +202,21 @@ class EmulatorServer:
             return web.json_response({"ok": True})
 
         async def stats(request: web.Request) -> web.Response:
-            return web.json_response(dict(self.stats))
+            counters = dict(self.stats, image_builds=self.images.builds)
+            if self.base is not None:
+                counters["pip_attempts"] = len(self.base.pip_attempts())
+            return web.json_response(counters)
+
+        async def images(request: web.Request) -> web.Response:
+            return web.json_response(
+                [
+                    {"name": i.name, "state": i.state, "requirements": list(i.requirements), "size_bytes": i.size_bytes, "error": i.error}
+                    for i in self.images.images.values()
+                ]
+            )
+
+        async def pip_attempts(request: web.Request) -> web.Response:
+            return web.json_response(self.base.pip_attempts() if self.base is not None else [])
 
         async def get_faults(request: web.Request) -> web.Response:
             return web.json_response(self.faults.as_dict())
@@ -219,6 +240,8 @@ class EmulatorServer:
             web.get(ADMIN + "requests", requests),
             web.delete(ADMIN + "requests", clear_requests),
             web.get(ADMIN + "stats", stats),
+            web.get(ADMIN + "images", images),
+            web.get(ADMIN + "pip-attempts", pip_attempts),
             web.get(ADMIN + "faults", get_faults),
             web.post(ADMIN + "faults", set_faults),
             web.delete(ADMIN + "faults", clear_faults),
@@ -248,6 +271,7 @@ class EmulatorServer:
         finally:
             for runner in runners:
                 await runner.cleanup()
+            shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def ready_info(self) -> dict[str, Any]:
         return {"admin": next(iter(self.urls.values())), "urls": self.urls, "env": self.env(), "endpoints": list(self.FAULTS.ENDPOINTS)}
@@ -261,6 +285,9 @@ def common_arguments(parser: argparse.ArgumentParser, default_key: str = DEFAULT
     parser.add_argument("--faults", default="{}", help="JSON object of fault switches, e.g. '{\"latency_ms\": 50}'")
     parser.add_argument("--ready", action="store_true", help="print one handshake line with the URLs when serving")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the launcher) closes our stdin or dies")
+    parser.add_argument(
+        "--bare-base", action="store_true", help="sandboxes start from a stdlib-only Python with no pip (pip attempts are recorded)"
+    )
     parser.add_argument("--pdeathsig", action="store_true", help="also exit by PR_SET_PDEATHSIG (when launched from a main thread)")
     return parser
 
