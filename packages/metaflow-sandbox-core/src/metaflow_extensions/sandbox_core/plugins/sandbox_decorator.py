@@ -214,6 +214,9 @@ class SandboxDecorator(StepDecorator):
             system_msg=True,
         )
         self._refuse_at_launch(backend, graph)
+        from .sandbox_server import start_at_runtime_init
+
+        start_at_runtime_init(self.step, run_id, trampoline_env(), self.logger)
 
     def _refuse_at_launch(self, backend, graph):
         """What the backend would refuse at task time (a GPU or an image on `local`, cpu above its cap,
@@ -248,13 +251,8 @@ class SandboxDecorator(StepDecorator):
             # The trampoline needs our SDKs: run it with the launcher's interpreter, even if
             # @pypi/@conda pointed the entrypoint at the step's environment (sandbox_cli re-execs).
             cli_args.entrypoint[0] = sys.executable
-            cli_args.env["METAFLOW_SANDBOX_LAUNCHER_PYTHON"] = sys.executable
             cli_args.env.pop("PYTHONNOUSERSITE", None)
-            cli_args.env[REFUSALS_ENV] = refusals_file()  # why a sandbox could not start, for runtime_finished
-            # The lifeline: the run's reaper destroys the sandbox of a trampoline killed by any signal.
-            from .sandbox_lifeline import launcher_env
-
-            cli_args.env.update(launcher_env())
+            cli_args.env.update(trampoline_env())
             # The fast path: a thin client asks the run's sandbox server to fork this trampoline.
             from .sandbox_server import fast_path_cli
 
@@ -323,6 +321,16 @@ class E2BDecorator(SandboxDecorator):
     def init(self):
         # Metaflow calls init() only when the class itself defines it (not inherited).
         super().init()
+
+
+def trampoline_env():
+    """What every trampoline of this run gets from the launcher (and the run's server, started with it)."""
+    from .sandbox_lifeline import launcher_env
+
+    env = {"METAFLOW_SANDBOX_LAUNCHER_PYTHON": sys.executable}
+    env[REFUSALS_ENV] = refusals_file()  # why a sandbox could not start, for runtime_finished
+    env.update(launcher_env())  # the lifeline: the run's reaper destroys the sandbox of a trampoline killed by any signal
+    return env
 
 
 def resolve_backend(attribute):

@@ -75,6 +75,59 @@ def fast_path_cli(cli_args, run_id, logger):
     cli_args.env[SERVER_PID_ENV] = str(server["proc"].pid)
 
 
+def start_at_runtime_init(step_name, run_id, task_env, logger):
+    """Start the run's server while `start` runs, instead of at the first sandboxed task (which then
+    waited ~1.5 s for it to import Metaflow). Needs the top-level options Metaflow gives every task:
+    built as Metaflow builds them (CLIArgs) from the runtime that is calling runtime_init. Anything
+    unexpected leaves the start to the first sandboxed task, as before."""
+    if _server is not None or unavailable_reason() is not None:
+        return
+    try:
+        cli_args = _runtime_cli_args(step_name, run_id)
+    except Exception:
+        return
+    if cli_args is not None:
+        cli_args.env.update(task_env)
+        _ensure_server(cli_args, run_id, logger)
+
+
+def _runtime_cli_args(step_name, run_id):
+    """A CLIArgs for a would-be task of `step_name`, from the NativeRuntime up the stack (no task created)."""
+    from metaflow.runtime import CLIArgs
+
+    frame = sys._getframe(1)
+    runtime = None
+    while frame is not None and runtime is None:
+        candidate = frame.f_locals.get("self")
+        if type(candidate).__name__ == "NativeRuntime" and hasattr(candidate, "_entrypoint"):
+            runtime = candidate
+        frame = frame.f_back
+    if runtime is None:
+        return None
+    flow = runtime._flow
+    task = types.SimpleNamespace(
+        flow=flow,
+        step=step_name,
+        decos=getattr(flow, step_name).decorators,
+        entrypoint=runtime._entrypoint,
+        metadata_type=runtime._metadata.TYPE,
+        environment_type=runtime._environment.TYPE,
+        datastore_type=runtime._flow_datastore.TYPE,
+        datastore_sysroot=runtime._flow_datastore.datastore_root,
+        event_logger_type=runtime.event_logger.TYPE,
+        monitor_type=runtime._monitor.TYPE,
+        run_id=run_id,
+        task_id=None,
+        input_paths=[],
+        split_index=None,
+        retries=0,
+        user_code_retries=0,
+        tags=runtime._metadata.sticky_tags,
+        ubf_context=None,
+    )
+    return CLIArgs(task)
+
+
 def _ensure_server(cli_args, run_id, logger):
     global _server
     if _server is not None:
