@@ -128,7 +128,10 @@ def local(tmp_path):
 
 
 def _artifacts(t: Target, run) -> dict:
-    code = "d = Run('FastPathFlow/%s')['join'].task.data; emit({k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox')})"
+    code = (
+        "r = Run('FastPathFlow/%s'); d = r['join'].task.data; out = {k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox')}; "
+        "out['server_during_start'] = r['start'].task.data.server_during_start; emit(out)"
+    )
     return t.client(code % run.run_id(), run)
 
 
@@ -142,6 +145,7 @@ def test_flow_on_the_fast_path_with_a_crash_and_a_retry(local):
     assert data["values"] == [0, 10, 20, 30]
     assert data["attempts"] == {"0": 0, "1": 1, "2": 0, "3": 0}
     assert data["in_sandbox"] == ["1"] * 4
+    assert data["server_during_start"] is True  # started with the run: the first sandboxed task does not wait for it
     assert sum("line-2" in line for line in run.output.splitlines()) == 1  # live log, once
     assert "crashing on purpose" in run.output
 
@@ -154,6 +158,7 @@ def test_flow_on_the_fallback_path(local):
     assert FAST_LINE not in run.output
     data = _artifacts(local, run)
     assert data["values"] == [0, 10, 20, 30] and data["attempts"]["1"] == 1
+    assert data["server_during_start"] is False
 
 
 def test_a_killed_server_fails_no_task(local):
