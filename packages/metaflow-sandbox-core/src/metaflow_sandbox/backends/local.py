@@ -12,17 +12,21 @@ any process (the lifeline's reaper, ``metaflow-sandbox gc``), and a sweep of wha
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
 from typing import Any, Mapping, Sequence
 
 from metaflow_sandbox import (
+    Bind,
     Capabilities,
     DownloadItem,
+    EnvironmentSpec,
     ExecResult,
     FileResult,
     OutputCallback,
+    PreparedEnvironment,
     SandboxError,
     SandboxHandle,
     SandboxSpec,
@@ -32,6 +36,7 @@ from metaflow_sandbox import (
     hookimpl,
 )
 
+from ._local import environments as environments_
 from ._local import files as files_
 from ._local import identity, isolation, limits, proc
 from ._local import options as options_
@@ -106,6 +111,8 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
         )
     options_.check(spec.options)
     options_.disk_mb(spec.options, spec.resources.disk_mb)
+    if spec.environment:
+        spec = _with_environment(spec)
     _check_env(spec.env, [])
     bwrap = isolation.select(spec.options)
     _check_binds(spec, isolated=bwrap is not None)
@@ -113,6 +120,28 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     sb = LocalSandbox(spec, bwrap)
     register(sb)
     return sb.handle
+
+
+def _with_environment(spec: SandboxSpec) -> SandboxSpec:
+    """A prepared environment: its directory bound read-only and first on PYTHONPATH."""
+    path = environments_.check_ref(spec.environment or "")
+    python_path = os.pathsep.join(p for p in (path, spec.env.get("PYTHONPATH", "")) if p)
+    return dataclasses.replace(spec, binds=(*spec.binds, Bind(path, read_only=True)), env={**spec.env, "PYTHONPATH": python_path})
+
+
+@hookimpl
+def sandbox_environment_prepare(environment: EnvironmentSpec, on_log: OutputCallback | None) -> PreparedEnvironment:
+    return environments_.prepare(environment, on_log)
+
+
+@hookimpl
+def sandbox_environment_list(options: Mapping[str, Any]) -> list[PreparedEnvironment]:
+    return environments_.listed(options)
+
+
+@hookimpl
+def sandbox_environment_remove(ref: str, options: Mapping[str, Any]) -> bool:
+    return environments_.remove(ref, options)
 
 
 def _check_binds(spec: SandboxSpec, isolated: bool) -> None:

@@ -16,3 +16,5 @@ SANDBOX_CODE_CACHE = from_conf("SANDBOX_CODE_CACHE")
 # Seconds after a step's @timeout at which the facade stops a task its own alarm did not end (default 60).
 # Read as text and parsed where used (plugins/sandbox_cli.py).
 SANDBOX_TIMEOUT_GRACE = from_conf("SANDBOX_TIMEOUT_GRACE")
+# 0 turns prepared environments off for the run (packages installed in every task). Parsed where used.
+SANDBOX_PREPARE = from_conf("SANDBOX_PREPARE")

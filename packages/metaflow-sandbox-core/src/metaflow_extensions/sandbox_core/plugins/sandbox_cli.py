@@ -106,6 +106,9 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
 
     env = task_env(obj, deco, task["run_id"], obj.flow_datastore.TYPE, code, task["user"], deco.backend_name)
     env.update(env_extra)
+    environment = _environment_ref(obj, deco, backend, task)
+    if environment:  # everything is installed already: no pip, and Metaflow's bootstrap installs nothing either
+        env["METAFLOW_SKIP_INSTALL_DEPENDENCIES"] = "1"
     binds = []
     package_dir = pip_cache = None
     if local:
@@ -114,10 +117,10 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         code_root = _cache_dir("SANDBOX_CODE_CACHE", "code")
         package_dir = prepared_package(obj.flow_datastore, code_package_sha, code_root)
         if caps.binds:  # a backend that shares files without binds sees them at the same paths anyway
-            binds = [Bind(pip_cache), Bind(code_root, read_only=True)]
+            binds = [Bind(code_root, read_only=True)] + ([] if environment else [Bind(pip_cache)])
             if obj.flow_datastore.TYPE == "local":
                 binds.append(Bind(obj.flow_datastore.datastore_root))
-    pip_cmds = pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), pip_cache)
+    pip_cmds = [] if environment else pip_install_commands(requirements(deco, os.path.dirname(os.path.abspath(sys.argv[0]))), pip_cache)
     command = task_command(
         obj.environment,
         step_name,
@@ -130,8 +133,33 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
         seeded=_seeds_metadata(obj),
     )
     backend.lifeline = attach_lifeline()
-    spec = _sandbox_spec(obj, node, deco, backend, task, env, binds)
+    spec = _sandbox_spec(obj, node, deco, backend, task, env, binds, environment)
     sys.exit(_run_task(obj, backend, spec, command, deco, task))
+
+
+def _environment_ref(obj, deco, backend, task):
+    """The step's prepared environment: from the launcher (REF_ENV), else found or built here
+    (a scheduler's `step`, a resume). A failed build ends the task before any sandbox exists."""
+    from .sandbox_environments import REF_ENV, environment_spec, failure_message
+
+    if REF_ENV in os.environ:
+        return os.environ[REF_ENV] or None
+    try:
+        spec = environment_spec(deco, backend, obj.flow_datastore.TYPE)
+        if spec is None:
+            return None
+        started = time.time()
+        prepared = backend.prepare_environment(spec)
+    except Exception as err:
+        what = "'%s' environment for step *%s*" % (backend.name, task["step"])
+        obj.echo_always(failure_message(err, what), err=True)
+        note_refusal(task["step"], task["task_id"], backend.name, err)
+        sys.exit(METAFLOW_EXIT_DISALLOW_RETRY)
+    obj.echo_always(
+        "The '%s' environment %s of step *%s*: %s in %.1fs (%s)."
+        % (backend.name, spec.name, task["step"], "built" if prepared.built else "found", time.time() - started, prepared.ref)
+    )
+    return prepared.ref
 
 
 def _sleep_before_retry(obj, node, task):
@@ -158,7 +186,7 @@ def _step_cli(ctx, deco, step_name, kwargs, local):
     return "%s %s step %s %s" % (entrypoint, top_args, step_name, " ".join(util.dict_to_cli_options(kwargs))), env
 
 
-def _sandbox_spec(obj, node, deco, backend, task, env, binds):
+def _sandbox_spec(obj, node, deco, backend, task, env, binds, environment=None):
     """The launch-time shape (sandbox_inputs.launch_spec, already validated) plus this task's env, labels and binds."""
     import dataclasses
 
@@ -189,6 +217,7 @@ def _sandbox_spec(obj, node, deco, backend, task, env, binds):
         labels=labels,
         binds=tuple(binds),
         idempotency_key=hashlib.sha256(key.encode()).hexdigest()[:32],
+        environment=environment,
     )
 
 

@@ -55,6 +55,12 @@ def check_attributes(deco_name, attrs):
             hint="write @%s(network=False) to cut the network (or 'false', 'no', '0', 'off' through --with), "
             "network=True to keep it" % deco_name,
         )
+        attrs["prepare"] = parse.boolean(
+            attrs.get("prepare", True),
+            what("prepare"),
+            hint="write @%s(prepare=False) to install the step's packages in every task instead of once per run "
+            "(or 'false', 'no', '0', 'off' through --with)" % deco_name,
+        )
         check_resources(deco_name, attrs)
         for key, example in (("image", "'python:3.12-slim'"), ("executable", "'python3'"), ("requirements_file", "'requirements.txt'")):
             if attrs.get(key) is not None:

@@ -1,0 +1,198 @@
+"""Prepared environments for sandboxed steps: what a step's environment holds, and building it once per run.
+
+The launcher (``runtime_init``) starts one build per distinct (backend, key) in a thread, so builds run
+while the code package uploads and the first tasks start; a task waits for its step's environment in
+``runtime_step_cli`` and hands the ref to its trampoline in ``REF_ENV``. A failed build stops the run
+there, with the build log's tail and a Fix line, before any task of that step starts. A trampoline
+started without ``REF_ENV`` (a scheduler's `step`, a resume) prepares the environment itself.
+``sandbox prepare`` (ahead of time) uses the same registry.
+"""
+
+import os
+import sys
+import threading
+import time
+
+from metaflow.exception import MetaflowException
+
+PREPARE_ENV = "METAFLOW_SANDBOX_PREPARE"
+#: Set by the launcher for each task: the prepared environment's ref ("" = the step has none).
+REF_ENV = "METAFLOW_SANDBOX_ENVIRONMENT_REF"
+LOG_TAIL_LINES = 30
+WAIT_REPORT_SECONDS = 15
+
+# What Metaflow's bootstrap pip-installs for each datastore (metaflow_environment._get_install_dependencies_cmd).
+DATASTORE_DEPENDENCIES = {
+    "s3": ("boto3", "requests"),
+    "azure": ("azure-identity", "azure-storage-blob", "azure-keyvault-secrets", "simple-azure-blob-downloader", "requests"),
+    "gs": (
+        "google-cloud-storage",
+        "google-auth",
+        "simple-gcp-object-downloader",
+        "google-cloud-secret-manager",
+        "packaging",
+        "requests",
+    ),
+}
+
+
+class EnvironmentException(MetaflowException):
+    headline = "Sandbox environment error"
+
+
+def prepare_enabled(deco):
+    """Off per step (``prepare=False``) or per run (``METAFLOW_SANDBOX_PREPARE=0``)."""
+    if deco.attributes.get("prepare") is False:
+        return False
+    from metaflow import metaflow_config
+
+    raw = getattr(metaflow_config, "SANDBOX_PREPARE", None)
+    if raw is None:
+        raw = os.environ.get(PREPARE_ENV)
+    if raw is None or str(raw).strip() == "":
+        return True
+    from metaflow_sandbox import parse
+
+    try:
+        return parse.boolean(raw, PREPARE_ENV, hint="set %s=0 to install per task instead, or unset it" % PREPARE_ENV)
+    except parse.InvalidInputError as err:
+        raise EnvironmentException(str(err))
+
+
+def datastore_requirements(datastore_type, backend):
+    """Metaflow's datastore dependencies, where the sandbox cannot use the launcher's and the image may lack them."""
+    if backend.capabilities().shares_host_filesystem or os.environ.get("METAFLOW_SKIP_INSTALL_DEPENDENCIES"):
+        return ()
+    return DATASTORE_DEPENDENCIES.get(datastore_type, ())
+
+
+def environment_spec(deco, backend, datastore_type, flow_dir=None):
+    """The step's EnvironmentSpec, or None: turned off, nothing to install, or a backend that cannot prepare."""
+    if not prepare_enabled(deco) or not backend.prepares_environments():
+        return None
+    from metaflow_sandbox import EnvironmentSpec
+
+    from .sandbox_inputs import launch_spec
+    from .sandbox_task import requirements
+
+    flow_dir = flow_dir or os.path.dirname(os.path.abspath(sys.argv[0]))
+    reqs = tuple(datastore_requirements(datastore_type, backend)) + tuple(requirements(deco, flow_dir))
+    if not reqs:
+        return None
+    return EnvironmentSpec(
+        python_version="%d.%d" % sys.version_info[:2],
+        requirements=reqs,
+        image=deco.attributes.get("image"),
+        resources=launch_spec(deco, backend).resources,
+        options=backend.options,
+    )
+
+
+class Build:
+    """One environment being found or built in a thread; steps that share its key share it."""
+
+    def __init__(self, backend, spec, step, logger):
+        self.backend = backend
+        self.spec = spec
+        self.steps = [step]
+        self.logger = logger
+        self.log = []
+        self.result = None
+        self.error = None
+        self.started = time.time()
+        self.seconds = None
+        self.thread = threading.Thread(target=self._run, name="mfsb-env-%s" % spec.key, daemon=True)
+
+    def _on_log(self, text):
+        self.log.append(text)
+        if len(self.log) > 4 * LOG_TAIL_LINES:
+            del self.log[: -2 * LOG_TAIL_LINES]
+
+    def _run(self):
+        try:
+            self.result = self.backend.prepare_environment(self.spec, on_log=self._on_log)
+        except Exception as err:  # reported by wait(), in the thread that launches tasks
+            self.error = err
+        self.seconds = time.time() - self.started
+        if self.logger is not None:
+            self.logger(self.outcome(), system_msg=True)
+
+    def describe(self):
+        return "'%s' environment %s for step%s %s (%d requirement%s)" % (
+            self.backend.name,
+            self.spec.name,
+            "s" if len(self.steps) > 1 else "",
+            ", ".join("*%s*" % s for s in self.steps),
+            len(self.spec.requirements),
+            "" if len(self.spec.requirements) == 1 else "s",
+        )
+
+    def outcome(self):
+        if self.error is not None:
+            return "Could not build the %s (after %.1fs)." % (self.describe(), self.seconds or 0)
+        how = "built" if self.result.built else "found"
+        return "The %s is ready: %s in %.1fs (%s)." % (self.describe(), how, self.seconds, self.result.ref)
+
+    def wait(self, step=None):
+        """The ready environment, or EnvironmentException with the build log's tail and a Fix line."""
+        while True:
+            self.thread.join(WAIT_REPORT_SECONDS)
+            if not self.thread.is_alive():
+                break
+            if step is not None and self.logger is not None:
+                self.logger(
+                    "Step *%s* waits for the %s: %.0fs so far..." % (step, self.describe(), time.time() - self.started), system_msg=True
+                )
+        if self.error is not None:
+            raise EnvironmentException(failure_message(self.error, self.describe(), self.log))
+        return self.result
+
+
+def failure_message(err, what, log_lines=()):
+    """The provider's build log tail, what failed, and a Fix line (the backend's hint, then the way out)."""
+    build_log = getattr(err, "build_log", "") or "".join(log_lines)
+    tail = [ln for ln in build_log.splitlines() if ln.strip()][-LOG_TAIL_LINES:]
+    message = getattr(err, "message", None) or str(err)
+    hint = getattr(err, "hint", None)
+    lines = ["Could not build the %s: %s" % (what, message)]
+    if tail:
+        lines.append("Build log (last %d lines):" % len(tail))
+        lines += ["    " + ln for ln in tail]
+    fix = hint or "check the requirement lines in packages= / requirements_file="
+    lines.append("  Fix: %s; or install per task instead: @sandbox(prepare=False) on the step, or %s=0 for the run." % (fix, PREPARE_ENV))
+    return "\n".join(lines)
+
+
+_builds = {}
+_lock = threading.Lock()
+
+
+def start(deco, backend, spec, logger):
+    """Start (or join) the build of ``spec`` on ``backend``; returns its Build. Launcher only."""
+    key = (backend.name, spec.key)
+    with _lock:
+        build = _builds.get(key)
+        if build is not None:
+            if deco.step not in build.steps:
+                build.steps.append(deco.step)
+            return build
+        build = _builds[key] = Build(backend, spec, deco.step, logger)
+    if logger is not None:
+        logger("Preparing the %s in the background..." % build.describe(), system_msg=True)
+    build.thread.start()
+    return build
+
+
+def raise_failed():
+    """Any finished build that failed stops the run, whichever step's task is launching now."""
+    with _lock:
+        builds = list(_builds.values())
+    for build in builds:
+        if not build.thread.is_alive() and build.error is not None:
+            raise EnvironmentException(failure_message(build.error, build.describe(), build.log))
+
+
+def reset():
+    """Forget the registry (a new run in the same process, e.g. the Runner API)."""
+    with _lock:
+        _builds.clear()

@@ -1,0 +1,217 @@
+"""The local backend's prepared environments: one directory per ``EnvironmentSpec.key``, installed once.
+
+``<root>/<key>/`` holds the requirements (``pip install --target``, with uv when present) and
+``.mfsb-environment.json`` (the key, requirements, labels, creation time). It is built under an
+exclusive ``flock`` into ``<root>/.build-<key>-<pid>`` and renamed into place only when pip succeeded,
+so two launchers end with one directory and a failed or killed build leaves nothing that looks
+ready. A sandbox created with ``SandboxSpec(environment=<dir>)`` gets the directory bound read-only
+and on its ``PYTHONPATH``.
+
+The root is option ``environments_dir`` (``METAFLOW_SANDBOX_LOCAL_ENVIRONMENTS_DIR``), else
+``environments/`` under the pip cache the trampolines use (``METAFLOW_SANDBOX_PIP_CACHE``, else
+``~/.cache/metaflow-sandbox/pip``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from typing import Any, Mapping, Optional
+
+from metaflow_sandbox import ENVIRONMENT_LABEL, EnvironmentBuildError, EnvironmentSpec, OutputCallback, PreparedEnvironment, read_option
+
+NAME = "local"
+META_FILE = ".mfsb-environment.json"
+LAST_USED_FILE = ".mfsb-last-used"
+LOG_TAIL = 40
+
+
+def root(options: Mapping[str, Any]) -> str:
+    configured = read_option(options, NAME, "environments_dir")
+    if configured:
+        return os.path.abspath(os.path.expanduser(configured))
+    pip_cache = os.environ.get("METAFLOW_SANDBOX_PIP_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "metaflow-sandbox", "pip"
+    )
+    return os.path.join(os.path.abspath(pip_cache), "environments")
+
+
+def prepare(environment: EnvironmentSpec, on_log: Optional[OutputCallback]) -> PreparedEnvironment:
+    """Find ``<root>/<key>`` or build it (one builder at a time per key, across processes)."""
+    base = root(environment.options)
+    os.makedirs(base, exist_ok=True)
+    final = os.path.join(base, environment.key)
+    with open(os.path.join(base, ".%s.lock" % environment.key), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second launcher waits here for the first one's build
+        if not _ready(final):
+            _build(environment, base, final, on_log)
+            return _described(final, built=True)
+    touch_last_used(final)
+    return _described(final, built=False)
+
+
+def _ready(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, META_FILE))
+
+
+def _build(environment: EnvironmentSpec, base: str, final: str, on_log: Optional[OutputCallback]) -> None:
+    tmp = os.path.join(base, ".build-%s-%d" % (environment.key, os.getpid()))
+    shutil.rmtree(tmp, ignore_errors=True)
+    if os.path.isdir(final):  # a directory without its metadata is not ours to trust: rebuild
+        shutil.rmtree(final, ignore_errors=True)
+    tail: deque[str] = deque(maxlen=LOG_TAIL)
+    try:
+        code = _install(list(environment.requirements), tmp, tail, on_log)
+        if code != 0:
+            raise EnvironmentBuildError(
+                "pip could not install the environment's %d requirement(s) (exit code %d)" % (len(environment.requirements), code),
+                build_log="".join(tail),
+                hint="check the requirement lines in packages= / requirements_file= (names, versions, that they exist on PyPI)",
+                backend=NAME,
+            )
+        meta = {
+            "key": environment.key,
+            "python": environment.python_version,
+            "requirements": sorted(set(environment.requirements)),
+            "labels": {**environment.labels, ENVIRONMENT_LABEL: environment.key},
+            "created_at": time.time(),
+        }
+        with open(os.path.join(tmp, META_FILE), "w") as f:
+            json.dump(meta, f)
+        _readable(tmp)
+        os.rename(tmp, final)  # atomic: the metadata file appears with the complete directory
+        touch_last_used(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _install(reqs: list[str], target: str, tail: deque[str], on_log: Optional[OutputCallback]) -> int:
+    """pip (or uv) with the launcher's interpreter, so the environment fits the Python that sandboxes run."""
+    uv = shutil.which("uv")
+    if uv:
+        argv = [uv, "pip", "install", "--python", sys.executable, "--target", target, *reqs]
+    else:
+        argv = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--target", target, *reqs]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_TARGET", "PIP_PREFIX", "PIP_USER")}
+    try:
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env)
+    except OSError as err:
+        tail.append("%s: %s\n" % (argv[0], err))
+        return 127
+    assert p.stdout is not None
+    for line in p.stdout:
+        tail.append(line)
+        if on_log:
+            on_log(line)
+    return p.wait()
+
+
+def _readable(path: str) -> None:
+    """A root launcher's sandboxes run as another uid: everything must be world-readable (pip keeps umask)."""
+    for dirpath, _dirs, filenames in os.walk(path):
+        os.chmod(dirpath, os.stat(dirpath).st_mode | 0o555)
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            if not os.path.islink(full):
+                os.chmod(full, os.stat(full).st_mode | 0o444)
+
+
+def touch_last_used(path: str) -> None:
+    try:
+        with open(os.path.join(path, LAST_USED_FILE), "a"):
+            pass
+        os.utime(os.path.join(path, LAST_USED_FILE))
+    except OSError:  # read-only or removed meanwhile: last-used is informational
+        pass
+
+
+def _described(path: str, built: bool) -> PreparedEnvironment:
+    with open(os.path.join(path, META_FILE)) as f:
+        meta = json.load(f)
+    try:
+        last_used: Optional[float] = os.stat(os.path.join(path, LAST_USED_FILE)).st_mtime
+    except OSError:
+        last_used = None
+    return PreparedEnvironment(
+        backend=NAME,
+        ref=path,
+        key=meta.get("key", os.path.basename(path)),
+        built=built,
+        created_at=meta.get("created_at"),
+        last_used_at=last_used,
+        size_bytes=_size(path),
+        detail="%d requirement(s): %s" % (len(meta.get("requirements", [])), " ".join(meta.get("requirements", []))),
+        labels=meta.get("labels", {}),
+    )
+
+
+def _size(path: str) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def listed(options: Mapping[str, Any]) -> list[PreparedEnvironment]:
+    base = root(options)
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        path = os.path.join(base, name)
+        if not name.startswith(".") and _ready(path):
+            try:
+                out.append(_described(path, built=False))
+            except (OSError, ValueError):  # removed meanwhile, or not ours
+                continue
+    return out
+
+
+def remove(ref: str, options: Mapping[str, Any]) -> bool:
+    """Remove ``ref`` (a directory under the root, or its key) under the build lock; False if already gone."""
+    base = root(options)
+    path = ref if os.path.isabs(ref) else os.path.join(base, ref)
+    path = os.path.abspath(path)
+    if os.path.dirname(path) != base:
+        raise EnvironmentBuildError(
+            "%s is not a prepared environment of the local backend (they live in %s)" % (ref, base),
+            hint="give a REF that `metaflow-sandbox environments list --backend local` shows",
+            backend=NAME,
+        )
+    if not os.path.isdir(path):
+        return False
+    key = os.path.basename(path)
+    with open(os.path.join(base, ".%s.lock" % key), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _ready(path):
+            return False
+        trash = os.path.join(base, ".rm-%s-%d" % (key, os.getpid()))
+        os.rename(path, trash)  # gone for new creates at once; the files go after
+        shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def check_ref(ref: str) -> str:
+    """The directory a sandbox starts from: it must be a ready environment (not removed meanwhile)."""
+    if not os.path.isabs(ref) or not _ready(ref):
+        from metaflow_sandbox import UnsupportedOptionError
+
+        raise UnsupportedOptionError(
+            "prepared environment %s does not exist (removed, or never built on this machine)" % ref,
+            hint="run `metaflow-sandbox prepare FLOW.py` (or just run the flow: it prepares its environments at start)",
+            backend=NAME,
+        )
+    touch_last_used(ref)
+    return ref
