@@ -13,8 +13,10 @@ from metaflow_sandbox import (
     DEFAULT_LEASE_SECONDS,
     Capabilities,
     DownloadItem,
+    EnvironmentSpec,
     ExecResult,
     FileResult,
+    PreparedEnvironment,
     SandboxError,
     SandboxHandle,
     SandboxNotFoundError,
@@ -25,6 +27,7 @@ from metaflow_sandbox import (
     valid_sandbox_path,
 )
 
+from . import environments
 from ._inputs import checked_argv, checked_env, checked_labels
 from .settings import NAME, Settings, require_key, settings
 from .templates import largest, pick_template
@@ -138,7 +141,8 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
             backend=NAME,
             op="sandbox_create",
         )
-    template = pick_template(spec.resources, spec.image, spec.options)
+    # A prepared environment is a template built from spec.image at this step's resource class.
+    template = spec.environment or pick_template(spec.resources, spec.image, spec.options)
     env = checked_env(spec.env, "sandbox_create")
     metadata = checked_labels(spec.labels)
     key = idempotency_key(spec.idempotency_key)
@@ -162,6 +166,21 @@ def sandbox_create(spec: SandboxSpec) -> SandboxHandle:
     live = _Live(sbx, s, deadline=now + ttl, lease=lease)
     live.start()
     return SandboxHandle(NAME, sbx.sandbox_id, workdir=workdir, labels=dict(spec.labels), options=spec.options, native=live)
+
+
+@hookimpl
+def sandbox_environment_prepare(environment: EnvironmentSpec, on_log: Any) -> PreparedEnvironment:
+    return environments.prepare(environment, on_log)
+
+
+@hookimpl
+def sandbox_environment_list(options: Mapping[str, Any]) -> list[PreparedEnvironment]:
+    return environments.environments(options)
+
+
+@hookimpl
+def sandbox_environment_remove(ref: str, options: Mapping[str, Any]) -> bool:
+    return environments.remove(ref, options)
 
 
 def _home(sbx: Any, s: Settings) -> str:

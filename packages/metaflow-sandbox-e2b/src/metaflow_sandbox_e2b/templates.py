@@ -11,13 +11,14 @@ A step with neither resources nor image uses E2B's stock ``base`` template (noth
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from typing import Any, Mapping
 
 from metaflow_sandbox import Resources, UnsupportedOptionError
 
-from .settings import NAME, PLANS, Plan, settings
+from .settings import NAME, PLANS, Plan, Settings, settings
 
 CPU_LADDER = (1, 2, 4, 8)
 MEMORY_LADDER_MB = (1024, 2048, 4096, 8192, 16384)
@@ -54,11 +55,16 @@ def pick_template(resources: Resources, image: str | None, options: Mapping[str,
         return s.template
     if resources.cpu is None and resources.memory_mb is None and not image:
         return "base"
+    return template_name(image, *fit(resources, s))
+
+
+def fit(resources: Resources, s: Settings) -> tuple[int, int]:
+    """The ladder's smallest (cpu, memory MB) class that holds ``resources``; past the plan, the fix."""
     cpu = resources.cpu or 0
     mem = resources.memory_mb or 0
     for c, m in ladder(s.plan):
         if c >= cpu and m >= mem:
-            return template_name(image, c, m)
+            return c, m
     max_cpu, max_mem = largest(s.plan)
     raise UnsupportedOptionError(
         "backend 'e2b' offers at most %d CPUs and %d MB on the '%s' plan, but cpu=%s memory=%s was requested"
@@ -68,6 +74,23 @@ def pick_template(resources: Resources, image: str | None, options: Mapping[str,
         backend=NAME,
         op="sandbox_create",
     )
+
+
+#: E2B's default sandbox size (its stock ``base`` template): the class of an environment whose step asks for none.
+DEFAULT_CLASS = (2, 512)
+
+
+def resource_class(resources: Resources, s: Settings) -> tuple[int, int]:
+    """(cpu, memory MB) a prepared environment's template is built with: the ladder's smallest class that fits."""
+    if resources.cpu is None and resources.memory_mb is None:
+        return DEFAULT_CLASS
+    return fit(resources, s)
+
+
+def environment_template_name(env_name: str, cpu: int, memory_mb: int, base_template: str | None = None) -> str:
+    """``mfsb-env-<key>[-t<hash of a custom base template>]-c<cpu>-m<memory MB>``: one template per resource class."""
+    base = "-t%s" % hashlib.sha256(base_template.encode()).hexdigest()[:8] if base_template else ""
+    return "%s%s-c%d-m%d" % (env_name, base, cpu, memory_mb)
 
 
 def build_plan(image: str | None, plan: Plan) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@
         emu.live_sandboxes()            # [{"id", "labels", "state", "template", ...}]
         emu.set_faults(error_rate=0.3)  # merges; emu.clear_faults() resets all
 
+Templates are really built (``Template.build``: pip install steps into an image directory; see
+``templates``); ``bare_base=True`` gives sandboxes a stdlib-only Python where pip fails, as a task on
+E2B's stock image would find no boto3.
+
 The server runs in a subprocess (REST API and envd on two ports; commands run in `local` backend
 sandboxes) and exits by itself if this process dies. Switches: ``faults.E2BFaults``.
 """
@@ -28,6 +32,7 @@ def start_emulator(
     plan: str = "hobby",
     max_sandboxes: Optional[int] = None,
     templates: Optional[dict[str, tuple[int, int]]] = None,
+    bare_base: bool = False,
     timeout: float = 30.0,
     **faults: Any,
 ) -> EmulatorHandle:
@@ -36,6 +41,8 @@ def start_emulator(
     args = ["--port", str(port), "--envd-port", str(envd_port), "--api-key", api_key, "--plan", plan]
     if max_sandboxes is not None:
         args += ["--max-sandboxes", str(max_sandboxes)]
+    if bare_base:
+        args.append("--bare-base")
     for name, (cpu, mem) in (templates or {}).items():
         args += ["--template", "%s=%d:%d" % (name, cpu, mem)]
     return launch("metaflow_sandbox_e2b.emulator", args, faults, timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
@@ -22,6 +23,8 @@ def error(status: int, message: str) -> web.Response:
 def endpoint_name(request: web.Request) -> str:
     """The fault schedule's name for a REST request (see faults.API_ENDPOINTS)."""
     path, method = request.path.rstrip("/"), request.method
+    if "/templates" in path:
+        return "templates"
     if path.endswith("/timeout"):
         return "timeout"
     if path.endswith("/connect"):
@@ -93,6 +96,45 @@ def make_app(emu: E2BServer) -> web.Application:
         headers = {"x-next-token": str(start + limit)} if start + limit < len(items) else None
         return web.json_response([sb.listed(emu.faults.time_scale) for sb in page], headers=headers)
 
+    # -- templates (Template.build / exists, and the team's template list and delete) -----------
+    async def request_build(request: web.Request) -> web.StreamResponse:
+        return web.json_response(emu.built.request(await request.json()), status=202)
+
+    async def trigger_build(request: web.Request) -> web.StreamResponse:
+        tid, bid = request.match_info["tid"], request.match_info["bid"]
+        body = await request.json()
+        build = emu.built.start(tid, bid, body)
+        emu.count("template_build")
+        task = asyncio.ensure_future(emu.runner.blocking(emu.built.run, tid, build, body))
+        emu.builds.add(task)
+        task.add_done_callback(emu.builds.discard)
+        return web.Response(status=202)
+
+    async def build_status(request: web.Request) -> web.StreamResponse:
+        q = request.query
+        info = emu.built.status(
+            request.match_info["tid"], request.match_info["bid"], int(q.get("logsOffset") or 0), int(q.get("limit") or 100)
+        )
+        return web.json_response(info)
+
+    async def alias(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["alias"]
+        t = emu.built.find(name)
+        if t is None and name not in emu.templates:
+            return error(404, "template alias '%s' not found" % name)
+        return web.json_response({"templateID": t.template_id if t else name, "public": t is None})
+
+    async def list_templates(request: web.Request) -> web.StreamResponse:
+        return web.json_response([t.listed() for t in sorted(emu.built.templates.values(), key=lambda t: t.created)])
+
+    async def delete_template(request: web.Request) -> web.StreamResponse:
+        emu.built.delete(request.match_info["tid"], {sb.image for sb in emu.live() if getattr(sb, "image", None)})
+        emu.count("template_delete")
+        return web.Response(status=204)
+
+    async def upload_link(request: web.Request) -> web.StreamResponse:
+        return error(400, "the emulator does not take build files (COPY steps); build from pip install steps only")
+
     emulate = emu.middleware("api", endpoint_name, admit, lambda request, status: error(status, "injected fault: %d" % status))
     app = web.Application(middlewares=[emulate, api_errors], client_max_size=1 << 20)
     app.add_routes(
@@ -104,6 +146,13 @@ def make_app(emu: E2BServer) -> web.Application:
             web.post("/sandboxes/{sid}/timeout", set_timeout),
             web.post("/v2/sandboxes/{sid}/connect", connect),
             web.get("/sandboxes/{sid}", detail),
+            web.post("/v3/templates", request_build),
+            web.post("/v2/templates/{tid}/builds/{bid}", trigger_build),
+            web.get("/templates/{tid}/builds/{bid}/status", build_status),
+            web.get("/templates/{tid}/files/{hash}", upload_link),
+            web.get("/templates/aliases/{alias}", alias),
+            web.get("/templates", list_templates),
+            web.delete("/templates/{tid}", delete_template),
         ]
     )
     return app

@@ -8,7 +8,7 @@ from typing import Optional
 from metaflow_sandbox.emulation import FaultSchedule
 
 #: The REST control plane (the default target of injected errors).
-API_ENDPOINTS = ("create", "list", "get", "delete", "timeout", "connect")
+API_ENDPOINTS = ("create", "list", "get", "delete", "timeout", "connect", "templates")
 #: envd, the in-sandbox agent: "exec" starts a command (Process/Start), "attach" reattaches to one (Process/Connect).
 ENVD_ENDPOINTS = ("health", "upload", "download", "exec", "attach", "signal", "processes", "stat", "other")
 

@@ -53,6 +53,8 @@ class E2BSandbox(EmulatedSandbox):
     procs: dict[int, Proc] = dataclasses.field(default_factory=dict)
     next_pid: int = 1000
     execs: int = 0
+    #: The emulated image (a built template's) it runs from, if any.
+    image: Optional[str] = None
 
     @property
     def state(self) -> str:
@@ -92,7 +94,7 @@ class E2BSandbox(EmulatedSandbox):
 
     def view(self, time_scale: float) -> dict[str, Any]:
         view = super().view(time_scale)
-        view.update(state=self.state, template=self.template, cpu=self.cpu, memory_mb=self.memory_mb, execs=self.execs)
+        view.update(state=self.state, template=self.template, cpu=self.cpu, memory_mb=self.memory_mb, execs=self.execs, image=self.image)
         return view
 
     def map_path(self, path: Optional[str]) -> str:

@@ -16,12 +16,14 @@ import time
 from typing import Any, Optional
 
 from aiohttp import web
+from metaflow_sandbox import Resources
 from metaflow_sandbox.emulation import DEFAULT_KEY
 from metaflow_sandbox.emulation.server import EmulatorServer, common_arguments, run
 
 from . import api, envd
 from .faults import E2BFaults
 from .protocol import ApiError, E2BSandbox
+from .templates import TemplateStore
 
 PLAN_MAX_TIMEOUT = {"hobby": 3600, "pro": 86400}
 DEFAULT_TIMEOUT = 300
@@ -43,9 +45,11 @@ class E2BServer(EmulatorServer):
         templates: Optional[dict[str, tuple[int, int]]] = None,
         max_sandboxes: Optional[int] = None,
         login_shell: bool = False,
+        bare_base: bool = False,
         faults: Optional[dict[str, Any]] = None,
     ):
-        super().__init__(api_key, faults)
+        super().__init__(api_key, faults, bare_base=bare_base)
+        self.built = TemplateStore(self.images, plan, reserved={"base", *(templates or {})})
         self.ports = (port, envd_port)
         self.plan = plan
         self.templates = {"base": (2, 512), **(templates or {})}
@@ -53,6 +57,7 @@ class E2BServer(EmulatorServer):
         self.login_shell = login_shell
         self.idempotent: dict[str, asyncio.Future[E2BSandbox]] = {}
         self.streams: set[Any] = set()  # transports of open command streams (cut by an outage)
+        self.builds: set[asyncio.Future[Any]] = set()  # template builds running in the runner's pool
 
     # ---------------------------------------------------------------- the toolkit's hooks
     def apps(self) -> list[tuple[str, web.Application, int]]:
@@ -106,7 +111,9 @@ class E2BServer(EmulatorServer):
 
     async def _create(self, body: dict[str, Any]) -> E2BSandbox:
         template = body.get("templateID") or "base"
-        cpu, memory = self.template_size(template)
+        built = self.built.spawn(template)
+        # A template we built runs from its image, with its cpu and memory enforced; stock ones as before.
+        cpu, memory = (built[1].cpu, built[1].memory_mb) if built else self.template_size(template)
         timeout = int(body.get("timeout") or DEFAULT_TIMEOUT)
         if timeout > self.max_timeout():
             raise ApiError(400, "Timeout cannot be greater than %d hours" % (self.max_timeout() // 3600))
@@ -127,7 +134,13 @@ class E2BServer(EmulatorServer):
             allow_internet=body.get("allow_internet_access") is not False,
         )
         try:
-            sb.local = await self.runner.create(envs, {"e2b-emulator-sandbox": sid}, network=sb.allow_internet)
+            labels = {"e2b-emulator-sandbox": sid}
+            if built is not None:
+                resources, image = Resources(cpu=cpu, memory_mb=memory), built[1].image
+                sb.local = await self.runner.create(envs, labels, network=sb.allow_internet, resources=resources, image=image)
+                sb.image = image.name if image is not None else None
+            else:
+                sb.local = await self.runner.create(envs, labels, network=sb.allow_internet)
         except Exception as exc:
             raise ApiError(400, "cannot create sandbox: %s" % exc) from exc
         sb.workdir = sb.local.handle.workdir
@@ -179,6 +192,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         templates=templates_from_args(args.template),
         max_sandboxes=args.max_sandboxes,
         login_shell=args.login_shell,
+        bare_base=args.bare_base,
         faults=json.loads(args.faults),
     )
     run(server, args)
