@@ -96,6 +96,10 @@ class SandboxDecorator(StepDecorator):
         Backend-specific, non-secret options (e.g. {"snapshot": "..."}).
     executable : str, optional
         Python interpreter inside the sandbox (default: the launcher's for "local", else "python").
+    prepare : bool, default True
+        Build the step's requirements (and, off `local`, Metaflow's datastore dependencies) once per
+        run into a prepared environment the sandboxes start from; False installs them in every task.
+        METAFLOW_SANDBOX_PREPARE=0 turns it off for the whole run.
     """
 
     name = "sandbox"
@@ -113,6 +117,7 @@ class SandboxDecorator(StepDecorator):
         "requirements_file": None,
         "options": None,
         "executable": None,
+        "prepare": True,
     }
     resource_defaults = {"cpu": "1", "memory": "4096", "gpu": "0"}
 
@@ -151,6 +156,7 @@ class SandboxDecorator(StepDecorator):
         self.attributes["packages"] = packages
         if checks_off():  # inside the sandbox (checked at launch), or where the core is not installed
             self.attributes["network"] = as_bool(self.attributes["network"])
+            self.attributes["prepare"] = as_bool(self.attributes["prepare"])
         else:
             check_attributes(self.name, self.attributes)  # strict: network='no' is off, cpu=-1 is refused
 
@@ -214,9 +220,24 @@ class SandboxDecorator(StepDecorator):
             system_msg=True,
         )
         self._refuse_at_launch(backend, graph)
+        self._start_environment(backend)
         from .sandbox_server import start_at_runtime_init
 
         start_at_runtime_init(self.step, run_id, trampoline_env(), self.logger)
+
+    def _start_environment(self, backend):
+        """One build per distinct environment, started now in a thread: it overlaps the upload and the first tasks."""
+        from metaflow_sandbox import SandboxError
+
+        from .sandbox_environments import environment_spec, start
+
+        self.environment_build = None
+        try:
+            spec = environment_spec(self, backend, self.flow_datastore.TYPE)
+        except SandboxError as err:
+            raise refused(err, self.step)
+        if spec is not None:
+            self.environment_build = start(self, backend, spec, self.logger)
 
     def _refuse_at_launch(self, backend, graph):
         """What the backend would refuse at task time (a GPU or an image on `local`, cpu above its cap,
@@ -253,6 +274,12 @@ class SandboxDecorator(StepDecorator):
             cli_args.entrypoint[0] = sys.executable
             cli_args.env.pop("PYTHONNOUSERSITE", None)
             cli_args.env.update(trampoline_env())
+            # The step's prepared environment: a failed build (of any step) stops the run before this task starts.
+            from .sandbox_environments import REF_ENV, raise_failed
+
+            raise_failed()
+            build = getattr(self, "environment_build", None)
+            cli_args.env[REF_ENV] = build.wait(self.step).ref if build is not None else ""
             # The fast path: a thin client asks the run's sandbox server to fork this trampoline.
             from .sandbox_server import fast_path_cli
 

@@ -37,8 +37,9 @@ SERVER_ENV = "METAFLOW_SANDBOX_SERVER"
 SERVER_PID_ENV = "METAFLOW_SANDBOX_SERVER_PID"
 # Read at run time from os.environ (the runtime sets them while the run goes on), not at import.
 # PYTHONNOUSERSITE: @pypi/@conda set it for the trampoline, which drops it when it re-execs with the launcher's Python.
+# METAFLOW_SANDBOX_ENVIRONMENT_REF: the task's prepared environment (sandbox_environments.REF_ENV), one per step.
 RUNTIME_ENV = {"METAFLOW_CODE_SHA", "METAFLOW_CODE_URL", "METAFLOW_CODE_DS", "METAFLOW_CODE_METADATA", SERVER_ENV, SERVER_PID_ENV,
-               "PYTHONNOUSERSITE"}
+               "PYTHONNOUSERSITE", "METAFLOW_SANDBOX_ENVIRONMENT_REF"}
 # Top-level options that only the task's own command line can carry (added after runtime_step_cli).
 TASK_ONLY_OPTIONS = ("config-value", "local-config-file")
 
