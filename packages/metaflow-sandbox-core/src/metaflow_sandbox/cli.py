@@ -1,4 +1,4 @@
-"""``metaflow-sandbox``: inspect backends, run a command in a sandbox, find and remove leftover sandboxes.
+"""``metaflow-sandbox``: inspect backends, run a command in a sandbox, find and remove leftover sandboxes and prepared environments.
 
 Stdlib argparse only: the core stays free of Metaflow (and of its vendored click).
 Exit codes: the command's own for ``exec``; 2 for any sandbox/backend error (message + Fix line);
@@ -15,6 +15,7 @@ import sys
 from typing import Any, NoReturn, Sequence
 
 from . import parse
+from .cli_environments import add_parsers as add_environment_parsers
 from .errors import SandboxError
 from .model import MARKER_LABEL, Bind, Resources, SandboxSpec
 from .plugins import available_backends, describe_backends
@@ -290,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--dry-run", action="store_true")
         p.set_defaults(func=func)
+    add_environment_parsers(sub)
     return parser
 
 

@@ -405,6 +405,51 @@ def serve(obj, socket_path, launcher_pid):
     sys.exit(run_server(obj, socket_path, launcher_pid))
 
 
+@sandbox.command(help="Build (or find) the prepared environment of every sandboxed step, ahead of a run.")
+@click.option("--backend", default=None, help="Backend for steps that do not name one (default: METAFLOW_SANDBOX_BACKEND or local).")
+@click.pass_obj
+def prepare(obj, backend):
+    from .sandbox_environments import EnvironmentException, environment_spec, start
+
+    builds, skipped = [], []
+    for node in obj.graph:
+        decos = [d for d in node.decorators if isinstance(d, SandboxDecorator)]
+        if not decos:
+            continue
+        deco = decos[0]
+        name = backend if backend and deco.backend_source != "set by the decorator" else deco.backend_name
+        facade = load_backend(name, backend_options(name, deco.attributes.get("options")))
+        try:
+            facade.check_config()
+            spec = environment_spec(deco, facade, obj.flow_datastore.TYPE)
+        except Exception as err:
+            raise CommandException("Step *%s*: %s" % (node.name, err))
+        if spec is None:
+            skipped.append(node.name)
+        else:
+            build = start(deco, facade, spec, None)
+            if build not in builds:
+                builds.append(build)
+    for step_name in skipped:
+        obj.echo_always(
+            "Step *%s*: nothing to prepare (no requirements, prepare=False, or a backend without prepared environments)." % step_name
+        )
+    failed = False
+    for build in builds:
+        try:
+            env = build.wait()
+        except EnvironmentException as err:
+            obj.echo_always(str(err), err=True)
+            failed = True
+            continue
+        obj.echo_always(
+            "%s  %s  %.1fs  %s  (steps: %s)"
+            % (env.ref, "built" if env.built else "found", build.seconds, build.backend.name, ", ".join(build.steps))
+        )
+    if failed:
+        sys.exit(1)
+
+
 @sandbox.command("list", help="List live sandboxes of this flow (latest run by default).")
 @_selection
 def list_sandboxes(ctx, backend, run_id, everything):
