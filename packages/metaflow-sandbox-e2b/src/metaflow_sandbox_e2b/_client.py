@@ -123,6 +123,13 @@ def translate(exc: BaseException, op: str, sandbox_id: str | None = None, retry_
             hint="raise METAFLOW_SANDBOX_E2B_REQUEST_TIMEOUT (seconds) if the network is slow",
             **kw,
         )
+    if op == "create" and "mfsb-env-" in text and (status in (400, 404) or "not found" in text.lower()):
+        return UnsupportedOptionError(
+            "the step's prepared environment (an E2B template) is gone or not ready: %s" % text,
+            hint="run the flow again (its environments are built at the start of the run), or build them ahead of time: "
+            "metaflow-sandbox prepare FLOW.py --backend e2b",
+            **kw,
+        )
     if op == "create" and "template" in text.lower() and (status in (400, 404) or "not found" in text.lower()):
         return UnsupportedOptionError(
             "E2B template not found: %s" % text,

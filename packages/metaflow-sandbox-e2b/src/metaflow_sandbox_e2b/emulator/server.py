@@ -85,7 +85,7 @@ class E2BServer(EmulatorServer):
         if name in self.templates:
             return self.templates[name]
         match = _SIZED.search(name)
-        if match:
+        if match and not name.startswith("mfsb-env-"):  # prepared environments exist only once built
             return int(match.group(1)), int(match.group(2))
         raise ApiError(404, "template '%s' not found" % name)
 
