@@ -24,6 +24,7 @@ from .sandbox_inputs import note_refusal
 from .sandbox_lifeline import attach as attach_lifeline
 from .sandbox_lifeline import watch_launcher
 from .sandbox_logs import LogRelay
+from .sandbox_scheduled import Bookkeeping, inner_decospecs, read_input_paths
 from .sandbox_task import CREDENTIAL_FILE_ENV, pip_install_commands, requirements, task_command, task_env
 
 # Seconds past the step's time limit before the facade stops the command: @timeout's own
@@ -68,6 +69,7 @@ def _sandbox_deco(node):
 @click.option("--run-id", help="Passed to the top-level 'step'.")
 @click.option("--task-id", help="Passed to the top-level 'step'.")
 @click.option("--input-paths", help="Passed to the top-level 'step'.")
+@click.option("--input-paths-filename", default=None, help="Argo Workflows' file of input paths (read here).")
 @click.option("--split-index", help="Passed to the top-level 'step'.")
 @click.option("--clone-path", help="Passed to the top-level 'step'.")
 @click.option("--clone-run-id", help="Passed to the top-level 'step'.")
@@ -88,6 +90,9 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
     obj = ctx.obj
     node = obj.graph[step_name]
     deco = _sandbox_deco(node)
+    filename = kwargs.pop("input_paths_filename", None)
+    if filename:
+        kwargs["input_paths"] = read_input_paths(filename)
     task = {
         "step": step_name,
         "run_id": kwargs["run_id"],
@@ -134,7 +139,12 @@ def step(ctx, step_name, code_package_metadata, code_package_sha, code_package_u
     )
     backend.lifeline = attach_lifeline()
     spec = _sandbox_spec(obj, node, deco, backend, task, env, binds, environment)
-    sys.exit(_run_task(obj, backend, spec, command, deco, task))
+    bookkeeping = Bookkeeping(obj, node, task, int(kwargs.get("max_user_code_retries") or 0))  # a scheduler's, in its pod
+    bookkeeping.before()
+    exit_code = _run_task(obj, backend, spec, command, deco, task)
+    if exit_code == 0:
+        bookkeeping.after()
+    sys.exit(exit_code)
 
 
 def _environment_ref(obj, deco, backend, task):
@@ -176,7 +186,9 @@ def _step_cli(ctx, deco, step_name, kwargs, local):
     """The `python flow.py ... step ...` command the sandbox runs, and env vars it refers to."""
     executable = deco.attributes.get("executable") or (sys.executable if local else "python")
     entrypoint = "%s -u %s" % (ctx.obj.environment.executable(step_name, executable), os.path.basename(sys.argv[0]))
-    top_args = " ".join(util.dict_to_cli_options(ctx.parent.parent.params))
+    params = dict(ctx.parent.parent.params)
+    params["decospecs"] = inner_decospecs(params.get("decospecs"))
+    top_args = " ".join(util.dict_to_cli_options(params))
     env = {}
     input_paths = kwargs.get("input_paths")
     if input_paths:  # long input paths travel as env vars, like @batch
@@ -442,7 +454,7 @@ def prepare(obj, backend):
             obj.echo_always(str(err), err=True)
             failed = True
             continue
-        obj.echo_always(
+        click.echo(  # stdout: one line per environment, for scripts (the rest goes to stderr)
             "%s  %s  %.1fs  %s  (steps: %s)"
             % (env.ref, "built" if env.built else "found", build.seconds, build.backend.name, ", ".join(build.steps))
         )
