@@ -13,8 +13,10 @@ from metaflow_sandbox import (
     MARKER_LABEL,
     Capabilities,
     DownloadItem,
+    EnvironmentSpec,
     ExecResult,
     FileResult,
+    PreparedEnvironment,
     SandboxError,
     SandboxHandle,
     SandboxNotFoundError,
@@ -24,7 +26,7 @@ from metaflow_sandbox import (
     hookimpl,
 )
 
-from . import _client, _exec, _files, _retry
+from . import _client, _environments, _exec, _files, _retry
 from ._client import NAME, translate
 
 log = logging.getLogger("metaflow_sandbox.daytona")
@@ -169,6 +171,8 @@ def _params(spec: SandboxSpec, daytona: Any) -> Any:
     )
     if opts.get("target"):
         common["target"] = str(opts["target"])
+    if spec.environment:  # a prepared snapshot, built for this step's size: no resources may be sent
+        return CreateSandboxFromSnapshotParams(snapshot=spec.environment, **common)
     wanted = _resources(spec)
     if spec.image:
         resources = Resources(**wanted) if wanted else None
@@ -371,3 +375,19 @@ def sandbox_list(labels: Mapping[str, str], options: Mapping[str, Any]) -> list[
         translate(exc, op="sandbox_list")
     live = [s for s in found if not str(s.state).lower().endswith(("destroyed", "destroying"))]
     return [_handle(s, options, "/home/daytona") for s in live]
+
+
+@hookimpl
+def sandbox_environment_prepare(environment: EnvironmentSpec, on_log: Any) -> PreparedEnvironment:
+    """A snapshot per environment key and size, built by Daytona from a declarative image (``_environments``)."""
+    return _environments.prepare(environment, on_log)
+
+
+@hookimpl
+def sandbox_environment_list(options: Mapping[str, Any]) -> list[PreparedEnvironment]:
+    return _environments.list_all(options)
+
+
+@hookimpl
+def sandbox_environment_remove(ref: str, options: Mapping[str, Any]) -> bool:
+    return _environments.remove(ref, options)

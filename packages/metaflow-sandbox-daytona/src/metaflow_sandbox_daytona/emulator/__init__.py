@@ -20,10 +20,17 @@ from metaflow_sandbox.emulation import DEFAULT_KEY, EmulatorHandle, launch
 from .faults import DaytonaFaults
 
 
-def start_emulator(port: int = 0, api_key: str = DEFAULT_KEY, timeout: float = 30.0, **faults: Any) -> EmulatorHandle:
-    """Start the emulator on 127.0.0.1 in a subprocess and return once it serves."""
+def start_emulator(
+    port: int = 0, api_key: str = DEFAULT_KEY, timeout: float = 30.0, bare_base: bool = False, **faults: Any
+) -> EmulatorHandle:
+    """Start the emulator on 127.0.0.1 in a subprocess and return once it serves.
+
+    ``bare_base=True``: sandboxes start from a stdlib-only Python without pip (``emu.pip_attempts()``
+    lists what tried), as a real default image lacks the launcher's packages.
+    """
     DaytonaFaults().set(**faults)  # a misspelt switch fails here, in this process
-    return launch("metaflow_sandbox_daytona.emulator", ["--port", str(port), "--api-key", api_key], faults, timeout)
+    args = ["--port", str(port), "--api-key", api_key] + (["--bare-base"] if bare_base else [])
+    return launch("metaflow_sandbox_daytona.emulator", args, faults, timeout)
 
 
 __all__ = ["DaytonaFaults", "EmulatorHandle", "start_emulator"]

@@ -1,4 +1,7 @@
-"""Daytona's control plane under /api: sandboxes (create, get, list, delete, stop/start, intervals, labels) and snapshots."""
+"""Daytona's control plane under /api: sandboxes (create, get, list, delete, stop/start, intervals, labels).
+
+A sandbox runs as a ``local`` sandbox with its size enforced (cpu, memory); one created from a built
+snapshot (``snapshots``) runs on that snapshot's image."""
 
 from __future__ import annotations
 
@@ -8,34 +11,33 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from metaflow_sandbox import SandboxError
+from metaflow_sandbox import Resources, SandboxError
 
 from .protocol import DaytonaSandbox, error, now_iso
+from .snapshots import ORG_CAPS
 
 if TYPE_CHECKING:
     from .server import DaytonaServer
 
-ORG_CAPS = {"cpu": 4, "memory": 8, "disk": 10}
-DEFAULT_SNAPSHOTS = {
-    "daytona-small": {"cpu": 1, "memory": 1, "disk": 3},
-    "daytona-medium": {"cpu": 2, "memory": 4, "disk": 8},
-    "daytona-large": {"cpu": 4, "memory": 8, "disk": 10},
-}
 INTERVALS = {"autostop": "autoStopInterval", "autodelete": "autoDeleteInterval", "ttl": "ttlMinutes"}
 
 
 def routes(emu: DaytonaServer) -> list[web.RouteDef]:
-    snapshots = {k: dict(v) for k, v in DEFAULT_SNAPSHOTS.items()}
-
     def resources(body: dict[str, Any]) -> Any:
         """The sandbox's size, or the error Daytona answers for the request."""
         build, snapshot = body.get("buildInfo"), body.get("snapshot")
         if build is None and any(body.get(k) is not None for k in ("cpu", "memory", "disk", "gpu")):
             return error(400, "Cannot specify Sandbox resources when using a snapshot", "BAD_REQUEST")
         if build is None:
-            if snapshot and snapshot not in snapshots:
+            snap = emu.find_snapshot(snapshot) if snapshot else None
+            if snapshot and snap is None:
                 return error(404, "Snapshot %s not found" % snapshot, "NOT_FOUND")
-            res = dict(snapshots.get(snapshot or "", {"cpu": 1, "memory": 1, "disk": 3}))
+            if snap is not None and snap.state != "active":
+                return error(400, "Snapshot %s is %s" % (snapshot, snap.state), "BAD_REQUEST")
+            res: dict[str, Any] = {"cpu": 1, "memory": 1, "disk": 3}
+            if snap is not None:
+                res.update(cpu=snap.cpu, memory=snap.mem, disk=snap.disk, image=snap.image)
+                snap.last_used_at = now_iso()
         else:
             res = {"cpu": body.get("cpu") or 1, "memory": body.get("memory") or 1, "disk": body.get("disk") or 3}
         res["gpu"] = body.get("gpu") or 0
@@ -57,7 +59,8 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
         if name and any(s.dto["name"] == name for s in emu.live()):
             return error(409, "Sandbox with name %s already exists" % name, "CONFLICT")
         try:
-            local = await emu.runner.create(env, labels, network=not body.get("networkBlockAll"))
+            size = Resources(cpu=float(res["cpu"]), memory_mb=int(res["memory"]) * 1024)
+            local = await emu.runner.create(env, labels, network=not body.get("networkBlockAll"), resources=size, image=res.get("image"))
         except SandboxError as exc:
             return error(500, "could not start the sandbox: %s" % exc, "INTERNAL")
         sid, now, build = str(uuid.uuid4()), now_iso(), body.get("buildInfo")
@@ -84,7 +87,7 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
             "createdAt": now,
             "updatedAt": now,
         }
-        sb = DaytonaSandbox(sid, labels=labels, request=body, local=local, workdir=local.handle.workdir, dto=dto)
+        sb = DaytonaSandbox(sid, labels=labels, request=body, local=local, workdir=local.handle.workdir, dto=dto, image=res.get("image"))
         sb.polls_until_started = 0 if build is None else emu.faults.image_build_polls
         if body.get("ttlMinutes") is not None:
             dto["ttlMinutes"] = body["ttlMinutes"]
@@ -158,34 +161,6 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
         sb.labels = sb.dto["labels"] = {str(k): str(v) for k, v in ((await request.json()).get("labels") or {}).items()}
         return web.json_response({"labels": sb.labels})
 
-    async def snapshot(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        res = snapshots.get(name)
-        if res is None:
-            return error(404, "Snapshot %s not found" % name, "NOT_FOUND")
-        now = now_iso()
-        return web.json_response(
-            {
-                "id": name,
-                "organizationId": "emulator-org",
-                "general": True,
-                "name": name,
-                "imageName": name,
-                "state": "active",
-                "size": 1.0,
-                "entrypoint": None,
-                "cpu": res["cpu"],
-                "gpu": 0,
-                "mem": res["memory"],
-                "disk": res["disk"],
-                "errorReason": None,
-                "createdAt": now,
-                "updatedAt": now,
-                "lastUsedAt": now,
-                "sourceSandboxId": None,
-            }
-        )
-
     s = "/api/sandbox/{id}"
     return [
         web.post("/api/sandbox", create),
@@ -200,5 +175,4 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
         web.post(s + "/ttl/{n}", set_interval),
         web.post(s + "/last-activity", last_activity),
         web.put(s + "/labels", set_labels),
-        web.get("/api/snapshots/{name:.+}", snapshot),
     ]

@@ -80,6 +80,8 @@ class DaytonaSandbox(EmulatedSandbox):
     stopped_at: Optional[float] = None
     polls_until_started: int = 0
     sessions: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The snapshot image it runs on (``emulation.Image``), None for the base.
+    image: Any = None
 
     @property
     def state(self) -> str:

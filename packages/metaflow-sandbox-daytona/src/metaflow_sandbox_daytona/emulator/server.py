@@ -1,7 +1,7 @@
 """The Daytona emulator process: control plane under /api, toolbox under /toolbox, socket.io, on the toolkit.
 
 Protocol facts (status codes, DTO fields, log markers, multipart layout) follow docs/backends/daytona.md
-and the reference notes on daytona 0.226.1. The modules: ``control`` (sandboxes and snapshots),
+and the reference notes on daytona 0.226.1. The modules: ``control`` (sandboxes), ``snapshots`` (built for real),
 ``process`` (toolbox commands and sessions), ``files`` (toolbox files), ``events`` (socket.io),
 ``protocol`` (error shapes, endpoint names, the sandbox's state), ``faults`` (Daytona's switches).
 """
@@ -9,6 +9,7 @@ and the reference notes on daytona 0.226.1. The modules: ``control`` (sandboxes 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
 import time
@@ -18,7 +19,7 @@ from aiohttp import web
 from metaflow_sandbox.emulation import DEFAULT_KEY, EmulatedSandbox
 from metaflow_sandbox.emulation.server import EmulatorServer, common_arguments, run
 
-from . import control, files, process
+from . import control, files, process, snapshots
 from .events import Events
 from .faults import DaytonaFaults
 from .protocol import DaytonaSandbox, endpoint_name, error, http_error, now_iso
@@ -29,8 +30,10 @@ class DaytonaServer(EmulatorServer):
     FAULTS = DaytonaFaults
     faults: DaytonaFaults
 
-    def __init__(self, api_key: str = DEFAULT_KEY, port: int = 0, faults: Optional[dict[str, Any]] = None):
-        super().__init__(api_key, faults)
+    def __init__(self, api_key: str = DEFAULT_KEY, port: int = 0, faults: Optional[dict[str, Any]] = None, bare_base: bool = False):
+        super().__init__(api_key, faults, bare_base=bare_base)
+        self.snapshots: dict[str, snapshots.Snapshot] = snapshots.defaults()  # by name
+        self.builds: set[asyncio.Future[Any]] = set()
         self.port = port
         self.events = Events(api_key, enabled=lambda: self.faults.socketio)
         self.spool = files.spool_dir()
@@ -40,7 +43,7 @@ class DaytonaServer(EmulatorServer):
         emulate = self.middleware("api", endpoint_name, self.admit, self.injected)
         app = web.Application(middlewares=[emulate, not_emulated], client_max_size=1 << 40)
         app.router.add_route("*", "/api/socket.io/", self.events.handler)
-        app.add_routes(control.routes(self) + process.routes(self) + files.routes(self, self.spool))
+        app.add_routes(control.routes(self) + snapshots.routes(self) + process.routes(self) + files.routes(self, self.spool))
         app.on_shutdown.append(self.on_shutdown)
         return [("api", app, self.port)]
 
@@ -91,6 +94,10 @@ class DaytonaServer(EmulatorServer):
 
     def injected(self, request: web.Request, status: int) -> web.Response:
         return error(status, "injected fault: %s" % status, "INJECTED", path=request.path)
+
+    def find_snapshot(self, ref: str) -> Optional[snapshots.Snapshot]:
+        """A snapshot by name or id."""
+        return self.snapshots.get(ref) or next((s for s in self.snapshots.values() if s.id == ref), None)
 
     def lookup(self, sid: str) -> Optional[DaytonaSandbox]:
         """A live sandbox by id or name."""
@@ -148,4 +155,4 @@ async def not_emulated(request: web.Request, handler: Any) -> web.StreamResponse
 def main(argv: Optional[list[str]] = None) -> None:
     parser = common_arguments(argparse.ArgumentParser("python -m metaflow_sandbox_daytona.emulator", description=__doc__))
     args = parser.parse_args(argv)
-    run(DaytonaServer(args.api_key, args.port, json.loads(args.faults)), args)
+    run(DaytonaServer(args.api_key, args.port, json.loads(args.faults), bare_base=args.bare_base), args)
