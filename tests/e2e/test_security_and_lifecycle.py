@@ -65,7 +65,8 @@ def test_pip_requirement_installs_inside_the_sandbox(target):
     """A package the launcher lacks is installed (from PyPI) inside the sandbox and imported there."""
     with pytest.raises(ImportError):
         __import__("pyjokes")
-    env = {"METAFLOW_SANDBOX_PIP_CACHE": str(target.tmp / "pipcache")}
+    # Per task, as with @sandbox(prepare=False): a prepared environment would install it on the launcher instead.
+    env = {"METAFLOW_SANDBOX_PIP_CACHE": str(target.tmp / "pipcache"), "METAFLOW_SANDBOX_PREPARE": "0"}
     for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT", "PIP_CONSTRAINT"):
         if key in os.environ:
             env["METAFLOW_SANDBOX_FORWARD_ENV"] = ",".join(filter(None, [env.get("METAFLOW_SANDBOX_FORWARD_ENV"), key]))
