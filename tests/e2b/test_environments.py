@@ -159,3 +159,22 @@ def test_list_and_remove_only_ours(bare: EmulatorHandle, toolz_env: EnvironmentS
     with pytest.raises(UnsupportedOptionError, match="prepared environment") as info:
         backend.create(SandboxSpec(environment=env.ref, resources=SMALL))
     assert "metaflow-sandbox prepare" in (info.value.hint or "")
+
+
+def test_a_build_requested_but_never_started_is_not_waited_for_forever(bare: EmulatorHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A launcher that died between requesting a build and starting it leaves it 'waiting': build anyway."""
+    import urllib.request
+
+    from metaflow_sandbox_e2b import environments
+
+    monkeypatch.setattr(environments, "STALE_WAITING_SECONDS", 0.5)
+    spec = EnvironmentSpec(python_version=PY, requirements=("toolz",), resources=Resources(cpu=1, memory_mb=2048))
+    name = "mfsb-env-%s-c1-m2048" % spec.key
+    body = json.dumps({"name": name, "cpuCount": 1, "memoryMB": 2048}).encode()
+    req = urllib.request.Request(bare.url + "/v3/templates", data=body, method="POST", headers={"X-API-KEY": bare.api_key})
+    with urllib.request.urlopen(req) as answer:
+        assert answer.status == 202
+    logs: list[str] = []
+    env = Backend("e2b").prepare_environment(spec, on_log=logs.append)
+    assert env.ref == name and env.built and env.state == "ready"
+    assert any("never started" in line for line in logs), "".join(logs)

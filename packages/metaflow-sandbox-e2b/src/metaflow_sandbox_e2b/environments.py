@@ -30,6 +30,9 @@ from .templates import environment_template_name, resource_class
 PREFIX = "mfsb-env-"
 #: Lines of the build log an EnvironmentBuildError carries.
 LOG_TAIL = 40
+#: How often another launcher's build is polled, and how long one may sit requested but unstarted.
+POLL_SECONDS = 0.5
+STALE_WAITING_SECONDS = 60.0
 _STATES = {"ready": "ready", "building": "building", "waiting": "building", "error": "failed"}
 _locks: dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
 _locks_guard = threading.Lock()
@@ -164,17 +167,31 @@ def prepare(env: EnvironmentSpec, on_log: Optional[Callable[[str], None]]) -> Pr
 
 
 def _wait_for(t: Any, s: Settings, log: Callable[[Any], None]) -> bool:
-    """Follow another launcher's build of the same name (its log too); True if it ended ready."""
+    """Follow another launcher's build of the same name (its log too); True if it ended ready.
+
+    A build still ``waiting`` (requested, never started: its launcher may have died in between) for
+    ``STALE_WAITING_SECONDS`` is given up on, and this launcher builds instead.
+    """
     from e2b import BuildException
-    from e2b.template_sync.build_api import wait_for_build_finish
+    from e2b.template_sync.build_api import get_build_status
 
     log("waiting for the build of %s that another launcher started (build %s)" % (_names(t)[0], t.build_id))
-    try:
-        wait_for_build_finish(_client(s), t.template_id, str(t.build_id), on_build_logs=log, logs_refresh_frequency=0.5)
-        return True
-    except BuildException:
-        log("that build failed; building it again here")
-        return False
+    client, offset, since = _client(s), 0, time.monotonic()
+    while True:
+        try:
+            status = get_build_status(client, t.template_id, str(t.build_id), offset)
+        except BuildException:
+            return False
+        offset += len(status.log_entries)
+        for entry in status.log_entries:
+            log(entry)
+        state = str(getattr(status.status, "value", status.status))
+        if state == "ready":
+            return True
+        if state == "error" or (state == "waiting" and time.monotonic() - since > STALE_WAITING_SECONDS):
+            log("that build %s; building it here" % ("failed" if state == "error" else "never started"))
+            return False
+        time.sleep(POLL_SECONDS)
 
 
 def _build_error(name: str, exc: BaseException, tail: collections.deque[str], elapsed: float) -> EnvironmentBuildError:
