@@ -121,3 +121,21 @@ def test_a_sandbox_cannot_read_the_launchers_home(backend) -> None:
     finally:
         os.unlink(secret)
     assert "launcher secret" not in out and "home=%s" % os.path.expanduser("~") not in out
+
+
+def test_a_snapshot_deactivated_after_14_days_is_reactivated_not_rebuilt(backend, bare, tabulate_env) -> None:
+    import urllib.request
+
+    spec, _, prepared = tabulate_env
+    assert [e.state for e in backend.environments() if e.ref == prepared.ref] == ["ready"]
+    request = urllib.request.Request(
+        "%s/snapshots/%s/deactivate" % (bare.url, prepared.ref), method="POST", headers={"Authorization": "Bearer %s" % bare.api_key}
+    )
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as response:
+        assert response.status == 204
+    assert [e.detail.split(";")[0] for e in backend.environments() if e.ref == prepared.ref] == ["inactive"]
+    lines: list[str] = []
+    builds = bare.stats()["image_builds"]
+    again = backend.prepare_environment(spec, on_log=lines.append)
+    assert (again.ref, again.built, again.state) == (prepared.ref, False, "ready")
+    assert "reactivating" in "".join(lines) and bare.stats()["image_builds"] == builds

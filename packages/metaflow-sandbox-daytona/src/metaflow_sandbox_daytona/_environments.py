@@ -135,7 +135,7 @@ def prepare(environment: EnvironmentSpec, on_log: OnLog) -> PreparedEnvironment:
     timeout = _retry.number_option(options, "build_timeout", DEFAULT_BUILD_TIMEOUT, 1)
     daytona = _client.client(options)
     name = snapshot_name(environment)
-    rebuilt = False
+    rebuilt = reactivated = False
     while True:
         found = _find(daytona, name, policy)
         if found is None:
@@ -145,7 +145,15 @@ def prepare(environment: EnvironmentSpec, on_log: OnLog) -> PreparedEnvironment:
                 found = _find(daytona, name, policy)
                 if found is None:
                     continue
-        if _state(found) not in ("active",) + FAILED:
+        if _state(found) == "inactive" and not reactivated:  # unused for 14 days: Daytona deactivated it
+            reactivated = True
+            _say(on_log, "reactivating Daytona snapshot %s (inactive after 14 days unused)" % name)
+            try:
+                _retry.call(lambda: daytona.snapshot.activate(name), "snapshot activate", policy)
+            except Exception as exc:
+                translate(exc, op="sandbox_environment_prepare")
+            continue
+        if _state(found) in BUILDING:
             found = _wait(daytona, name, on_log, timeout, policy)
         state = _state(found)
         if state == "active":

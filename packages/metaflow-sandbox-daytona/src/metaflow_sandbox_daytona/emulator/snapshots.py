@@ -223,6 +223,28 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
             emu.images.remove(snap.image.name)  # in use: kept for its sandboxes until the emulator stops
         return web.json_response(None)
 
+    async def activate(request: web.Request) -> web.Response:
+        """An ``inactive`` snapshot (Daytona deactivates one after 14 days unused) becomes ``active`` again."""
+        snap = find(request)
+        if isinstance(snap, web.Response):
+            return snap
+        if snap.state == "active":
+            return error(400, "Snapshot %s is already active" % snap.name, "BAD_REQUEST")
+        if snap.state != "inactive":
+            return error(400, "Snapshot %s is %s and cannot be activated" % (snap.name, snap.state), "BAD_REQUEST")
+        snap.set_state("active")
+        return web.json_response(snap.dto())
+
+    async def deactivate(request: web.Request) -> web.Response:
+        """What Daytona does to a snapshot unused for 14 days (tests call it to get there at once)."""
+        snap = find(request)
+        if isinstance(snap, web.Response):
+            return snap
+        if snap.state != "active" or snap.general:
+            return error(400, "Snapshot %s is %s and cannot be deactivated" % (snap.name, snap.state), "BAD_REQUEST")
+        snap.set_state("inactive")
+        return web.Response(status=204)
+
     async def logs_url(request: web.Request) -> web.Response:
         snap = find(request)
         if isinstance(snap, web.Response):
@@ -255,6 +277,8 @@ def routes(emu: DaytonaServer) -> list[web.RouteDef]:
         web.post("/api/snapshots", create),
         web.get("/api/snapshots", list_all),
         web.get(s + "/build-logs-url", logs_url),
+        web.post(s + "/activate", activate),
+        web.post(s + "/deactivate", deactivate),
         web.get(s + "/build-logs", logs),
         web.get(s, get),
         web.delete(s, delete),
