@@ -28,14 +28,19 @@ class PreparedFlow(FlowSpec):
 
         self.prepared_from = tabulate.__file__
         print("TABULATE_FROM " + tabulate.__file__)
-        self.next(self.per_task)
+        self.items = [1, 2, 3]
+        self.next(self.per_task, foreach="items")
 
     @sandbox(packages=[{req!r}], prepare=False)
     @step
-    def per_task(self):
+    def per_task(self):  # three at once, each installing into the shared pip cache
         import tabulate
 
         self.per_task_from = tabulate.__file__
+        self.next(self.join)
+
+    @step
+    def join(self, inputs):
         self.next(self.end)
 
     @step
@@ -106,8 +111,8 @@ def test_first_run_builds_then_runs_without_pip_and_second_run_finds_it(workspac
     assert PIP_LINE not in step_log(first, "start")
     prepared_from = artifact(workspace, first.run_id(), "start", "prepared_from")
     assert prepared_from.startswith(str(env_root(workspace)) + "/"), prepared_from
-    # prepare=False: installed by pip inside the task, into the per-task pip cache.
-    assert "Installing 1 " + PIP_LINE in step_log(first, "per_task")
+    # prepare=False: installed by pip inside each task (three at once), into the per-task pip cache.
+    assert step_log(first, "per_task").count("Installing 1 " + PIP_LINE) == 3
     per_task_from = artifact(workspace, first.run_id(), "per_task", "per_task_from")
     assert not per_task_from.startswith(str(env_root(workspace))), per_task_from
 

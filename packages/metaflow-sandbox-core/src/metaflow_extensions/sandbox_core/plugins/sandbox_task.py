@@ -170,15 +170,16 @@ def pip_install_commands(reqs, cache_dir):
     base = cache_dir or "$HOME/.mf_sandbox_pip"
     target = "%s/%s" % (base, key)
     req_args = " ".join(shlex.quote(r) for r in reqs)
+    # A unique temp dir per task: `$$` is the same (2) in every sandbox's own pid namespace.
     install = (
-        "if command -v uv >/dev/null 2>&1; then uv pip install -q --python \\\"$(command -v python)\\\" --target $T.tmp.$$ %s; "
-        "else python -m pip install -q --disable-pip-version-check --no-input --target $T.tmp.$$ %s; fi"
+        "if command -v uv >/dev/null 2>&1; then uv pip install -q --python \\\"$(command -v python)\\\" --target $TT %s; "
+        "else python -m pip install -q --disable-pip-version-check --no-input --target $TT %s; fi"
     ) % (req_args, req_args)
     return [
         "T=%s" % target,
         "mflog 'Installing %d pip requirement(s) in the sandbox...'" % len(reqs),
-        "if [ ! -f $T/.complete ]; then mkdir -p %s && %s && touch $T.tmp.$$/.complete && "
-        "(mv -T $T.tmp.$$ $T 2>/dev/null || rm -rf $T.tmp.$$); fi" % (base, install),
+        "if [ ! -f $T/.complete ]; then mkdir -p %s && TT=$(mktemp -d $T.tmp.XXXXXXXX) && chmod 755 $TT && %s && touch $TT/.complete && "
+        "(mv -T $TT $T 2>/dev/null || rm -rf $TT); fi" % (base, install),
         "export PYTHONPATH=$(printenv PYTHONPATH):$T",
     ]
 
