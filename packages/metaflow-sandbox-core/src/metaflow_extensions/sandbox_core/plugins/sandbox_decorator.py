@@ -161,12 +161,13 @@ class SandboxDecorator(StepDecorator):
             check_attributes(self.name, self.attributes)  # strict: network='no' is off, cpu=-1 is refused
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
+        from .sandbox_scheduled import is_pod_decorator
         from .sandbox_schedulers import refuse_schedulers
 
         # Argo Workflows / Step Functions / Airflow would run this step unsandboxed: refuse.
         refuse_schedulers(self.name, step_name, decorators, os.path.basename(sys.argv[0]))
         for deco in decorators:
-            if deco is self:
+            if deco is self or is_pod_decorator(deco):  # a supported scheduler's pod: it launches our sandbox
                 continue
             if deco.name in OTHER_COMPUTE or deco.name in SANDBOX_NAMES:
                 raise SandboxException(

@@ -1,32 +1,32 @@
-"""Production schedulers (Argo Workflows, Step Functions, Airflow): refuse, never run unsandboxed.
+"""Production schedulers: a sandboxed step runs in its sandbox under Argo Workflows and Airflow, and
+Step Functions is refused. Never unsandboxed.
 
-Each of these compilers attaches its own compute decorator (@kubernetes, @batch) to every step
-and runs the step's task directly in that pod or job. A @sandbox step would then run outside
-any sandbox, with the pod's credentials: the worst answer. Running the trampoline in the
-scheduler's container instead would also need the scheduler's own plumbing (Argo's output
-parameters, foreach splits, Step Functions' DynamoDB state) to come out of the sandbox, which
-these compilers do not allow a step decorator to change. So we refuse, twice:
+Argo Workflows and Airflow attach @kubernetes to every step and run each task's `step` command in a
+pod: for a sandboxed step that pod becomes the step's launcher (sandbox_scheduled.py re-execs the
+`step` command as our trampoline before any task starts). Step Functions runs each step as an AWS
+Batch job and passes foreach state through DynamoDB from inside the task; we cannot run that against
+anything offline, so we refuse it, twice:
 
-1. at deploy time (`argo-workflows create`, `step-functions create`, `airflow create`), with
-   why and what to do;
-2. in the scheduler's container, for a template compiled without this check (an older
-   metaflow-sandbox): the task stops before any user code runs.
+1. at deploy time (`step-functions create`), with why and what to do;
+2. in the scheduler's container (a template compiled without this check, or `--with kubernetes` /
+   `--with batch` on a plain run): the task stops before any user code runs.
 """
 
 from .sandbox_decorator import WORKLOAD_ENV, SandboxException
 
-# subcommand -> (scheduler, the compute decorator its compiler attaches to every step)
+# subcommand -> (scheduler, the compute decorator its compiler attaches to every step): the refused ones.
+# Argo Workflows and Airflow are supported (sandbox_scheduled.py).
 SCHEDULERS = {
-    "argo-workflows": ("Argo Workflows", "kubernetes"),
     "step-functions": ("AWS Step Functions", "batch"),
-    "airflow": ("Airflow", "kubernetes"),
 }
 # Subcommands that only read or remove a deployment: nothing runs, nothing to refuse.
 HARMLESS = {"delete", "terminate", "status", "list-runs", "list-workflow-templates", "suspend", "unsuspend", "check"}
 
 FIX = (
-    "  Fix: remove @{deco} from the steps of flows you deploy to {scheduler} (each step then runs in its own "
-    "{where}), or let the scheduler run the whole flow with `python {flow} run` in one container: that run "
+    "  Fix: deploy to Argo Workflows or Airflow instead (`argo-workflows create`, `airflow create`: their pods "
+    "run each @{deco} step in its sandbox), remove @{deco} from the steps of flows you deploy to {scheduler} "
+    "(each step then runs in its own {where}), or let the scheduler run the whole flow with `python {flow} run` "
+    "in one container: that run "
     "launches a sandbox for each @{deco} step (the container needs metaflow-sandbox installed and the "
     "backend's credentials, e.g. DAYTONA_API_KEY or E2B_API_KEY, in its environment). See docs/orchestrators.md."
 )
@@ -56,8 +56,9 @@ def refuse_schedulers(deco_name, step_name, decorators, flow_file):
     if command is not None:
         scheduler, compute = SCHEDULERS[command[0]]
         raise SandboxException(
-            "Step *%s* has @%s, which `%s %s` does not support: %s runs every step in its own %s with @%s, "
-            "so this step would run outside any sandbox. Refusing to deploy it.\n%s"
+            "Step *%s* has @%s, which `%s %s` does not support: %s runs every step in its own %s with @%s "
+            "and passes foreach state through DynamoDB from inside the task, so this step would run outside "
+            "any sandbox. Refusing to deploy it.\n%s"
             % (
                 step_name,
                 deco_name,
@@ -70,6 +71,11 @@ def refuse_schedulers(deco_name, step_name, decorators, flow_file):
             )
         )
     if os.environ.get(WORKLOAD_ENV):
+        return
+    from .sandbox_scheduled import become_trampoline, scheduler_container
+
+    if scheduler_container():  # an Argo Workflows / Airflow pod: it launches this step's sandbox
+        become_trampoline(step_name)  # only if this process is this step's task; never returns then
         return
     attached = [d.name for d in decorators if d.name in ("kubernetes", "batch") and not getattr(d, "statically_defined", True)]
     if attached:
