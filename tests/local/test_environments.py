@@ -104,3 +104,45 @@ def test_list_and_remove(local, env_dir):
     assert "metaflow-sandbox prepare" in str(info.value)
     with pytest.raises(EnvironmentBuildError):
         local.remove_environment("/etc")  # not one of ours
+
+
+def test_the_install_runs_in_a_sandbox(local, tmp_path):
+    """A package's setup code runs at install time: it sees a sandbox (its hostname, no launcher home), not the launcher."""
+    import io
+    import socket
+    import tarfile
+    import uuid
+
+    home = os.path.expanduser("~")
+    marker = os.path.join(home, ".mfsb-probe-%s" % uuid.uuid4().hex[:8])
+    setup_py = textwrap.dedent(
+        """
+        import os, socket
+        from setuptools import setup
+        with open("mfsbprobe.py", "w") as f:
+            f.write("HOSTNAME = %%r\\nSEES_MARKER = %%r\\n" %% (socket.gethostname(), os.path.exists(%r)))
+        setup(name="mfsbprobe", version="1.0", py_modules=["mfsbprobe"])
+        """
+        % marker
+    )
+    # Outside /tmp and any home, so the sandbox sees it (read-only); an sdist, so pip builds it in its temp dir.
+    sdist = "/var/tmp/mfsbprobe-%s/mfsbprobe-1.0.tar.gz" % uuid.uuid4().hex[:8]
+    os.makedirs(os.path.dirname(sdist))
+    open(marker, "w").close()  # a file in the launcher's home: the install must not see it
+    try:
+        with tarfile.open(sdist, "w:gz") as tar:
+            for name, text in (("setup.py", setup_py), ("PKG-INFO", "Metadata-Version: 2.1\nName: mfsbprobe\nVersion: 1.0\n")):
+                data = text.encode()
+                info = tarfile.TarInfo("mfsbprobe-1.0/" + name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        env = local.prepare_environment(EnvironmentSpec(PY, ("mfsbprobe @ file://" + sdist,)))
+    finally:
+        import shutil
+
+        shutil.rmtree(os.path.dirname(sdist), ignore_errors=True)
+        os.unlink(marker)
+    probe = open(os.path.join(env.ref, "mfsbprobe.py")).read()
+    assert "HOSTNAME = 'local-" in probe and socket.gethostname() not in probe, probe
+    assert "SEES_MARKER = False" in probe, probe
+    assert local.remove_environment(env.ref)

@@ -59,6 +59,9 @@ from ._local.sandbox import (
 
 __all__ = ["NAME", "LocalSandbox", "destroy_all"]
 
+#: Longest a prepared environment's pip install may take (its sandbox's lifetime).
+BUILD_TTL = 3600.0
+
 
 @hookimpl
 def sandbox_capabilities(options: Mapping[str, Any]) -> Capabilities:
@@ -131,7 +134,24 @@ def _with_environment(spec: SandboxSpec) -> SandboxSpec:
 
 @hookimpl
 def sandbox_environment_prepare(environment: EnvironmentSpec, on_log: OutputCallback | None) -> PreparedEnvironment:
-    return environments_.prepare(environment, on_log)
+    return environments_.prepare(environment, on_log, _build_runner(environment.options))
+
+
+def _build_runner(options: Mapping[str, Any]) -> environments_.Runner:
+    """pip in a local sandbox of its own: network on, only the build directory writable (a package's
+    setup code runs with no access to the launcher's home or files)."""
+
+    def run(argv: list, env: dict, writable: str, on_output: Any) -> int:
+        if isolation.select(options) is None:  # no bubblewrap here: the backend already said so once
+            return environments_.run_plain(argv, env, writable, on_output)
+        spec = SandboxSpec(env=env, binds=(Bind(writable),), ttl_seconds=BUILD_TTL, options=options)
+        handle = sandbox_create(spec)
+        try:
+            return sandbox_exec(handle, argv, {}, None, BUILD_TTL, on_output, on_output).exit_code
+        finally:
+            sandbox_destroy(handle)
+
+    return run
 
 
 @hookimpl

@@ -2,9 +2,10 @@
 
 ``<root>/<key>/`` holds the requirements (``pip install --target``, with uv when present) and
 ``.mfsb-environment.json`` (the key, requirements, labels, creation time). It is built under an
-exclusive ``flock`` into ``<root>/.build-<key>-<pid>`` and renamed into place only when pip succeeded,
-so two launchers end with one directory and a failed or killed build leaves nothing that looks
-ready. A sandbox created with ``SandboxSpec(environment=<dir>)`` gets the directory bound read-only
+exclusive ``flock`` into ``<root>/.build-<key>-<pid>/target`` and renamed into place only when pip
+succeeded, so two launchers end with one directory and a failed or killed build leaves nothing that
+looks ready. pip runs in a local sandbox (with network; only the build directory writable), because
+installing a package can run its code. A sandbox created with ``SandboxSpec(environment=<dir>)`` gets the directory bound read-only
 and on its ``PYTHONPATH``.
 
 The root is option ``environments_dir`` (``METAFLOW_SANDBOX_LOCAL_ENVIRONMENTS_DIR``), else
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from metaflow_sandbox import ENVIRONMENT_LABEL, EnvironmentBuildError, EnvironmentSpec, OutputCallback, PreparedEnvironment, read_option
 
@@ -30,6 +31,22 @@ NAME = "local"
 META_FILE = ".mfsb-environment.json"
 LAST_USED_FILE = ".mfsb-last-used"
 LOG_TAIL = 40
+#: Launcher variables pip and uv need to reach an index (mirrors, proxies, CA bundles).
+PASS_ENV_PREFIXES = ("PIP_", "UV_")
+PASS_ENV = (
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "REQUESTS_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+)
+
+#: runner(argv, env, writable_dir, on_output) -> exit code: how the install command runs (local.py: in a sandbox).
+Runner = Callable[[list, dict, str, Callable[[str], None]], int]
 
 
 def root(options: Mapping[str, Any]) -> str:
@@ -42,7 +59,7 @@ def root(options: Mapping[str, Any]) -> str:
     return os.path.join(os.path.abspath(pip_cache), "environments")
 
 
-def prepare(environment: EnvironmentSpec, on_log: Optional[OutputCallback]) -> PreparedEnvironment:
+def prepare(environment: EnvironmentSpec, on_log: Optional[OutputCallback], runner: Runner) -> PreparedEnvironment:
     """Find ``<root>/<key>`` or build it (one builder at a time per key, across processes)."""
     base = root(environment.options)
     os.makedirs(base, exist_ok=True)
@@ -50,7 +67,7 @@ def prepare(environment: EnvironmentSpec, on_log: Optional[OutputCallback]) -> P
     with open(os.path.join(base, ".%s.lock" % environment.key), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second launcher waits here for the first one's build
         if not _ready(final):
-            _build(environment, base, final, on_log)
+            _build(environment, base, final, on_log, runner)
             return _described(final, built=True)
     touch_last_used(final)
     return _described(final, built=False)
@@ -60,14 +77,17 @@ def _ready(path: str) -> bool:
     return os.path.isfile(os.path.join(path, META_FILE))
 
 
-def _build(environment: EnvironmentSpec, base: str, final: str, on_log: Optional[OutputCallback]) -> None:
-    tmp = os.path.join(base, ".build-%s-%d" % (environment.key, os.getpid()))
-    shutil.rmtree(tmp, ignore_errors=True)
+def _build(environment: EnvironmentSpec, base: str, final: str, on_log: Optional[OutputCallback], runner: Runner) -> None:
+    work = os.path.join(base, ".build-%s-%d" % (environment.key, os.getpid()))
+    tmp = os.path.join(work, "target")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "tmp"))
+    os.chmod(work, 0o755)
     if os.path.isdir(final):  # a directory without its metadata is not ours to trust: rebuild
         shutil.rmtree(final, ignore_errors=True)
     tail: deque[str] = deque(maxlen=LOG_TAIL)
     try:
-        code = _install(list(environment.requirements), tmp, tail, on_log)
+        code = _install(list(environment.requirements), work, tail, on_log, runner)
         if code != 0:
             raise EnvironmentBuildError(
                 "pip could not install the environment's %d requirement(s) (exit code %d)" % (len(environment.requirements), code),
@@ -88,27 +108,48 @@ def _build(environment: EnvironmentSpec, base: str, final: str, on_log: Optional
         os.rename(tmp, final)  # atomic: the metadata file appears with the complete directory
         touch_last_used(final)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
-def _install(reqs: list[str], target: str, tail: deque[str], on_log: Optional[OutputCallback]) -> int:
+def _install(reqs: list[str], work: str, tail: deque[str], on_log: Optional[OutputCallback], runner: Runner) -> int:
     """pip (or uv) with the launcher's interpreter, so the environment fits the Python that sandboxes run."""
+    target = os.path.join(work, "target")
     uv = shutil.which("uv")
-    if uv:
+    if uv and not any(os.path.realpath(uv).startswith(h + "/") for h in _hidden()):  # a uv under a home is not visible inside
         argv = [uv, "pip", "install", "--python", sys.executable, "--target", target, *reqs]
     else:
         argv = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--target", target, *reqs]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIP_TARGET", "PIP_PREFIX", "PIP_USER")}
+    env = {k: v for k, v in os.environ.items() if k.startswith(PASS_ENV_PREFIXES) or k in PASS_ENV}
+    for name in ("PIP_TARGET", "PIP_PREFIX", "PIP_USER", "PIP_REQUIRE_VIRTUALENV"):
+        env.pop(name, None)
+    env["TMPDIR"] = os.path.join(work, "tmp")  # on disk, not the sandbox's memory-backed /tmp: wheels can be large
+
+    def output(text: str) -> None:
+        for line in text.splitlines(keepends=True):
+            tail.append(line)
+        if on_log:
+            on_log(text)
+
+    return runner(argv, env, work, output)
+
+
+def _hidden() -> tuple[str, ...]:
+    from .mounts import hidden_dirs
+
+    return hidden_dirs()
+
+
+def run_plain(argv: list, env: dict, writable: str, on_output: Callable[[str], None]) -> int:
+    """The install without a sandbox (where the local backend runs none either)."""
+    full = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **env}
     try:
-        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=env)
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True, env=full)
     except OSError as err:
-        tail.append("%s: %s\n" % (argv[0], err))
+        on_output("%s: %s\n" % (argv[0], err))
         return 127
     assert p.stdout is not None
     for line in p.stdout:
-        tail.append(line)
-        if on_log:
-            on_log(line)
+        on_output(line)
     return p.wait()
 
 
