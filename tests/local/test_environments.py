@@ -146,3 +146,12 @@ def test_the_install_runs_in_a_sandbox(local, tmp_path):
     assert "HOSTNAME = 'local-" in probe and socket.gethostname() not in probe, probe
     assert "SEES_MARKER = False" in probe, probe
     assert local.remove_environment(env.ref)
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build(local, env_dir):
+    spec = EnvironmentSpec(PY, ("toolz==0.12.1", "tabulate==0.9.0"))
+    leftover = os.path.join(env_dir, ".build-%s-999999" % spec.key, "target")
+    os.makedirs(leftover)  # what a launcher killed mid-build leaves
+    env = local.prepare_environment(spec)
+    assert not os.path.exists(os.path.dirname(leftover))
+    assert local.remove_environment(env.ref)

@@ -66,11 +66,19 @@ def prepare(environment: EnvironmentSpec, on_log: Optional[OutputCallback], runn
     final = os.path.join(base, environment.key)
     with open(os.path.join(base, ".%s.lock" % environment.key), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second launcher waits here for the first one's build
+        _remove_abandoned(base, environment.key)
         if not _ready(final):
             _build(environment, base, final, on_log, runner)
             return _described(final, built=True)
     touch_last_used(final)
     return _described(final, built=False)
+
+
+def _remove_abandoned(base: str, key: str) -> None:
+    """Build directories of this key left by a killed launcher (the lock is ours: nobody else builds it now)."""
+    for name in os.listdir(base):
+        if name.startswith((".build-%s-" % key, ".rm-%s-" % key)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
 
 
 def _ready(path: str) -> bool:
