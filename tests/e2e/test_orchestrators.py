@@ -9,6 +9,7 @@ of the compiled template and run here as the pods would, one step after the othe
 from __future__ import annotations
 
 import ast
+import fcntl
 import json
 import re
 import shutil
@@ -132,6 +133,8 @@ def _task_data(t: Target, run_id: str, step: str, task_id: str) -> dict:
 def pod_outputs():
     """Where the schedulers read a task's outputs: Argo's /mnt/out (an emptyDir in the pod), Airflow's
     /airflow/xcom. Host paths here: made for the test and removed after (only these tests use them)."""
+    lock = open("/tmp/metaflow-sandbox-tests-pod-outputs.lock", "w")
+    fcntl.flock(lock, fcntl.LOCK_EX)  # one test at a time across xdist workers: the paths are the host's
     made = []
     for d in (Path("/mnt/out"), Path("/airflow/xcom")):
         if not d.exists():
@@ -144,26 +147,39 @@ def pod_outputs():
         shutil.rmtree(d, ignore_errors=True)
     if Path("/airflow").exists() and not any(Path("/airflow").iterdir()):
         Path("/airflow").rmdir()
+    lock.close()
 
 
-def test_argo_workflows_runs_the_sandboxed_step_in_its_sandbox(s3_target, pod_outputs):
+@pytest.mark.parametrize("backend", ["local", "daytona"])
+def test_argo_workflows_runs_the_sandboxed_step_in_its_sandbox(s3_target, pod_outputs, request, backend):
     t = s3_target
     steps = _compile(t, "argo-workflows")
+    pod_env = {}  # what the pod's secrets give it: the backend and its credentials
+    if backend == "daytona":
+        emu = request.getfixturevalue("daytona_emulator")
+        pod_env = {"METAFLOW_SANDBOX_BACKEND": "daytona", **emu.env}
     values = {"workflow.name": "wf1", "creationTimestamp": "ts1"}
     proc, out = _pod(t, "start", *steps["start"], values)
     assert proc.returncode == 0, out[-4000:]
     start_id = Path("/mnt/out/task_id").read_text().strip()
     Path("/mnt/out/task_id").unlink()
     values["input-paths"] = "argo-wf1/start/%s" % start_id
-    proc, out = _pod(t, "work", *steps["work"], values)
+    proc, out = _pod(t, "work", *steps["work"], values, pod_env)
     assert proc.returncode == 0, out[-4000:]
-    assert "Task is starting in local sandbox" in out, out[-4000:]
+    assert "Task is starting in %s sandbox" % backend in out, out[-4000:]
     # Argo's output parameter, written in the pod by the trampoline (not in the sandbox): the next step's input.
     work_id = Path("/mnt/out/task_id").read_text().strip()
     assert work_id.startswith("t-") and work_id != start_id
     data = _task_data(t, "argo-wf1", "work", work_id)
     assert data["ok"] is True and data["in_sandbox"] == "1"  # the step's code saw its sandbox's environment
-    assert "Task is starting in local sandbox" in data["stdout"]
+    assert "Task is starting in %s sandbox" % backend in data["stdout"]
+    # Argo's bookkeeping metadata for the attempt, registered by the trampoline in the pod.
+    meta = t.tmp / "pod-work" / "metaflow" / ".metaflow" / "OrchFlow" / "argo-wf1" / "work" / work_id / "_meta"
+    registered = " ".join(f.read_text() for f in meta.glob("*.json"))
+    assert '"argo-workflow-name"' in registered and '"wf1"' in registered, registered[:2000]
+    if backend == "daytona":
+        assert request.getfixturevalue("daytona_emulator").live_sandboxes() == []
+        return
     # The next pod picks up from there.
     values["input-paths"] = "argo-wf1/work/%s" % work_id
     proc, out = _pod(t, "end", *steps["end"], values)
