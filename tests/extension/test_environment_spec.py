@@ -76,3 +76,21 @@ def test_prepare_attribute_is_parsed_strictly():
     with pytest.raises(SandboxInputError) as info:
         deco(prepare="perhaps")
     assert "prepare" in str(info.value) and "Fix:" in str(info.value)
+
+
+def test_steps_share_a_build_only_when_they_ask_for_the_same_thing(tmp_path):
+    from metaflow_extensions.sandbox_core.plugins import sandbox_environments as envs
+
+    backend = Backend("local", options={"environments_dir": str(tmp_path)})
+    try:
+        builds = []
+        for step, cpu in (("a", 1), ("b", 1), ("c", 2)):
+            d = deco(packages=["tabulate==0.9.0"], cpu=cpu)
+            d.step = step
+            spec = environment_spec(d, backend, "s3", str(tmp_path))
+            builds.append(envs.start(d, backend, spec, None))
+        assert builds[0] is builds[1] and builds[0].steps == ["a", "b"]
+        assert builds[2] is not builds[0] and builds[2].spec.key == builds[0].spec.key  # same content, other size
+        assert {b.wait().ref for b in builds} == {str(tmp_path / builds[0].spec.key)}  # local: one directory either way
+    finally:
+        envs.reset()

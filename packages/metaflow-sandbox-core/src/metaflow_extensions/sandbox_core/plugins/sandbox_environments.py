@@ -169,7 +169,10 @@ _lock = threading.Lock()
 
 def start(deco, backend, spec, logger):
     """Start (or join) the build of ``spec`` on ``backend``; returns its Build. Launcher only."""
-    key = (backend.name, spec.key)
+    # Resources and options too: Daytona and E2B size an environment per resource class, and a step's
+    # own options may point at another account or base; only identical requests share a build.
+    options = tuple(sorted((k, str(v)) for k, v in (backend.options or {}).items()))
+    key = (backend.name, spec.key, spec.resources, options)
     with _lock:
         build = _builds.get(key)
         if build is not None:
