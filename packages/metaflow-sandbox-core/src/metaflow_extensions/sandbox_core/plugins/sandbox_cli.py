@@ -424,6 +424,10 @@ def prepare(obj, backend):
     from .sandbox_environments import EnvironmentException, environment_spec, start
 
     builds, skipped = [], []
+
+    def progress(line, **kwargs):  # what is built, waits and outcomes on stderr; results on stdout
+        obj.echo_always(line, err=True)
+
     for node in obj.graph:
         decos = [d for d in node.decorators if isinstance(d, SandboxDecorator)]
         if not decos:
@@ -439,7 +443,7 @@ def prepare(obj, backend):
         if spec is None:
             skipped.append(node.name)
         else:
-            build = start(deco, facade, spec, None)
+            build = start(deco, facade, spec, progress)
             if build not in builds:
                 builds.append(build)
     for step_name in skipped:
@@ -449,7 +453,7 @@ def prepare(obj, backend):
     failed = False
     for build in builds:
         try:
-            env = build.wait()
+            env = build.wait(build.steps[0])
         except EnvironmentException as err:
             obj.echo_always(str(err), err=True)
             failed = True
