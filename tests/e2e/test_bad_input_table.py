@@ -199,6 +199,15 @@ CASES = [
         "with-network-maybe", "sandbox:network=maybe", says=["@sandbox(network=...) must be true or false", "'maybe'"], fix="network=False"
     ),
     with_("with-network-2", "sandbox:network=2", says=["@sandbox(network=...) must be true or false"], fix="network=False"),
+    with_(
+        "with-prepare-maybe", "sandbox:prepare=maybe", says=["@sandbox(prepare=...) must be true or false", "'maybe'"], fix="prepare=False"
+    ),
+    config(
+        "prepare-env-maybe",
+        {"METAFLOW_SANDBOX_PREPARE": "maybe"},
+        says=["METAFLOW_SANDBOX_PREPARE must be true or false"],
+        fix="METAFLOW_SANDBOX_PREPARE=0",
+    ),
     with_("with-cpu-negative", "sandbox:cpu=-1", says=["@sandbox(cpu=...)", NUMBER], fix="@sandbox(cpu=2)"),
     with_("with-cpu-zero", "sandbox:cpu=0", says=["@sandbox(cpu=...)", NUMBER], fix="@sandbox(cpu=2)"),
     with_("with-cpu-word", "sandbox:cpu=many", says=["@sandbox(cpu=...)", "'many'"], fix="@sandbox(cpu=2)"),
