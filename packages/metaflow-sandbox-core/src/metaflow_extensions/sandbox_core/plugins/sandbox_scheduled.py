@@ -20,6 +20,7 @@ SUPPORTED = {"argo-workflows": "argo_workflows_internal", "airflow": "airflow_in
 POD_DECORATORS = ("kubernetes", "batch")
 #: Set on the trampoline a scheduler's `step` became.
 SCHEDULED_ENV = "METAFLOW_SANDBOX_SCHEDULED"
+LOCAL_ISOLATION_ENV = "METAFLOW_SANDBOX_LOCAL_ISOLATION"
 CODE_ENV = ("METAFLOW_CODE_METADATA", "METAFLOW_CODE_SHA", "METAFLOW_CODE_URL")
 
 
@@ -60,6 +61,9 @@ def become_trampoline(step_name):
         )
     top = argv[1 : len(argv) - len(args)]
     os.environ[SCHEDULED_ENV] = os.environ["METAFLOW_RUNTIME_NAME"]
+    # In a pod, `local` without bubblewrap would run the step as a plain process: refuse that instead
+    # (with its fix), unless the pod's owner chose otherwise.
+    os.environ.setdefault(LOCAL_ISOLATION_ENV, "bwrap")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-u", argv[0]] + top + ["sandbox", "step", step_name] + code + args[2:])
