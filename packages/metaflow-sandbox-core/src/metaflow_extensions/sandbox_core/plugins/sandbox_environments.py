@@ -118,13 +118,16 @@ class Build:
             self.logger(self.outcome(), system_msg=True)
 
     def describe(self):
-        return "'%s' environment %s for step%s %s (%d requirement%s)" % (
+        reqs = sorted(set(self.spec.requirements))
+        shown = ", ".join(reqs[:4]) + (", ..." if len(reqs) > 4 else "")
+        return "'%s' environment %s for step%s %s (%d requirement%s: %s)" % (
             self.backend.name,
             self.spec.name,
             "s" if len(self.steps) > 1 else "",
             ", ".join("*%s*" % s for s in self.steps),
-            len(self.spec.requirements),
-            "" if len(self.spec.requirements) == 1 else "s",
+            len(reqs),
+            "" if len(reqs) == 1 else "s",
+            shown,
         )
 
     def outcome(self):
@@ -158,8 +161,10 @@ def failure_message(err, what, log_lines=()):
     if tail:
         lines.append("Build log (last %d lines):" % len(tail))
         lines += ["    " + ln for ln in tail]
-    fix = hint or "check the requirement lines in packages= / requirements_file="
-    lines.append("  Fix: %s; or install per task instead: @sandbox(prepare=False) on the step, or %s=0 for the run." % (fix, PREPARE_ENV))
+    lines.append("  Fix: %s" % (hint or "check the requirement lines in packages= / requirements_file="))
+    lines.append(
+        "  (To install in every task instead of preparing: @sandbox(prepare=False) on the step, or %s=0 for the run.)" % PREPARE_ENV
+    )
     return "\n".join(lines)
 
 
