@@ -178,3 +178,17 @@ def test_a_build_requested_but_never_started_is_not_waited_for_forever(bare: Emu
     env = Backend("e2b").prepare_environment(spec, on_log=logs.append)
     assert env.ref == name and env.built and env.state == "ready"
     assert any("never started" in line for line in logs), "".join(logs)
+
+
+def test_commands_run_in_a_login_shell_whose_profile_sets_the_images_path(bare: EmulatorHandle, toolz_env: EnvironmentSpec) -> None:
+    """envd runs `bash -l -c`: /etc/profile resets PATH (one sent with the command is lost, as on E2B)."""
+    backend = Backend("e2b")
+    env = backend.prepare_environment(toolz_env)
+    with backend.create(SandboxSpec(environment=env.ref, resources=SMALL)) as sb:
+        out: list[str] = []
+        script = "echo PATH=$PATH; python -c 'import toolz; print(\"toolz-ok\")'"
+        sent = "/usr/bin:/bin:/mfsb-not-here"
+        res = sb.exec(["bash", "-c", script], env={"PATH": sent}, on_stdout=out.append, on_stderr=out.append)
+        text = "".join(out)
+        assert res.exit_code == 0, text
+        assert "toolz-ok" in text and "/mfsb-not-here" not in text, text  # the profile's PATH, with the image's python

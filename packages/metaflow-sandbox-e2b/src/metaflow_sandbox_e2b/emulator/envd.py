@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import re
+import shlex
 import tempfile
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
@@ -141,8 +142,10 @@ def make_app(emu: E2BServer) -> web.Application:
         msg = json.loads(body[5 : 5 + int.from_bytes(body[1:5], "big")])
         process = msg.get("process") or {}
         argv = [process.get("cmd") or "/bin/bash"] + list(process.get("args") or [])
-        if not emu.login_shell and len(argv) > 1 and argv[0].endswith("bash") and argv[1] == "-l":
-            del argv[1]  # the host's /etc/profile would reset PATH; see docs/backends/e2b.md
+        if not emu.login_shell and len(argv) == 4 and argv[0].endswith("bash") and argv[1:3] == ["-l", "-c"]:
+            # A login shell, as envd runs it: /etc/profile resets PATH (a PATH sent in envs is lost, as on
+            # E2B) to what the image's profile gives; here the emulated image's PATH, not the host's.
+            argv[3] = "PATH=%s; export PATH; %s" % (shlex.quote(sb.image_path), argv[3])
         env = {"HOME": sb.workdir, "USER": "user", "LOGNAME": "user"}
         env.update({str(k): str(v) for k, v in (process.get("envs") or {}).items()})
         deadline_ms = request.headers.get("connect-timeout-ms")

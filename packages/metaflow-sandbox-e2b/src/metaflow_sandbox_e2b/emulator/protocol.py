@@ -55,6 +55,8 @@ class E2BSandbox(EmulatedSandbox):
     execs: int = 0
     #: The emulated image (a built template's) it runs from, if any.
     image: Optional[str] = None
+    #: The PATH its image's login profile gives (commands run in ``bash -l``).
+    image_path: str = "/usr/local/bin:/usr/bin:/bin"
 
     @property
     def state(self) -> str:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
 import secrets
+import sys
 import time
 from typing import Any, Optional
 
@@ -144,6 +146,7 @@ class E2BServer(EmulatorServer):
         except Exception as exc:
             raise ApiError(400, "cannot create sandbox: %s" % exc) from exc
         sb.workdir = sb.local.handle.workdir
+        sb.image_path = self.runner.spec({}, {}, image=built[1].image if built else None).env.get("PATH") or _launcher_path()
         self.sandboxes[sid] = sb
         self.count("create")
         return sb
@@ -167,6 +170,13 @@ class E2BServer(EmulatorServer):
         return sb
 
 
+def _launcher_path() -> str:
+    """The PATH of a sandbox on no emulated image (the local backend's: this Python's bin dir first)."""
+    path = os.environ.get("PATH", os.defpath)
+    bindir = os.path.dirname(sys.executable)
+    return path if bindir in path.split(os.pathsep) else bindir + os.pathsep + path
+
+
 def templates_from_args(specs: list[str]) -> dict[str, tuple[int, int]]:
     out = {}
     for spec in specs:
@@ -182,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--plan", choices=["hobby", "pro"], default="hobby", help="caps sandbox timeouts (1 h / 24 h)")
     p.add_argument("--max-sandboxes", type=int, default=None, help="concurrency limit (429 above it)")
     p.add_argument("--template", action="append", default=[], metavar="NAME=CPU:MEMORY_MB", help="extra template")
-    p.add_argument("--login-shell", action="store_true", help="keep `bash -l` (sources the host's /etc/profile)")
+    p.add_argument("--login-shell", action="store_true", help="leave PATH as the host's /etc/profile sets it in `bash -l`")
     args = p.parse_args(argv)
     server = E2BServer(
         args.api_key,
