@@ -61,11 +61,11 @@ def test_read_only_scheduler_commands_still_work(s3_target):
     assert "does not support" not in run.output
 
 
-def _compile(t: Target, scheduler: str, legacy: bool = False) -> dict:
+def _compile(t: Target, scheduler: str, legacy: bool = False, flow_file: str = "orch_flow.py") -> dict:
     """{step: (container command, template env)} from the scheduler's real compiler. `legacy`: as an
     older metaflow-sandbox compiled it (no deploy-time check)."""
     env = {**base_env(t.tmp), **t.env}
-    flow = str(FLOWS / "orch_flow.py")
+    flow = str(FLOWS / flow_file)
     head = [PYTHON, str(FLOWS / "orch_legacy_compile.py"), flow] if legacy else [PYTHON, flow]
     proc = subprocess.run(
         head + ["--no-pylint", *DEPLOY[scheduler]], cwd=t.tmp, env=env, capture_output=True, text=True, timeout=180
@@ -75,7 +75,7 @@ def _compile(t: Target, scheduler: str, legacy: bool = False) -> dict:
     if scheduler == "argo-workflows":
         spec = json.loads(proc.stdout[proc.stdout.index("{") :])
         for tpl in spec["spec"]["templates"]:
-            if tpl["name"] in ("start", "work", "end"):
+            if tpl["name"] in ("start", "work", "each", "end"):
                 c = tpl["container"]
                 # Values Kubernetes fills in (`valueFrom`: the pod's name, namespace, ...): made up here.
                 env = {e["name"]: e["value"] if e.get("value") is not None else "pod-" + e["name"].lower() for e in c["env"]}
@@ -112,17 +112,17 @@ def _pod(t: Target, name: str, command: list, template_env: dict, values: dict, 
     return proc, proc.stdout + proc.stderr
 
 
-def _task_data(t: Target, run_id: str, step: str, task_id: str) -> dict:
+def _task_data(t: Target, run_id: str, step: str, task_id: str, flow: str = "OrchFlow") -> dict:
     """The task's artifact and its persisted stdout, read straight from the S3 datastore."""
     code = (
         "import json, os\n"
         "from metaflow.datastore import FlowDataStore\n"
         "from metaflow.plugins.datastores.s3_storage import S3Storage\n"
-        "fds = FlowDataStore('OrchFlow', None, storage_impl=S3Storage, ds_root=os.environ['METAFLOW_DATASTORE_SYSROOT_S3'])\n"
+        "fds = FlowDataStore(%r, None, storage_impl=S3Storage, ds_root=os.environ['METAFLOW_DATASTORE_SYSROOT_S3'])\n"
         "ds = fds.get_task_datastore(%r, %r, %r)\n"
         "logs = b''.join(b for _, b in ds.load_logs(['task'], 'stdout'))\n"
         "print(json.dumps({'in_sandbox': ds['in_sandbox'], 'ok': ds['_task_ok'], 'stdout': logs.decode()}))\n"
-    ) % (run_id, step, task_id)
+    ) % (flow, run_id, step, task_id)
     env = {**base_env(t.tmp), **t.env}
     proc = subprocess.run([PYTHON, "-c", code], cwd=t.tmp, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -183,6 +183,26 @@ def test_argo_workflows_runs_the_sandboxed_step_in_its_sandbox(s3_target, pod_ou
     # The next pod picks up from there.
     values["input-paths"] = "argo-wf1/work/%s" % work_id
     proc, out = _pod(t, "end", *steps["end"], values)
+    assert proc.returncode == 0, out[-4000:]
+
+
+def test_argo_workflows_gets_the_foreach_splits_of_a_sandboxed_step(s3_target, pod_outputs):
+    """A sandboxed step that fans out: Argo reads the splits from the pod's /mnt/out, and the next
+    pod (one foreach task, plain) gets its item."""
+    t = s3_target
+    steps = _compile(t, "argo-workflows", flow_file="orch_foreach_flow.py")
+    values = {"workflow.name": "wf2", "creationTimestamp": "ts2"}
+    proc, out = _pod(t, "start", *steps["start"], values)
+    assert proc.returncode == 0, out[-4000:]
+    values["input-paths"] = "argo-wf2/start/%s" % Path("/mnt/out/task_id").read_text().strip()
+    proc, out = _pod(t, "work", *steps["work"], values)
+    assert proc.returncode == 0, out[-4000:]
+    assert json.loads(Path("/mnt/out/splits").read_text()) == [0, 1, 2]
+    assert json.loads(Path("/mnt/out/split_cardinality").read_text()) == 3
+    work_id = Path("/mnt/out/task_id").read_text().strip()
+    assert _task_data(t, "argo-wf2", "work", work_id, flow="OrchForeachFlow")["in_sandbox"] == "1"
+    values.update({"input-paths": "argo-wf2/work/%s" % work_id, "split-index": "2"})
+    proc, out = _pod(t, "each", *steps["each"], values)
     assert proc.returncode == 0, out[-4000:]
 
 
