@@ -187,15 +187,41 @@ def _build(daytona: Any, environment: EnvironmentSpec, name: str, on_log: OnLog,
     except DaytonaConflictError:
         raise
     except Exception as exc:
-        if _retry.status_of(exc) is not None or _retry.is_connection_error(exc):
-            _delete(daytona, name, _retry.Policy())  # nothing half-made left behind
-            translate(exc, op="sandbox_environment_prepare")
-        failed = _find(daytona, name, _retry.Policy())
-        error = _build_error(daytona, failed, name, lines, str(getattr(exc, "message", None) or exc))
-        _delete(daytona, name, _retry.Policy())
-        raise error from exc
+        snapshot = _after_failed_create(daytona, name, lines, exc, on_log, timeout)
     _say(on_log, "built Daytona snapshot %s in %.1fs" % (name, time.monotonic() - start))
     return snapshot
+
+
+def _after_failed_create(daytona: Any, name: str, lines: list[str], exc: Exception, on_log: OnLog, timeout: float) -> Any:
+    """The create raised: a failed build (deleted, raised with its log), a build the SDK lost track of
+    (a dropped poll: followed to its end), a timeout, or nothing made (the API error, translated)."""
+    from daytona.common.errors import DaytonaTimeoutError
+
+    policy = _retry.Policy()
+    try:
+        found = _find(daytona, name, policy)
+    except Exception:  # the API is unreachable: report the create's own error
+        found = None
+    if found is not None and _state(found) in BUILDING:
+        if isinstance(exc, DaytonaTimeoutError):
+            raise EnvironmentBuildError(
+                "Daytona snapshot %s is still %s after %.0fs" % (name, _state(found), timeout),
+                build_log="\n".join(lines[-TAIL_LINES:]),
+                hint="rerun later to use it once built (it is left building), or allow longer builds with "
+                "METAFLOW_SANDBOX_DAYTONA_BUILD_TIMEOUT (seconds)",
+                backend=NAME,
+                op="sandbox_environment_prepare",
+            ) from exc
+        found = _wait(daytona, name, on_log, timeout, policy)
+    if found is not None and _state(found) == "active":
+        return found
+    if found is not None and _state(found) in FAILED:
+        error = _build_error(daytona, found, name, lines, str(getattr(exc, "message", None) or exc))
+        _delete(daytona, name, policy)  # nothing half-built is left, or taken for a ready one
+        raise error from exc
+    if found is not None:
+        _delete(daytona, name, policy)
+    translate(exc, op="sandbox_environment_prepare")
 
 
 def _wait(daytona: Any, name: str, on_log: OnLog, timeout: float, policy: _retry.Policy) -> Any:
