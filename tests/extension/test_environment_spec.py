@@ -94,3 +94,21 @@ def test_steps_share_a_build_only_when_they_ask_for_the_same_thing(tmp_path):
         assert {b.wait().ref for b in builds} == {str(tmp_path / builds[0].spec.key)}  # local: one directory either way
     finally:
         envs.reset()
+
+
+def test_the_console_follows_a_build(tmp_path, monkeypatch):
+    from metaflow_extensions.sandbox_core.plugins import sandbox_environments as envs
+
+    monkeypatch.setattr(envs, "PROGRESS_SECONDS", 0.3)
+    said: list[str] = []
+    backend = Backend("local", options={"environments_dir": str(tmp_path)})
+    d = deco(packages=["toolz==0.12.1"])
+    try:
+        build = envs.start(d, backend, environment_spec(d, backend, "s3", str(tmp_path)), lambda line, **kw: said.append(line))
+        build.wait("train")
+    finally:
+        envs.reset()
+    assert said[0].startswith("Preparing the 'local' environment mfsb-env-") and "toolz==0.12.1" in said[0]
+    assert "Step *train* waits for its environment" in said[1]
+    assert any(line.startswith("Still building the 'local' environment") for line in said)
+    assert "is ready: built in" in said[-1]

@@ -19,7 +19,7 @@ PREPARE_ENV = "METAFLOW_SANDBOX_PREPARE"
 #: Set by the launcher for each task: the prepared environment's ref ("" = the step has none).
 REF_ENV = "METAFLOW_SANDBOX_ENVIRONMENT_REF"
 LOG_TAIL_LINES = 30
-WAIT_REPORT_SECONDS = 15
+PROGRESS_SECONDS = 20  # "still building" on the console this often
 
 # What Metaflow's bootstrap pip-installs for each datastore (metaflow_environment._get_install_dependencies_cmd).
 DATASTORE_DEPENDENCIES = {
@@ -101,6 +101,7 @@ class Build:
         self.error = None
         self.started = time.time()
         self.seconds = None
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="mfsb-env-%s" % spec.key, daemon=True)
 
     def _on_log(self, text):
@@ -109,13 +110,20 @@ class Build:
             del self.log[: -2 * LOG_TAIL_LINES]
 
     def _run(self):
+        if self.logger is not None:
+            threading.Thread(target=self._progress, name="mfsb-env-progress", daemon=True).start()
         try:
             self.result = self.backend.prepare_environment(self.spec, on_log=self._on_log)
         except Exception as err:  # reported by wait(), in the thread that launches tasks
             self.error = err
         self.seconds = time.time() - self.started
+        self.done.set()
         if self.logger is not None:
             self.logger(self.outcome(), system_msg=True)
+
+    def _progress(self):
+        while not self.done.wait(PROGRESS_SECONDS):
+            self.logger("Still building the %s: %.0fs so far..." % (self.describe(), time.time() - self.started), system_msg=True)
 
     def describe(self):
         reqs = sorted(set(self.spec.requirements))
@@ -138,14 +146,10 @@ class Build:
 
     def wait(self, step=None):
         """The ready environment, or EnvironmentException with the build log's tail and a Fix line."""
-        while True:
-            self.thread.join(WAIT_REPORT_SECONDS)
-            if not self.thread.is_alive():
-                break
-            if step is not None and self.logger is not None:
-                self.logger(
-                    "Step *%s* waits for the %s: %.0fs so far..." % (step, self.describe(), time.time() - self.started), system_msg=True
-                )
+        if self.thread.is_alive() and step is not None and self.logger is not None:
+            self.logger("Step *%s* waits for its environment (building for %.0fs)..." % (step, time.time() - self.started), system_msg=True)
+        while self.thread.is_alive():
+            self.thread.join(1.0)  # short joins: Ctrl-C stays prompt
         if self.error is not None:
             raise EnvironmentException(failure_message(self.error, self.describe(), self.log))
         return self.result
