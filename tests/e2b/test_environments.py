@@ -153,7 +153,9 @@ def test_list_and_remove_only_ours(bare: EmulatorHandle, toolz_env: EnvironmentS
     assert all(ref.startswith("mfsb-env-") for ref in listed)
     with pytest.raises(UnsupportedOptionError, match="not a prepared environment"):
         backend.remove_environment("base")
-    assert backend.remove_environment(env.ref) is True
+    with backend.create(SandboxSpec(environment=env.ref, resources=SMALL)) as running:
+        assert backend.remove_environment(env.ref) is True
+        assert _run(running, "import toolz")[0] == 0  # a sandbox running from it keeps its packages
     assert backend.remove_environment(env.ref) is False
     assert env.ref not in {e.ref for e in backend.environments()}
     with pytest.raises(UnsupportedOptionError, match="prepared environment") as info:

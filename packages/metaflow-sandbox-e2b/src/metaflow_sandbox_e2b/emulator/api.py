@@ -128,7 +128,7 @@ def make_app(emu: E2BServer) -> web.Application:
         return web.json_response([t.listed() for t in sorted(emu.built.templates.values(), key=lambda t: t.created)])
 
     async def delete_template(request: web.Request) -> web.StreamResponse:
-        emu.built.delete(request.match_info["tid"], {sb.image for sb in emu.live() if getattr(sb, "image", None)})
+        emu.built.delete(request.match_info["tid"], {str(getattr(sb, "image", "")) for sb in emu.live()})
         emu.count("template_delete")
         return web.Response(status=204)
 
