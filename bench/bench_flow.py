@@ -1,6 +1,6 @@
 """Sandboxed flows against the same flows plain, on the fast path and on the trampoline, in one run.
 
-    python bench/bench_flow.py [--rounds 5] [--width 16] [--cases ratio,overhead,memory,latency,concurrency]
+    python bench/bench_flow.py [--rounds 5] [--width 16] [--cases ratio,overhead,memory,latency,concurrency,edit]
                                [--backends local,daytona,e2b] [--concurrency 64] [--json out.json]
 
 Not a test. Every figure is a ratio or a difference against a baseline measured in the same run:
@@ -17,6 +17,9 @@ Not a test. Every figure is a ratio or a difference against a baseline measured 
 - latency: tasks print "TS <time>" every 50 ms (and then every 300 ms); the time from the print
   inside the sandbox to the line arriving on the launcher's console (its stdout, read here).
   Baseline: the same flow plain.
+- edit: the one sandboxed task of a 1-wide run right after the flow file was edited (a new code
+  package: on `local` its Metaflow is shared with the last package's, only the user's files are new)
+  against the same run unedited; runs alternate.
 - concurrency: `--concurrency` sandboxed tasks at once (`--max-workers` as many) on each backend
   (Daytona and E2B through their emulators, with an S3 datastore), all must succeed; wall time
   against the same flow plain, and the launcher side's peak memory.
@@ -225,6 +228,24 @@ def latency_case(workdir: Path, width: int = 2) -> dict:
     return out
 
 
+def edit_case(workdir: Path, rounds: int) -> dict:
+    flow = workdir / "edited_flow.py"
+    flow.write_text(FLOW.read_text())
+    samples: dict[str, list[float]] = {"cached": [], "edited": []}
+    for i in range(rounds + 1):
+        for kind in ("edited", "cached"):
+            if kind == "edited":
+                flow.write_text(flow.read_text() + "\n# edit %d\n" % i)
+            proc = subprocess.run([sys.executable, str(flow), "--no-pylint", "run"], cwd=workdir,
+                                  env=flow_env("fast", {"BENCH_WIDTH": "1"}), capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit("flow failed:\n" + proc.stdout[-2000:] + proc.stderr[-2000:])
+            if i:  # the first pair warms up
+                samples[kind].append(task_durations(proc.stdout + proc.stderr)[0])
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"task_median_s": med, "edited_minus_cached_ms": 1000 * (med["edited"] - med["cached"])}
+
+
 def _backend_env(stack: ExitStack, backend: str, root: Path) -> dict:
     if backend == "local":
         return {"METAFLOW_SANDBOX_BACKEND": "local"}
@@ -282,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--cases", default="ratio,overhead,memory,latency,concurrency")
+    parser.add_argument("--cases", default="ratio,overhead,memory,latency,concurrency,edit")
     parser.add_argument("--backends", default="local,daytona,e2b")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--json", help="also write the results here")
@@ -330,6 +351,10 @@ def main() -> None:
             for variant in ("plain", "fast"):
                 print("print -> console, %s: median %.3f s, p99 %.3f s, max %.3f s (%d lines)"
                       % (variant, lat[variant]["median_s"], lat[variant]["p99_s"], lat[variant]["max_s"], lat[variant]["lines"]))
+        if "edit" in cases:
+            result["edit"] = ed = edit_case(work, max(2, args.rounds // 2))
+            print("first task after a flow edit, launch to success: %.0f ms over an unedited run (medians %.2f s / %.2f s)"
+                  % (ed["edited_minus_cached_ms"], ed["task_median_s"]["edited"], ed["task_median_s"]["cached"]))
         if "concurrency" in cases:
             result["concurrency"] = concurrency_case(work, args.backends.split(","), args.concurrency)  # prints as it goes
     result["load_after"] = os.getloadavg()[0]
