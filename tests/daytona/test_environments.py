@@ -139,3 +139,13 @@ def test_a_snapshot_deactivated_after_14_days_is_reactivated_not_rebuilt(backend
     again = backend.prepare_environment(spec, on_log=lines.append)
     assert (again.ref, again.built, again.state) == (prepared.ref, False, "ready")
     assert "reactivating" in "".join(lines) and bare.stats()["image_builds"] == builds
+
+
+def test_the_snapshots_memory_is_enforced(backend) -> None:
+    """The default snapshot is 1 GiB: 64 MB fits, 1.5 GiB is stopped (the emulator's memory cgroup)."""
+    with backend.create(SandboxSpec()) as sb:
+        small = sb.exec(["python", "-c", "b = b'x' * (64 << 20); print('ok')"])
+        out: list[str] = []
+        big = sb.exec(["python", "-c", "b = b'x' * (1536 << 20); print('allocated')"], on_stdout=out.append)
+    assert small.exit_code == 0
+    assert (big.exit_code != 0 or big.oom_killed) and "allocated" not in "".join(out)
