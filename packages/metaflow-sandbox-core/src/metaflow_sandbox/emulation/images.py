@@ -80,6 +80,7 @@ class ImageStore:
         self.images: dict[str, Image] = {}
         self.builds = 0  # how many builds ran (a test's "the second run built nothing")
         self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()  # pip processes, killed by close()
 
     def get(self, name: str) -> Optional[Image]:
         return self.images.get(name)
@@ -133,10 +134,14 @@ class ImageStore:
                 say("could not run pip: %s" % exc)
                 code = 127
             else:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    say(line.rstrip("\n"))
-                code = proc.wait()
+                self._running.add(proc)
+                try:
+                    assert proc.stdout is not None
+                    for line in proc.stdout:
+                        say(line.rstrip("\n"))
+                    code = proc.wait()
+                finally:
+                    self._running.discard(proc)
         if code != 0:
             shutil.rmtree(staging, ignore_errors=True)
             tail = [line for line in image.log if line.strip()][-12:]
@@ -162,6 +167,9 @@ class ImageStore:
         return True
 
     def close(self) -> None:
+        """Stop running builds and remove every image (the emulator is stopping)."""
+        for proc in list(self._running):
+            proc.kill()
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -271,6 +271,7 @@ class EmulatorServer:
         finally:
             for runner in runners:
                 await runner.cleanup()
+            self.images.close()
             shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def ready_info(self) -> dict[str, Any]:
