@@ -194,3 +194,14 @@ def test_commands_run_in_a_login_shell_whose_profile_sets_the_images_path(bare: 
         text = "".join(out)
         assert res.exit_code == 0, text
         assert "toolz-ok" in text and "/mfsb-not-here" not in text, text  # the profile's PATH, with the image's python
+
+
+def test_every_sized_template_has_its_cpu_and_memory_enforced(bare: EmulatorHandle) -> None:
+    """Not only built ones: E2B sizes every sandbox's VM by its template (the ladder's too)."""
+    with Backend("e2b").create(SandboxSpec(resources=SMALL)) as sb:
+        (listed,) = [s for s in bare.live_sandboxes() if s["id"] == sb.id]
+        assert (listed["template"], listed["cpu"], listed["memory_mb"]) == ("metaflow-sandbox-base-c1-m1024", 1, 1024)
+        code, out = _run(sb, "import os; print('cpus', len(os.sched_getaffinity(0)))")
+        assert code == 0 and "cpus 1" in out, out
+        code, out = _run(sb, "b = bytearray(1536 * 1024 * 1024); print('allocated')")
+        assert code != 0 and "allocated" not in out

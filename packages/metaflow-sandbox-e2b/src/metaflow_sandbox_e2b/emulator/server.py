@@ -114,7 +114,8 @@ class E2BServer(EmulatorServer):
     async def _create(self, body: dict[str, Any]) -> E2BSandbox:
         template = body.get("templateID") or "base"
         built = self.built.spawn(template)
-        # A template we built runs from its image, with its cpu and memory enforced; stock ones as before.
+        # A template we built runs from its image. Every template but the stock `base` has its cpu and
+        # memory enforced, as E2B sizes a sandbox's VM by its template.
         cpu, memory = (built[1].cpu, built[1].memory_mb) if built else self.template_size(template)
         timeout = int(body.get("timeout") or DEFAULT_TIMEOUT)
         if timeout > self.max_timeout():
@@ -137,12 +138,10 @@ class E2BServer(EmulatorServer):
         )
         try:
             labels = {"e2b-emulator-sandbox": sid}
-            if built is not None:
-                resources, image = Resources(cpu=cpu, memory_mb=memory), built[1].image
-                sb.local = await self.runner.create(envs, labels, network=sb.allow_internet, resources=resources, image=image)
-                sb.image = image.name if image is not None else None
-            else:
-                sb.local = await self.runner.create(envs, labels, network=sb.allow_internet)
+            image = built[1].image if built else None
+            resources = None if template == "base" else self.host_sized(cpu, memory)
+            sb.local = await self.runner.create(envs, labels, network=sb.allow_internet, resources=resources, image=image)
+            sb.image = image.name if image is not None else None
         except Exception as exc:
             raise ApiError(400, "cannot create sandbox: %s" % exc) from exc
         sb.workdir = sb.local.handle.workdir
@@ -150,6 +149,13 @@ class E2BServer(EmulatorServer):
         self.sandboxes[sid] = sb
         self.count("create")
         return sb
+
+    def host_sized(self, cpu: int, memory_mb: int) -> Resources:
+        """A template's size as this host can give it: a 4-vCPU template on a 2-core host gets both cores."""
+        host = self.runner.backend.capabilities()
+        cpu_cap = float(host.max_cpu) if host.max_cpu else float(cpu)
+        mem_cap = int(host.max_memory_mb) if host.max_memory_mb else memory_mb
+        return Resources(cpu=min(float(cpu), cpu_cap), memory_mb=min(memory_mb, mem_cap))
 
     def get(self, sid: str) -> E2BSandbox:
         sb = self.sandboxes.get(sid)
