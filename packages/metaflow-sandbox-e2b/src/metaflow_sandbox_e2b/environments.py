@@ -54,8 +54,10 @@ def definition(env: EnvironmentSpec, s: Settings) -> Any:
     else:
         tpl = Template().from_python_image(env.python_version)
     requirements = sorted(set(env.requirements))
-    # The SDK joins pip_install's names with spaces into a shell command: quote each (">=" is a redirect).
-    return tpl.pip_install([shlex.quote(r) for r in requirements]) if requirements else tpl
+    # The SDK joins pip_install's names with spaces into a shell command: quote each (">=" is a redirect);
+    # an option line of a requirements file ("--extra-index-url URL") stays an option and its value.
+    words = [shlex.quote(w) for r in requirements for w in (shlex.split(r) if r.lstrip().startswith("-") else [r])]
+    return tpl.pip_install(words) if words else tpl
 
 
 def template_name(env: EnvironmentSpec, s: Settings) -> str:
