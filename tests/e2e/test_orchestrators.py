@@ -227,6 +227,11 @@ def test_airflow_runs_the_sandboxed_step_in_its_sandbox(s3_target, pod_outputs):
         Path("/airflow/xcom/return.json").unlink()
     data = _task_data(t, "airflow-r1", "work", "airflow-t1")
     assert data["ok"] is True and data["in_sandbox"] == "1"
+    assert "Task is starting in local sandbox" in data["stdout"]
+    # Airflow's bookkeeping metadata for the attempt, registered by the trampoline in the pod.
+    meta = t.tmp / "pod-work" / "metaflow" / ".metaflow" / "OrchFlow" / "airflow-r1" / "work" / "airflow-t1" / "_meta"
+    registered = " ".join(f.read_text() for f in meta.glob("*.json"))
+    assert '"airflow-dag-run-id"' in registered, registered[:2000]
 
 
 def test_a_pod_of_another_scheduler_refuses_to_run_the_step_unsandboxed(s3_target):
