@@ -50,7 +50,7 @@ def prepared_package(flow_datastore, sha, root):
                 # Hard links, not a symlink: Metaflow's extension loader wants a real directory; the
                 # bytecode stays valid (same files, same mtimes), so compile_dir skips it.
                 shutil.rmtree(os.path.join(tmp, MF_CODE), ignore_errors=True)
-                shutil.copytree(shared, os.path.join(tmp, MF_CODE), copy_function=os.link)
+                shutil.copytree(shared, os.path.join(tmp, MF_CODE), copy_function=_link_or_copy)
             compileall.compile_dir(tmp, quiet=2, workers=1)  # the user's files; Metaflow's bytecode is already there
             open(os.path.join(tmp, READY), "w").close()
             os.rename(tmp, dest)
@@ -74,6 +74,14 @@ def _shared_metaflow(tar, members, root):
         if member.isfile():
             digest.update(tar.extractfile(member).read())
     return os.path.join(root, "mf_code", digest.hexdigest()[:32])
+
+
+def _link_or_copy(src, dst):
+    """A hard link where the filesystem allows one; a copy (mtimes kept, so bytecode stays valid) where not."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _extract(tar, members, dest):

@@ -21,21 +21,6 @@ REF_ENV = "METAFLOW_SANDBOX_ENVIRONMENT_REF"
 LOG_TAIL_LINES = 30
 PROGRESS_SECONDS = 20  # "still building" on the console this often
 
-# What Metaflow's bootstrap pip-installs for each datastore (metaflow_environment._get_install_dependencies_cmd).
-DATASTORE_DEPENDENCIES = {
-    "s3": ("boto3", "requests"),
-    "azure": ("azure-identity", "azure-storage-blob", "azure-keyvault-secrets", "simple-azure-blob-downloader", "requests"),
-    "gs": (
-        "google-cloud-storage",
-        "google-auth",
-        "simple-gcp-object-downloader",
-        "google-cloud-secret-manager",
-        "packaging",
-        "requests",
-    ),
-}
-
-
 class EnvironmentException(MetaflowException):
     headline = "Sandbox environment error"
 
@@ -63,7 +48,20 @@ def datastore_requirements(datastore_type, backend):
     """Metaflow's datastore dependencies, where the sandbox cannot use the launcher's and the image may lack them."""
     if backend.capabilities().shares_host_filesystem or os.environ.get("METAFLOW_SKIP_INSTALL_DEPENDENCIES"):
         return ()
-    return DATASTORE_DEPENDENCIES.get(datastore_type, ())
+    return metaflow_bootstrap_packages(datastore_type)
+
+
+def metaflow_bootstrap_packages(datastore_type):
+    """What Metaflow's own bootstrap pip-installs for this datastore, read from Metaflow itself (so the
+    list follows its version): the packages of its `pip install` command. None for the local datastore."""
+    from metaflow.metaflow_environment import MetaflowEnvironment
+
+    try:
+        cmd = MetaflowEnvironment(None)._get_install_dependencies_cmd(datastore_type)
+    except NotImplementedError:
+        return ()
+    words = cmd.split(" then ", 1)[-1].split(";", 1)[0].split()
+    return tuple(w for w in words[words.index("install") + 1 :] if not w.startswith("-"))
 
 
 def environment_spec(deco, backend, datastore_type, flow_dir=None):
