@@ -278,13 +278,13 @@ def preexec(
 
     drop = [os.fsencode(p) for p in foreign_mounts]  # encoded here: the child should not allocate much
 
-    procs = list(cgroup_procs)
+    joins = [_join_target(path) for path in cgroup_procs]
 
     def apply() -> None:  # no locks or allocations worth mentioning: it runs in a forked child
-        for path in procs:
+        for path, value in joins:
             fd = os.open(path, os.O_WRONLY)
             try:
-                os.write(fd, str(os.getpid()).encode())
+                os.write(fd, value or str(os.getpid()).encode())
             finally:
                 os.close(fd)
         if cpus:
@@ -305,6 +305,17 @@ def preexec(
             os.setuid(uid)
 
     return apply
+
+
+def _join_target(procs: str) -> tuple[str, bytes | None]:
+    """Where the forked child joins a cgroup, and what it writes (None: its pid).
+
+    cgroup v1 moves the writer's own thread through ``tasks`` with "0" without the kernel's global
+    threadgroup lock, whose RCU grace period made every ``cgroup.procs`` write cost ~10 ms
+    (docs/performance.md). The forked child has one thread, so that moves the whole process.
+    """
+    tasks = os.path.join(os.path.dirname(procs), "tasks")
+    return (tasks, b"0") if os.path.exists(tasks) else (procs, None)
 
 
 OOM_MARKERS: Sequence[str] = ("MemoryError", "Cannot allocate memory", "std::bad_alloc", "out of memory")
