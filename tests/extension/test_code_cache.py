@@ -68,3 +68,38 @@ def test_a_second_package_with_the_same_metaflow_shares_its_compiled_copy(tmp_pa
         assert out.stdout.strip() == str(value)
     # A package already prepared is not fetched again.
     assert prepared_package(store, "sha2", str(tmp_path)) == second and store.loads == ["sha1", "sha2", "sha3"]
+
+
+def _setup(package_dir, datastore_root, workdir):
+    """Run the task's setup commands for a `local` sandbox in `workdir`, as its bash would; the exported env."""
+    from metaflow_extensions.sandbox_core.plugins.sandbox_task import local_package_commands
+
+    cmds = ["mflog(){ echo $1; }"] + local_package_commands(package_dir, '{"mfcontent_version": 1}', datastore_root) + ["env"]
+    out = subprocess.run(["bash", "-c", " && ".join(cmds)], cwd=workdir, capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
+def test_a_task_gets_its_own_copy_of_the_package_with_one_setup(tmp_path):
+    store = Store({"sha1": package({**METAFLOW, "flow.py": "print('one')\n", "lib/util.py": "X = 1\n"})})
+    (tmp_path / "cache").mkdir()
+    pkg = prepared_package(store, "sha1", str(tmp_path / "cache"))
+    datastore = tmp_path / "ds" / ".metaflow"
+    datastore.mkdir(parents=True)
+    for i, root in enumerate((str(datastore), None)):
+        work = tmp_path / ("work%d" % i)
+        work.mkdir()
+        env = _setup(pkg, root, work)
+        task = work / "metaflow"
+        assert env["PWD"] == str(task)
+        assert (task / "flow.py").read_text() == "print('one')\n" and (task / "lib" / "util.py").read_text() == "X = 1\n"
+        assert os.path.realpath(task / ".mf_code") == os.path.realpath(os.path.join(pkg, ".mf_code"))
+        if root:
+            assert os.path.realpath(task / ".metaflow") == str(datastore)
+            assert env["METAFLOW_DATASTORE_SYSROOT_LOCAL"] == str(datastore.parent)
+        else:
+            assert (task / ".metaflow").is_dir() and not (task / ".metaflow").is_symlink()
+        # The copy is the task's own: a task that rewrites its files changes nothing in the cache.
+        (task / "flow.py").write_text("changed\n")
+        (task / "lib" / "util.py").write_text("changed\n")
+        assert open(os.path.join(pkg, "flow.py")).read() == "print('one')\n"
+        assert open(os.path.join(pkg, "lib", "util.py")).read() == "X = 1\n"

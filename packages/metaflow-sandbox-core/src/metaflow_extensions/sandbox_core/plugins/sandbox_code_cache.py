@@ -62,6 +62,43 @@ def prepared_package(flow_datastore, sha, root):
 MF_CODE = ".mf_code"
 
 
+def task_template(package_dir, datastore_root):
+    """A directory a task's setup copies whole with one `cp` (each process it spawns costs a task
+    a few ms): the package's user files (hard links, so building it copies nothing), `.mf_code`
+    linking to the compiled Metaflow, and `.metaflow`: a link to the local datastore's root, else
+    an empty directory. Built once per package and datastore root, next to the package."""
+    key = hashlib.sha256((datastore_root or "").encode()).hexdigest()[:12]
+    dest = "%s.task-%s" % (package_dir, key)
+    if os.path.isdir(dest):
+        return dest
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(package_dir), prefix=os.path.basename(dest) + ".tmp-")
+    try:
+        os.chmod(tmp, 0o755)
+        for entry in sorted(os.listdir(package_dir)):
+            src = os.path.join(package_dir, entry)
+            if entry in (MF_CODE, READY):
+                continue
+            if os.path.isdir(src) and not os.path.islink(src):
+                shutil.copytree(src, os.path.join(tmp, entry), symlinks=True, copy_function=_link_or_copy)
+            elif os.path.islink(src):
+                os.symlink(os.readlink(src), os.path.join(tmp, entry))
+            else:
+                _link_or_copy(src, os.path.join(tmp, entry))
+        os.symlink(os.path.join(package_dir, MF_CODE), os.path.join(tmp, MF_CODE))
+        if datastore_root:
+            os.symlink(datastore_root, os.path.join(tmp, ".metaflow"))
+        else:
+            os.mkdir(os.path.join(tmp, ".metaflow"))
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another trampoline built it first
+            if not os.path.isdir(dest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _in_metaflow(member):
     return member.name == MF_CODE or member.name.startswith(MF_CODE + "/")
 

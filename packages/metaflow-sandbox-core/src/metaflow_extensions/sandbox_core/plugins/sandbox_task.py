@@ -16,7 +16,7 @@ from metaflow.metaflow_config_funcs import config_values
 from metaflow.mflog import BASH_FLUSH_LOGS, BASH_MFLOG
 from metaflow.package import MetaflowPackage
 
-from .sandbox_code_cache import READY
+from .sandbox_code_cache import task_template
 from .sandbox_decorator import WORKLOAD_ENV, SandboxException
 
 # Datastore credentials forwarded into sandboxes: an explicit allowlist, sent through the
@@ -194,30 +194,22 @@ def local_package_commands(package_dir, code_metadata, datastore_root):
     """Code setup for sandboxes that share the launcher's files (the `local` backend).
 
     `package_dir` is the package extracted and compiled once (sandbox_code_cache.py): the task
-    gets a private copy of the user's files and a link to the read-only, precompiled Metaflow.
-    With the local datastore, `.metaflow` links to its root (metaflow-internals 4.3).
+    gets a private copy of the user's files and a link to the read-only, precompiled Metaflow,
+    with one `cp` of the package's task template. With the local datastore, `.metaflow` links
+    to its root (metaflow-internals 4.3).
     """
-    # One cp of entries listed here, and $PWD / ${VAR} instead of $(pwd) / $(printenv VAR): every
-    # process the setup spawns costs a task a few milliseconds (docs/performance.md).
-    entries = sorted(e for e in os.listdir(package_dir) if e not in (".mf_code", READY))
-    setup = ["cp -a -t . %s" % " ".join(shlex.quote(os.path.join(package_dir, e)) for e in entries)] if entries else []
-    setup.append("ln -s %s/.mf_code .mf_code" % shlex.quote(package_dir))
-    exports = []
+    # One cp, and $PWD / ${VAR} instead of $(pwd) / $(printenv VAR): every process the setup
+    # spawns costs a task a few milliseconds (docs/performance.md).
+    template = task_template(package_dir, datastore_root)
+    cmds = ["mflog 'Setting up task environment.'", "cp -aT %s metaflow" % shlex.quote(template), "cd metaflow"]
+    if datastore_root:
+        cmds.append("export METAFLOW_DATASTORE_SYSROOT_LOCAL=%s" % shlex.quote(os.path.dirname(datastore_root)))
     for key, value in MetaflowPackage.get_post_extract_env_vars(code_metadata, dest_dir="$PWD").items():
         if key.endswith(":"):
-            exports.append("export %s=%s" % (key[:-1], value))
+            cmds.append("export %s=%s" % (key[:-1], value))
         else:
-            exports.append("export %s=%s:${%s}" % (key, value, key))
-    cmds = ["mflog 'Setting up task environment.'", "mkdir -p metaflow", "cd metaflow"]
-    if datastore_root:
-        # Code that looks for .metaflow from the cwd upward must find the shared root.
-        cmds += [
-            "ln -s %s .metaflow" % shlex.quote(datastore_root),
-            "export METAFLOW_DATASTORE_SYSROOT_LOCAL=%s" % shlex.quote(os.path.dirname(datastore_root)),
-        ]
-    else:
-        cmds.append("mkdir -p .metaflow")
-    return cmds + setup + exports
+            cmds.append("export %s=%s:${%s}" % (key, value, key))
+    return cmds
 
 
 # The trampoline seeds these records into a remote sandbox (sandbox_cli._seed_local_metadata).
