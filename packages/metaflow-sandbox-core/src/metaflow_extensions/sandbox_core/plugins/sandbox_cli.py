@@ -25,6 +25,7 @@ from .sandbox_lifeline import attach as attach_lifeline
 from .sandbox_lifeline import watch_launcher
 from .sandbox_logs import LogRelay
 from .sandbox_scheduled import Bookkeeping, inner_decospecs, read_input_paths
+from .sandbox_server import report_early
 from .sandbox_task import CREDENTIAL_FILE_ENV, pip_install_commands, requirements, task_command, task_env
 
 # Seconds past the step's time limit before the facade stops the command: @timeout's own
@@ -298,11 +299,12 @@ def _run_task(obj, backend, spec, command, deco, task):
     finally:
         ignore_sigterm()  # let the teardown finish
         relay.close()
+        sync_metadata()
+        report_early(exit_code)  # on the fast path the runtime sees the task end now, not after the destroy
         try:
             sbx.destroy()
-        except Exception as err:
+        except Exception as err:  # the lifeline's reaper retries it once this process is gone
             obj.echo_always("Could not destroy sandbox %s: %s" % (sbx.id, err), err=True)
-        sync_metadata()
     return exit_code
 
 

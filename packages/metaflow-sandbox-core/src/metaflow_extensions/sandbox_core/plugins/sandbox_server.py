@@ -40,10 +40,15 @@ SERVER_PID_ENV = "METAFLOW_SANDBOX_SERVER_PID"
 # METAFLOW_SANDBOX_ENVIRONMENT_REF: the task's prepared environment (sandbox_environments.REF_ENV), one per step.
 RUNTIME_ENV = {"METAFLOW_CODE_SHA", "METAFLOW_CODE_URL", "METAFLOW_CODE_DS", "METAFLOW_CODE_METADATA", SERVER_ENV, SERVER_PID_ENV,
                "PYTHONNOUSERSITE", "METAFLOW_SANDBOX_ENVIRONMENT_REF"}
+#: Seconds the server waits, when it is told to stop, for its forked trampolines to destroy their sandboxes
+#: (after an early report the runtime may already be ending the run).
+TEARDOWN_WAIT = 30.0
 # Top-level options that only the task's own command line can carry (added after runtime_step_cli).
 TASK_ONLY_OPTIONS = ("config-value", "local-config-file")
 
 _server = None
+#: In a forked trampoline: how to tell its client the task's outcome before the sandbox's teardown.
+_early = None
 
 
 def client_path():
@@ -194,7 +199,8 @@ def server_env(task_env, run_id):
 
 
 def stop_server():
-    """At the end of the run. Running children are not the server's to stop: they end with their clients."""
+    """At the end of the run. Running children are not the server's to stop: they end with their clients.
+    The server waits for their teardowns (TEARDOWN_WAIT), and this for the server."""
     global _server
     server, _server = _server, None
     if not server or not server.get("proc"):
@@ -203,7 +209,7 @@ def stop_server():
     if proc.poll() is None:
         proc.terminate()
         try:
-            proc.wait(2)
+            proc.wait(TEARDOWN_WAIT + 5)  # it waits for its tasks' teardowns: the run ends with no sandbox left
         except subprocess.TimeoutExpired:
             proc.kill()
     for leftover in (server["path"], server["path"] + ".log"):
@@ -325,6 +331,7 @@ class Server:
                         self._reap(item)
         finally:
             listener.close()
+            self._wait_for_teardowns(TEARDOWN_WAIT)
             for leftover in (self.path, self.path + ".log"):
                 try:
                     if leftover == self.path or os.path.getsize(leftover) == 0:  # a log that says something stays
@@ -363,6 +370,15 @@ class Server:
         self.tasks[os.pidfd_open(pid)] = (pid, conn)
         _send(conn, {"pid": pid})
 
+    def _wait_for_teardowns(self, seconds):
+        """Told to stop (the run is ending): tasks that reported early may still be destroying their sandboxes."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        deadline = time.monotonic() + seconds
+        while self.tasks and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(self.tasks), [], [], max(0.0, deadline - time.monotonic()))
+            for pidfd in ready:
+                self._reap(pidfd)
+
     def _reap(self, pidfd):
         pid, conn = self.tasks.pop(pidfd)
         os.close(pidfd)
@@ -396,10 +412,13 @@ def _child(request, fds, conn, code, flow_file, inherited):
     Never returns: whatever happens (a second signal during teardown included), it ends in os._exit,
     so a child can never fall back into the server's loop.
     """
+    global _early
     exit_code = 1
     try:
         try:
+            log_fd = os.dup(sys.stderr.fileno())  # the server's log: where a teardown after an early report writes
             _become_task(request, fds, inherited)
+            _early = {"conn": conn, "log_fd": log_fd, "reported": None, "started": time.monotonic()}
             _watch_client(conn)
             exit_code = _run_flow_file(code, flow_file)
         except BaseException:
@@ -410,9 +429,34 @@ def _child(request, fds, conn, code, flow_file, inherited):
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             for stream in (sys.stdout, sys.stderr):
                 stream.flush()
-            _send(conn, {"exit": exit_code})
+            if _early is None or _early["reported"] is None:
+                _send(conn, {"exit": exit_code})
+            else:
+                exit_code = _early["reported"]
         finally:
             os._exit(exit_code & 0xFF)
+
+
+def report_early(exit_code):
+    """The task's outcome is final (its logs saved, its metadata synced): tell the client now, so the
+    runtime goes on while this process destroys the sandbox (a provider's delete is a network round
+    trip). Its output from here on goes to the server's log; it still exits with this code. The
+    lifeline still covers the sandbox: the reaper destroys it if this process dies before it does.
+    A no-op outside a forked trampoline."""
+    if _early is None or _early["reported"] is not None:
+        return
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    _early["reported"] = exit_code
+    _debug_line("fast path: trampoline ran %.3fs (reported before the sandbox's teardown)" % (time.monotonic() - _early["started"]))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    for target, fd in ((0, devnull), (1, _early["log_fd"]), (2, _early["log_fd"])):
+        os.dup2(fd, target)  # the runtime's pipes close with the client: it sees the task end
+    os.close(devnull)
+    _send(_early["conn"], {"exit": exit_code})
 
 
 def _become_task(request, fds, inherited):
@@ -457,7 +501,8 @@ def _watch_client(conn):
             except OSError:
                 data = b""
             if not data:
-                os.kill(os.getpid(), signal.SIGTERM)
+                if _early is None or _early["reported"] is None:  # after an early report the client just left
+                    os.kill(os.getpid(), signal.SIGTERM)
                 return
 
     threading.Thread(target=watch, name="sandbox-client-watch", daemon=True).start()
@@ -481,5 +526,10 @@ def _run_flow_file(code, flow_file):
         print(done.code, file=sys.stderr)
         return 1
     finally:
-        if os.environ.get("METAFLOW_SANDBOX_DEBUG_FAST_PATH"):
-            print("fast path: trampoline ran %.3fs" % (time.monotonic() - started), file=sys.stderr)
+        if _early is None or _early["reported"] is None:
+            _debug_line("fast path: trampoline ran %.3fs" % (time.monotonic() - started))
+
+
+def _debug_line(line):
+    if os.environ.get("METAFLOW_SANDBOX_DEBUG_FAST_PATH"):
+        print(line, file=sys.stderr, flush=True)
