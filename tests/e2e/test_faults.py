@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import datetime
+import re
 import threading
 import time
 from typing import Any, Callable
@@ -202,3 +204,26 @@ def test_provider_vanishing_mid_task_fails_cleanly_and_leaves_nothing(provider: 
         "%s vanish: the run failed %.0fs into the outage; its sandbox %s\n%s"
         % (provider.name, failed_after, record["reason"], "\n".join(lines))
     )
+
+
+@pytest.mark.parametrize("provider", PROVIDERS, ids=lambda p: p.name)
+def test_a_slow_delete_does_not_hold_the_task_and_the_run_still_ends_clean(provider: Provider, emulator, s3_server, tmp_path):
+    """The runtime sees a task end once its outcome is final; its sandbox's delete (3 s here) runs after that,
+    and the run still ends with that sandbox gone (the run's server waits for the teardowns)."""
+    emulator.set_faults(latency_ms=3000, latency_endpoints=["delete"])
+    target = _target(provider, emulator, s3_server, tmp_path)
+    try:
+        run = target.flow("plain_flow.py", "run", "--with", "sandbox")
+        deletes = [r for r in emulator.requests() if r["endpoint"] == "delete" and r["method"] == "DELETE"]
+    finally:
+        emulator.clear_faults()
+    assert run.returncode == 0, run.output[-6000:]
+    assert emulator.live_sandboxes() == []
+    finished = {}
+    for line in run.output.splitlines():
+        m = re.match(r"^(\S+ \S+) \[\d+/(\w+)/\d+ \(pid \d+\)\] Task finished successfully", line)
+        if m:  # the runtime prints the launcher's local time
+            finished[m.group(2)] = datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+    assert "start" in finished and len(deletes) == 2, (run.output[-3000:], deletes)
+    # `start`'s sandbox was deleted after the runtime saw the task end, not before: its delete ended >2 s later.
+    assert min(r["done_at"] for r in deletes) - finished["start"] > 2.0, (finished, deletes)

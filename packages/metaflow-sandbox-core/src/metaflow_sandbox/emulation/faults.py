@@ -24,8 +24,9 @@ class FaultSchedule:
     #: The endpoint names this emulator gives its requests (a subclass declares them).
     ENDPOINTS: ClassVar[tuple[str, ...]] = ()
 
-    #: Milliseconds added to every request.
+    #: Milliseconds added to every request (only to ``latency_endpoints``' requests, when any are named).
     latency_ms: float = 0.0
+    latency_endpoints: tuple[str, ...] = ()
     #: Share (0..1) of requests to ``error_endpoints`` answered with ``error_status`` (seeded, so repeatable).
     error_rate: float = 0.0
     #: The next N requests to ``error_endpoints`` are answered with ``error_status`` (fully deterministic).
@@ -112,6 +113,10 @@ class FaultSchedule:
         if key not in self._rngs:
             self._rngs[key] = random.Random("%s:%s:%s" % (self.seed, switch, endpoint))
         return self._rngs[key]
+
+    def delays(self, endpoint: str) -> bool:
+        """Whether ``latency_ms`` applies to this request."""
+        return not self.latency_endpoints or endpoint in self.latency_endpoints
 
     def error_for(self, endpoint: str) -> Optional[int]:
         """The status to answer instead of serving this request, or None."""

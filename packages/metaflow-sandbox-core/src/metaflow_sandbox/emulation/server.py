@@ -161,7 +161,7 @@ class EmulatorServer:
             self.count("%s_requests" % app)
             response: web.StreamResponse
             try:
-                if self.faults.latency_ms:
+                if self.faults.latency_ms and self.faults.delays(entry["endpoint"]):
                     await asyncio.sleep(self.faults.latency_ms / 1000.0)
                 refused = admit(request) if admit else None
                 if refused is not None:
@@ -179,6 +179,7 @@ class EmulatorServer:
                 raise
             finally:
                 entry["ms"] = round((time.perf_counter() - start) * 1000, 2)
+                entry["done_at"] = time.time()
             entry["status"] = response.status
             return response
 
