@@ -13,7 +13,8 @@ Not a test. Every figure is a ratio or a difference against a baseline measured 
 - memory: 8 sleeping sandboxed tasks; the launcher side's processes sampled while they run
   (PSS and USS from /proc/<pid>/smaps_rollup: forked children share pages copy-on-write, so RSS
   would count the shared pages once per task). Per task: its worker (thin client or trampoline)
-  plus, on the fast path, its forked trampoline; the run's server is reported apart.
+  plus, on the fast path, its forked trampoline; the run's server and its spare trampoline (forked
+  ahead of the next request) are reported apart.
 - latency: tasks print "TS <time>" every 50 ms (and then every 300 ms); the time from the print
   inside the sandbox to the line arriving on the launcher's console (its stdout, read here).
   Baseline: the same flow plain.
@@ -130,7 +131,7 @@ def launcher_side(launcher: int) -> dict[str, list[int]]:
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in table.items():
         children.setdefault(ppid, []).append(pid)
-    roles: dict[str, list[int]] = {"worker": [], "forked": [], "server": [], "other": []}
+    roles: dict[str, list[int]] = {"worker": [], "forked": [], "spare": [], "server": [], "other": []}
     stack = [(launcher, "launcher")]
     while stack:
         pid, parent_role = stack.pop()
@@ -139,7 +140,8 @@ def launcher_side(launcher: int) -> dict[str, list[int]]:
             if "bwrap" in cmd.split(" ")[0] or "/emulator" in cmd or "weed" in cmd.split(" ")[0]:
                 continue  # the sandbox itself (its processes are not the launcher's cost), or a server of this bench
             if parent_role == "server":
-                role = "forked"  # a forked trampoline keeps the server's command line
+                # a forked trampoline keeps the server's command line; the one forked ahead (no task yet) runs nothing
+                role = "forked" if children.get(child) else "spare"
             elif " sandbox serve " in cmd:
                 role = "server"
             elif parent_role == "launcher" and " sandbox step " in cmd:
@@ -180,7 +182,8 @@ class MemorySampler:
         uss = sum(u for _, u in workers) + sum(u for _, u in self.best.get("forked", []))
         server = self.best.get("server", [(0, 0)])
         return {"tasks_sampled": n, "pss_mb": pss / n / 1024, "uss_mb": uss / n / 1024,
-                "server_pss_mb": sum(p for p, _ in server) / 1024, "launcher_pss_mb": self.best["launcher"][0][0] / 1024}
+                "server_pss_mb": sum(p for p, _ in server) / 1024, "launcher_pss_mb": self.best["launcher"][0][0] / 1024,
+                "spare_pss_mb": sum(p for p, _ in self.best.get("spare", [])) / 1024}
 
 
 def run_tasks_flow(workdir: Path, variant: str, extra: dict, workers: int, on_line=None) -> tuple[float, subprocess.Popen, MemorySampler]:
@@ -344,8 +347,9 @@ def main() -> None:
         if "memory" in cases:
             result["memory"] = memory_case(work)
             for variant, mem in result["memory"].items():
-                print("launcher side per running task, %s: PSS %.1f MB, USS %.1f MB (server PSS %.1f MB, %d tasks sampled)"
-                      % (variant, mem.get("pss_mb", 0), mem.get("uss_mb", 0), mem.get("server_pss_mb", 0), mem.get("tasks_sampled", 0)))
+                print("launcher side per running task, %s: PSS %.1f MB, USS %.1f MB (server PSS %.1f MB, spare %.1f MB, %d tasks sampled)"
+                      % (variant, mem.get("pss_mb", 0), mem.get("uss_mb", 0), mem.get("server_pss_mb", 0), mem.get("spare_pss_mb", 0),
+                         mem.get("tasks_sampled", 0)))
         if "latency" in cases:
             result["latency"] = lat = latency_case(work)
             for variant in ("plain", "fast"):

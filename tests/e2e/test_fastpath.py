@@ -7,7 +7,7 @@ with the fast path turned off (today's trampoline); and with the server killed m
 
 from __future__ import annotations
 
-import ast
+import marshal
 import os
 import signal
 import socket
@@ -48,7 +48,7 @@ class StandInServer:
         need = 4 + struct.unpack("!I", data[:4])[0]
         while len(data) < need:
             data += conn.recv(65536)
-        self.request = ast.literal_eval(data[4:need].decode())
+        self.request = marshal.loads(data[4:need])
         self.request["nfds"] = len(fds)
         # The task writes into the client's own stdout, as the forked trampoline does.
         self.task = subprocess.Popen(self.task_argv, stdin=fds[0], stdout=fds[1], stderr=fds[2])
@@ -184,9 +184,27 @@ def test_a_killed_server_fails_no_task(local):
         if proc.poll() is None:
             proc.kill()
     output = log.read_text()
+    # Nothing of the killed server is left: the trampoline it had forked ahead of the next request exits too.
+    deadline = time.time() + 10
+    while time.time() < deadline and _server_processes(local.tmp):
+        time.sleep(0.2)
+    assert _server_processes(local.tmp) == []
     assert output.count(FAST_LINE) == 2, output[-4000:]  # the two forked before the kill
     assert output.count(NOTICE) == 2  # the two after it, each with its notice
     assert sorted(int(line.split("line-")[1].split()[0]) for line in output.splitlines() if "] line-" in line) == [0, 1, 2, 3]
+
+
+def _server_processes(cwd: Path) -> list[int]:
+    """Processes with a sandbox server's command line (the server, its forks) running in `cwd`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and " sandbox serve " in cmdline(int(entry)):
+            try:
+                if os.readlink("/proc/%s/cwd" % entry) == str(cwd):
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
 
 
 @pytest.mark.parametrize("how", ["value", "file"])

@@ -17,9 +17,9 @@ trampoline's exit status. Where the fast path cannot be used the client runs the
 (docs/performance.md says when).
 """
 
-import ast
 import builtins
 import gc
+import marshal
 import os
 import select
 import signal
@@ -280,7 +280,7 @@ def _receive(conn):
             if not more:
                 raise ValueError("truncated request")
             data += more
-        request = ast.literal_eval(data[4:need].decode("utf-8", "surrogateescape"))  # the client's repr(): it has no json
+        request = marshal.loads(data[4:need])  # the client's marshal (it imports no json); a 0600 socket: only our user
         if not isinstance(request, dict):
             raise ValueError("not a request")
         if len(fds) != 3:
@@ -309,6 +309,7 @@ class Server:
         self.launcher_pid = launcher_pid
         self.env = dict(os.environ)
         self.tasks = {}  # pidfd -> (pid, connection)
+        self.spare = None  # (pid, socket): the next task's trampoline, forked ahead
 
     def run(self):
         signal.signal(signal.SIGTERM, _exit_on_signal)
@@ -322,6 +323,7 @@ class Server:
             os.umask(old)
         listener.listen(512)
         try:
+            self._fork_spare(listener)
             while os.getppid() == self.launcher_pid:
                 ready, _, _ = select.select([listener] + list(self.tasks), [], [], 1.0)
                 for item in ready:
@@ -329,8 +331,11 @@ class Server:
                         self._accept(listener)
                     else:
                         self._reap(item)
+                if not ready:
+                    self._fork_spare(listener)  # e.g. one that could not take its task
         finally:
             listener.close()
+            self._drop_spare()
             self._wait_for_teardowns(TEARDOWN_WAIT)
             for leftover in (self.path, self.path + ".log"):
                 try:
@@ -359,16 +364,66 @@ class Server:
             for fd in fds:
                 os.close(fd)
             return
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            inherited = [listener.fileno()] + [fd for fd in self.tasks] + [c.fileno() for _, c in self.tasks.values()]
-            _child(request, fds, conn, self.code, self.flow_file, inherited)  # never returns
+        pid = self._hand_to_spare(request, fds, conn)
+        if pid is None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request, fds, conn, self.code, self.flow_file, self._inherited(listener))  # never returns
         for fd in fds:
             os.close(fd)
         self.tasks[os.pidfd_open(pid)] = (pid, conn)
         _send(conn, {"pid": pid})
+        self._fork_spare(listener)
+
+    def _inherited(self, listener):
+        """The server's fds a forked child must close: the listener, other tasks' pidfds and connections, the spare's socket."""
+        fds = [listener.fileno()] + list(self.tasks) + [c.fileno() for _, c in self.tasks.values()]
+        return fds + ([self.spare[1].fileno()] if self.spare else [])
+
+    def _fork_spare(self, listener):
+        """Fork the next task's trampoline ahead of its request: the fork (a few ms for this process) is then
+        off the task's path. It waits for its request and fds from the server and exits if the server goes."""
+        if self.spare is not None:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            inherited = self._inherited(listener) + [ours.fileno()]
+            _spare(theirs, self.code, self.flow_file, inherited)  # never returns
+        theirs.close()
+        self.spare = (pid, ours)
+
+    def _hand_to_spare(self, request, fds, conn):
+        """Give the spare this task (request, the client's stdio and connection); its pid, or None if it cannot take it."""
+        if self.spare is None:
+            return None
+        (pid, ours), self.spare = self.spare, None
+        try:
+            data = marshal.dumps(request, 4)
+            data = len(data).to_bytes(4, "big") + data
+            sent = ours.sendmsg([data[:65536]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", *fds, conn.fileno()))])
+            ours.sendall(data[sent:])
+            return pid
+        except OSError as err:  # it died waiting: fork one for this task instead
+            print("spare trampoline %d could not take a task: %s" % (pid, err), file=sys.stderr)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            _end_child(pid)
+            return None
+        finally:
+            ours.close()
+
+    def _drop_spare(self):
+        if self.spare is not None:
+            (pid, ours), self.spare = self.spare, None
+            ours.close()  # it sees EOF and exits
+            _end_child(pid)
 
     def _wait_for_teardowns(self, seconds):
         """Told to stop (the run is ending): tasks that reported early may still be destroying their sandboxes."""
@@ -400,6 +455,39 @@ class Server:
         if os.path.abspath(os.path.join(request.get("cwd") or "/", (request.get("argv") or [""])[0])) != self.flow_file:
             return "another flow file"
         return None
+
+
+def _end_child(pid):
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _spare(sock, code, flow_file, inherited):
+    """A trampoline forked ahead: wait for a task from the server, then run it as `_child` does.
+    Exits quietly when the server goes (EOF) or is told to stop before a task came."""
+    try:
+        for fd in inherited:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
+        if len(fds) != 4 or len(data) < 4:
+            os._exit(0)
+        need = 4 + struct.unpack("!I", data[:4])[0]
+        while len(data) < need:
+            more = sock.recv(need - len(data))
+            if not more:
+                os._exit(0)
+            data += more
+        request = marshal.loads(data[4:need])
+        sock.close()
+        conn = socket.socket(fileno=fds[3])
+    except BaseException:
+        os._exit(0)
+    _child(request, fds[:3], conn, code, flow_file, [])  # never returns
 
 
 def _exit_on_signal(signum, frame):

@@ -39,6 +39,8 @@ _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_IDMAP = 0x1, 0x00100000
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_unreaped: list[int] = []  # helper children told to exit, reaped without waiting for them
+_unreaped_lock = threading.Lock()
 
 
 class IdmapError(OSError):
@@ -80,7 +82,21 @@ def userns_fd(uid: int) -> int:
     finally:
         os.close(go_w)
         os.close(ready_r)
-        os.waitpid(pid, 0)
+        _reap_later(pid)
+
+
+def _reap_later(pid: int) -> None:
+    """A helper child exits once told to; waiting for it (a ~1 ms exit of a copy of this process) would
+    only delay the sandbox's create. Helpers that have exited by now, this one included later, are reaped."""
+    with _unreaped_lock:
+        _unreaped.append(pid)
+        for child in list(_unreaped):
+            try:
+                done = os.waitpid(child, os.WNOHANG)[0]
+            except ChildProcessError:  # not ours (inherited through a fork), or already reaped
+                done = child
+            if done:
+                _unreaped.remove(child)
 
 
 def _syscall(name: str, *args: object) -> int:
@@ -146,7 +162,7 @@ def private_mount_ns(trees: list[tuple[int, str]], drop: list[str]) -> int:
     finally:
         os.close(go_w)
         os.close(ready_r)
-        os.waitpid(pid, 0)
+        _reap_later(pid)
 
 
 def enter_mount_ns(fd: int | None, drop: list[bytes]) -> None:
