@@ -336,12 +336,20 @@ def main() -> None:
                   % (1000 * (cpu["fast"] - cpu["plain"]), 1000 * (cpu["trampoline"] - cpu["plain"])))
         if "overhead" in cases:
             samples: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            paired: dict[str, list[float]] = {"fast": [], "trampoline": []}  # per round: its median minus plain's
             for _ in range(max(1, args.rounds // 2)):  # interleaved, so load drift hits every variant alike
+                medians = {}
                 for variant in VARIANTS:
-                    samples[variant].extend(run_once(work, variant, args.width, workers=1)[1][1:])  # the 1st waits for the server
+                    durations = run_once(work, variant, args.width, workers=1)[1][1:]  # the 1st waits for the server
+                    samples[variant].extend(durations)
+                    medians[variant] = statistics.median(durations)
+                for variant in paired:
+                    paired[variant].append(1000 * (medians[variant] - medians["plain"]))
             task = {v: statistics.median(d) for v, d in samples.items()}
             result["overhead"] = {"task_median_s": task, "fast_minus_plain_ms": 1000 * (task["fast"] - task["plain"]),
-                                  "trampoline_minus_plain_ms": 1000 * (task["trampoline"] - task["plain"])}
+                                  "trampoline_minus_plain_ms": 1000 * (task["trampoline"] - task["plain"]),
+                                  "per_round_ms": paired, "fast_minus_plain_per_round_median_ms": statistics.median(paired["fast"])}
+            print("  per round (ms over that round's plain): fast path %s" % ", ".join("%.0f" % d for d in paired["fast"]))
             print("one task alone, launch to success (ms over plain): fast path %.0f (goal <= 60), trampoline %.0f"
                   % (result["overhead"]["fast_minus_plain_ms"], result["overhead"]["trampoline_minus_plain_ms"]))
         if "memory" in cases:

@@ -251,7 +251,7 @@ def _preload(obj):
     import metaflow_sandbox.lifeline  # noqa: F401
     from metaflow_sandbox.plugins import freeze_discovery
 
-    from . import sandbox_cli, sandbox_code_cache, sandbox_logs, sandbox_task  # noqa: F401
+    from . import sandbox_cli, sandbox_code_cache, sandbox_environments, sandbox_logs, sandbox_task  # noqa: F401
     from .sandbox_decorator import SandboxDecorator, backend_options, load_backend
 
     freeze_discovery()  # first: the plugin managers built below are then kept for the forked tasks
