@@ -146,3 +146,23 @@ def test_cli_gc_in_another_process_destroys_a_live_owners_sandbox(base: str) -> 
     finally:
         owner.kill()
         owner.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root launcher stages a sandbox's data outside its root")
+def test_staged_data_of_a_dead_owner_whose_root_is_gone_is_swept(tmp_path) -> None:
+    """A root launcher stages a sandbox's data (its tmpfs disk, its binds) under /tmp when the sandbox's uid cannot
+    reach its root; if the owner dies and its root goes too (a deleted tmp dir), the next sweep still removes it."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    base = str(private / "root")
+    owner, info, token, run = _start_owner("bwrap", base)
+    owner.send_signal(signal.SIGKILL)
+    owner.wait(10)
+    name = os.path.basename(info["root"])
+    staged = [line.split()[4] for line in open("/proc/self/mountinfo") if "/metaflow-sandbox-stage-" in line and name in line]
+    assert staged, "the sandbox's data was not staged"
+    subprocess.run(["rm", "-rf", base], check=True)  # its state is gone; its staged data and mounts are not
+    Backend("local", options={"root": str(tmp_path / "other")}).list({"run": run})  # a later launcher's sweep
+    assert not [line for line in open("/proc/self/mountinfo") if name in line]
+    assert not [p for p in staged if os.path.exists(p)]
+    assert wait_until(lambda: not pids_with("sleep " + token), timeout=10)

@@ -420,6 +420,15 @@ def sweep(options: Mapping[str, Any]) -> None:
         m = ondisk.DIR_RE.match(os.path.basename(doomed)[1 : -len(ondisk.GONE)])
         if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
             ondisk.remove(doomed)
+    if identity.is_root():  # data dirs staged for a dead owner whose state dir went away with it (e.g. a test's tmp dir)
+        stage = identity.STAGE_PREFIX + str(os.getuid())
+        for data, pidns, pid, _ in list(ondisk.entries(stage)):
+            if pidns == _PIDNS and not _alive(pid):
+                ondisk.remove(data)
+        for doomed in ondisk.half_removed(stage):
+            m = ondisk.DIR_RE.match(os.path.basename(doomed)[1 : -len(ondisk.GONE)])
+            if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
+                ondisk.remove(doomed)
     for path in limits.stale_cgroups("mfsb-"):
         m = ondisk.DIR_RE.match(os.path.basename(path))
         if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
