@@ -424,3 +424,7 @@ def test_a_sandbox_neither_sees_nor_pins_other_sandboxes_mounts(make, tmp_path, 
     assert code == 0 and other.handle.native.name not in out  # another sandbox's tmpfs is not in its namespace
     assert other.handle.native.name in open("/proc/self/mountinfo").read()  # while it is mounted on the host
     assert sh(other, "ls -s /tmp/blob")[1].split()[0] == "8192"  # and the drop did not reach the host's copy
+    later = make()  # created after `sb`: its mounts do not reach `sb`'s later commands either
+    code, out, _ = sb.run(["cat", "/proc/self/mountinfo"])
+    assert code == 0 and later.handle.native.name in open("/proc/self/mountinfo").read()
+    assert other.handle.native.name not in out and later.handle.native.name not in out

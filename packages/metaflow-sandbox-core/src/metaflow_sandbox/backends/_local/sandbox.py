@@ -159,7 +159,9 @@ class LocalSandbox:
     def _map_sources(self) -> None:
         """ID-mapped binds, attached only in a private mount namespace that bwrap enters, so the sandbox's uid
         reads and writes them as the launcher; and read-only plain binds of re-exposed paths the sandbox's uid
-        cannot reach, attached on the host (no namespace to make: a sandbox without binds costs no fork)."""
+        cannot reach: in that namespace too when there is one, else on the host (no namespace to make: a sandbox
+        without binds costs no fork). Every mount on the host is one more for each other sandbox's namespace
+        to drop, and each drop waits for the kernel (docs/performance.md)."""
         assert self.uid is not None
         wanted = [(b.source, b.read_only, True) for b in self.layout.binds]
         wanted += [(d, True, False) for d in reexposed() if not identity.world_reachable(d)]  # e.g. a Python under /root
@@ -180,7 +182,7 @@ class LocalSandbox:
                     open(target, "w").close()
                 try:
                     tree = identity.detached_bind(source, ns if mapped else None, read_only)
-                    if mapped:
+                    if ns is not None:
                         trees.append((tree, target))
                     else:
                         self.state["mounted"] = True  # from here on, removal detaches it
@@ -216,7 +218,9 @@ class LocalSandbox:
             fsize_mb=None if self.disk_capped else self.disk_mb,
             uid=self.uid,
             mount_ns=self.mount_ns,
-            foreign_mounts=self._foreign_mounts(),
+            # A private namespace dropped them when it was made, and later mounts on the host never reach it
+            # (private propagation): dropping them again copied the mount table and cost each exec a wait per mount.
+            foreign_mounts=[] if self.mount_ns is not None else self._foreign_mounts(),
         )
 
     def _foreign_mounts(self) -> list[str]:
