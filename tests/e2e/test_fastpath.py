@@ -194,6 +194,37 @@ def test_a_killed_server_fails_no_task(local):
     assert sorted(int(line.split("line-")[1].split()[0]) for line in output.splitlines() if "] line-" in line) == [0, 1, 2, 3]
 
 
+def test_a_spare_trampoline_killed_before_its_task_fails_no_task(local):
+    """The trampoline the server forked ahead dies while it waits: the next task is forked afresh, on the fast path."""
+    env = base_env(local.tmp)
+    env.update(local.env, FP_SLEEP="3", FP_TASKS="4")
+    log = local.tmp / "flow.log"
+    proc = subprocess.Popen(
+        [PYTHON, str(FLOWS / "fastpath_flow.py"), "--no-pylint", "run", "--max-workers", "2"],
+        cwd=local.tmp, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+    )
+    killed = []
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            servers = [p for p in child_pids(proc.pid) if " sandbox serve " in cmdline(p)]
+            forked = [p for server in servers for p in child_pids(server)]
+            busy = [p for p in forked if child_pids(p)]  # a running task's trampoline has its sandbox's processes
+            spares = [p for p in forked if p not in busy] if len(busy) >= 2 else []  # the waiting spare has none
+            for pid in spares:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.1)
+        assert killed, "no spare trampoline seen:\n" + log.read_text()[-3000:]
+        assert proc.wait(180) == 0, log.read_text()[-6000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    assert output.count(FAST_LINE) == 4 and NOTICE not in output, output[-4000:]  # every task on the fast path
+    assert sorted(int(line.split("line-")[1].split()[0]) for line in output.splitlines() if "] line-" in line) == [0, 1, 2, 3]
+
+
 def _server_processes(cwd: Path) -> list[int]:
     """Processes with a sandbox server's command line (the server, its forks) running in `cwd`."""
     found = []

@@ -32,6 +32,8 @@ import time
 import traceback
 import types
 
+from metaflow_sandbox.thin_client import MARSHAL_VERSION  # the client's request format: the spare gets it too
+
 FAST_PATH_ENV = "METAFLOW_SANDBOX_FAST_PATH"
 SERVER_ENV = "METAFLOW_SANDBOX_SERVER"
 SERVER_PID_ENV = "METAFLOW_SANDBOX_SERVER_PID"
@@ -268,9 +270,11 @@ def _preload(obj):
         print("warning: %d threads before forking: %s" % (threading.active_count(), threading.enumerate()), file=sys.stderr)
 
 
-def _receive(conn):
-    """One request: (header dict, the client's stdin/stdout/stderr fds)."""
-    data, fds, _, _ = socket.recv_fds(conn, 65536, 3)
+def _receive(conn, nfds=3):
+    """One request, from a client (its stdin/stdout/stderr) or from the server to its spare (plus the
+    client's connection): (header dict, the fds). The header is a marshal (the client imports no
+    json), behind a 4-byte length; a 0600 socket: only our user sends one."""
+    data, fds, _, _ = socket.recv_fds(conn, 65536, nfds)
     try:
         if len(data) < 4:
             raise ValueError("short request")
@@ -280,11 +284,11 @@ def _receive(conn):
             if not more:
                 raise ValueError("truncated request")
             data += more
-        request = marshal.loads(data[4:need])  # the client's marshal (it imports no json); a 0600 socket: only our user
+        request = marshal.loads(data[4:need])
         if not isinstance(request, dict):
             raise ValueError("not a request")
-        if len(fds) != 3:
-            raise ValueError("expected 3 file descriptors, got %d" % len(fds))
+        if len(fds) != nfds:
+            raise ValueError("expected %d file descriptors, got %d" % (nfds, len(fds)))
         return request, fds
     except Exception:
         for fd in fds:
@@ -403,7 +407,7 @@ class Server:
             return None
         (pid, ours), self.spare = self.spare, None
         try:
-            data = marshal.dumps(request, 4)
+            data = marshal.dumps(request, MARSHAL_VERSION)
             data = len(data).to_bytes(4, "big") + data
             sent = ours.sendmsg([data[:65536]], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("4i", *fds, conn.fileno()))])
             ours.sendall(data[sent:])
@@ -473,16 +477,7 @@ def _spare(sock, code, flow_file, inherited):
                 os.close(fd)
             except OSError:
                 pass
-        data, fds, _, _ = socket.recv_fds(sock, 65536, 4)
-        if len(fds) != 4 or len(data) < 4:
-            os._exit(0)
-        need = 4 + struct.unpack("!I", data[:4])[0]
-        while len(data) < need:
-            more = sock.recv(need - len(data))
-            if not more:
-                os._exit(0)
-            data += more
-        request = marshal.loads(data[4:need])
+        request, fds = _receive(sock, nfds=4)  # EOF (the server is gone) raises too
         sock.close()
         conn = socket.socket(fileno=fds[3])
     except BaseException:

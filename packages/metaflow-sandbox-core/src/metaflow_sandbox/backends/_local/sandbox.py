@@ -416,7 +416,16 @@ def start_once(options: Mapping[str, Any]) -> None:
 
 def sweep(options: Mapping[str, Any]) -> None:
     """Remove what owners that died without cleaning up left: sandboxes (processes included), cgroups."""
-    base = _base_dir(options)
+    _sweep_dir(_base_dir(options))
+    if identity.is_root():  # data dirs staged for a dead owner whose state dir went away with it (e.g. a test's tmp dir)
+        _sweep_dir(identity.STAGE_PREFIX + str(os.getuid()))
+    for path in limits.stale_cgroups("mfsb-"):
+        m = ondisk.DIR_RE.match(os.path.basename(path))
+        if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
+            limits.remove_cgroup(path)
+
+
+def _sweep_dir(base: str) -> None:
     for root, pidns, pid, _ in list(ondisk.entries(base)):
         if pidns == _PIDNS and not _alive(pid):
             ondisk.remove(root)
@@ -424,19 +433,6 @@ def sweep(options: Mapping[str, Any]) -> None:
         m = ondisk.DIR_RE.match(os.path.basename(doomed)[1 : -len(ondisk.GONE)])
         if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
             ondisk.remove(doomed)
-    if identity.is_root():  # data dirs staged for a dead owner whose state dir went away with it (e.g. a test's tmp dir)
-        stage = identity.STAGE_PREFIX + str(os.getuid())
-        for data, pidns, pid, _ in list(ondisk.entries(stage)):
-            if pidns == _PIDNS and not _alive(pid):
-                ondisk.remove(data)
-        for doomed in ondisk.half_removed(stage):
-            m = ondisk.DIR_RE.match(os.path.basename(doomed)[1 : -len(ondisk.GONE)])
-            if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
-                ondisk.remove(doomed)
-    for path in limits.stale_cgroups("mfsb-"):
-        m = ondisk.DIR_RE.match(os.path.basename(path))
-        if m and int(m.group(1)) == _PIDNS and not _alive(int(m.group(2))):
-            limits.remove_cgroup(path)
 
 
 def _alive(pid: int) -> bool:
