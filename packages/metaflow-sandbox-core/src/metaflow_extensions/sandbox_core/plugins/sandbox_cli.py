@@ -300,7 +300,8 @@ def _run_task(obj, backend, spec, command, deco, task):
         ignore_sigterm()  # let the teardown finish
         relay.close()
         sync_metadata()
-        report_early(exit_code)  # on the fast path the runtime sees the task end now, not after the destroy
+        if exit_code == 0:  # on the fast path the runtime sees the task end now, not after the destroy;
+            report_early(exit_code)  # a failed attempt's retry never overlaps its predecessor's teardown
         try:
             sbx.destroy()
         except Exception as err:  # the lifeline's reaper retries it once this process is gone
