@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from metaflow_sandbox.backends._local import ondisk
 
 from .conftest import FLOWS, PYTHON, Target, base_env, child_pids, cmdline, local_leftovers, s3_env
 
@@ -73,6 +74,27 @@ def _start(t: Target) -> subprocess.Popen:
     )
 
 
+def _task_id(command: str) -> str:
+    words = command.split()
+    return words[words.index("--task-id") + 1]
+
+
+def _task_sandboxes(t: Target, task_id: str) -> list[str]:
+    """What is still alive of task ``task_id``'s sandbox: its directory or bwrap process (`local`), its provider record."""
+    if t.backend != "local":
+        return [s["id"] for s in t.live_sandboxes() if (s.get("labels") or {}).get("metaflow.task") == task_id]
+    left = []
+    for root in Path(t.tmp).glob("metaflow-sandbox-*/mfsb-*"):
+        state = ondisk.read_state(str(root)) or {}
+        if (state.get("labels") or {}).get("metaflow.task") == task_id:
+            left.append(str(root))
+    for pid in os.listdir("/proc"):
+        words = cmdline(int(pid)) if pid.isdigit() else ""
+        if "bwrap" in words and str(t.tmp) in words and " --task-id %s " % task_id in words:
+            left.append("pid %s" % pid)
+    return left
+
+
 def _wait_for(predicate, timeout: float, what: str, log: Path) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -90,7 +112,7 @@ def test_no_sandbox_outlives_a_killed_run(killable, signame, target):
     proc = _start(t)
     try:
         trampolines = lambda: [p for p in child_pids(proc.pid) if " sandbox step " in cmdline(p)]
-        running = lambda: len([x for x in t.live_sandboxes() if "/mfsb-" in str(x)]) if t.backend == "local" else len(t.live_sandboxes())
+        running = lambda: len(list(Path(t.tmp).glob("metaflow-sandbox-*/mfsb-*"))) if t.backend == "local" else len(t.live_sandboxes())
         _wait_for(lambda: running() >= TASKS and len(trampolines()) >= TASKS, 120, "%d live sandboxes" % TASKS, log)
         sig = getattr(signal, signame)
         if target == "launcher":
@@ -99,17 +121,26 @@ def test_no_sandbox_outlives_a_killed_run(killable, signame, target):
             os.killpg(proc.pid, sig)
         else:
             victim = trampolines()[0]
+            task_id = _task_id(cmdline(victim))
+            _wait_for(lambda: _task_sandboxes(t, task_id), 60, "task %s's sandbox" % task_id, log)
             os.kill(victim, sig)
         killed_at = time.time()
-        expected = TASKS - 1 if target == "trampoline" else 0
         deadline = killed_at + GRACE
-        while time.time() < deadline and running() > expected:
-            time.sleep(0.2)
-        left = t.live_sandboxes()
         if target == "trampoline":
-            # The killed task's sandbox is gone; the others run on (the run then retries or fails it).
-            assert running() <= expected, "the killed trampoline's sandbox is still alive: %s" % left
+            # The killed task's sandbox is gone (the others run on until the runtime fails the run).
+            while time.time() < deadline and _task_sandboxes(t, task_id):
+                time.sleep(0.2)
+            left = _task_sandboxes(t, task_id)
+            assert left == [], "%d s after SIGKILL, the killed task %s's sandbox is still alive: %s\n%s" % (
+                GRACE,
+                task_id,
+                left,
+                log.read_text()[-3000:],
+            )
         else:
+            while time.time() < deadline and running() > 0:
+                time.sleep(0.2)
+            left = t.live_sandboxes()
             assert left == [], "%d s after %s to the %s, still alive: %s\n%s" % (GRACE, signame, target, left, log.read_text()[-3000:])
     finally:
         try:
