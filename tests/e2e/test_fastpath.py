@@ -130,7 +130,7 @@ def local(tmp_path):
 
 def _artifacts(t: Target, run) -> dict:
     code = (
-        "r = Run('FastPathFlow/%s'); d = r['join'].task.data; out = {k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox')}; "
+        "r = Run('FastPathFlow/%s'); d = r['join'].task.data; out = {k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox', 'launcher_modules')}; "
         "out['server_during_start'] = r['start'].task.data.server_during_start; emit(out)"
     )
     return t.client(code % run.run_id(), run)
@@ -146,6 +146,7 @@ def test_flow_on_the_fast_path_with_a_crash_and_a_retry(local):
     assert data["values"] == [0, 10, 20, 30]
     assert data["attempts"] == {"0": 0, "1": 1, "2": 0, "3": 0}
     assert data["in_sandbox"] == ["1"] * 4
+    assert data["launcher_modules"] == []  # inside the sandbox the task does not import the core nor pluggy
     assert data["server_during_start"] is True  # started with the run: the first sandboxed task does not wait for it
     assert sum("line-2" in line for line in run.output.splitlines()) == 1  # live log, once
     assert "crashing on purpose" in run.output

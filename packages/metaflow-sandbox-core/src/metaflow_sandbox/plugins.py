@@ -33,15 +33,15 @@ _frozen: Optional[dict[str, list[importlib_metadata.EntryPoint]]] = None
 
 
 def freeze_discovery() -> None:
-    """Remember the installed backends for the rest of this process and its forks.
+    """Remember the installed backends for the rest of this process and its forks (a no-op once done).
 
-    Reading every distribution's metadata costs tens of ms; the fast path's per-run server calls
-    this once so that each trampoline it forks finds its backend without reading it again.
+    Reading every distribution's metadata costs tens of ms: a launcher calls this at run start
+    (its checks would read it five times), and the fast path's per-run server before it forks, so
+    that each trampoline finds its backend without reading it again.
     """
     global _frozen
-    _frozen = None
-    _managers.clear()
-    _frozen = available_backends()
+    if _frozen is None:
+        _frozen = available_backends()
 
 
 def available_backends() -> dict[str, list[importlib_metadata.EntryPoint]]:

@@ -161,31 +161,15 @@ class SandboxDecorator(StepDecorator):
             check_attributes(self.name, self.attributes)  # strict: network='no' is off, cpu=-1 is refused
 
     def step_init(self, flow, graph, step_name, decorators, environment, flow_datastore, logger):
-        from .sandbox_scheduled import is_pod_decorator
-        from .sandbox_schedulers import refuse_schedulers
-
-        # Argo Workflows / Step Functions / Airflow would run this step unsandboxed: refuse.
-        refuse_schedulers(self.name, step_name, decorators, os.path.basename(sys.argv[0]))
-        for deco in decorators:
-            if deco is self or is_pod_decorator(deco):  # a supported scheduler's pod: it launches our sandbox
-                continue
-            if deco.name in OTHER_COMPUTE or deco.name in SANDBOX_NAMES:
-                raise SandboxException(
-                    "Step *%s* has both @%s and @%s. A step runs on one compute backend: remove one of them."
-                    % (step_name, self.name, deco.name)
-                )
-            if deco.name == "parallel":
-                raise SandboxException(
-                    "Step *%s* uses @parallel, which @%s does not support (no multi-node sandboxes). "
-                    "Remove @%s from this step, or run it with @kubernetes/@batch." % (step_name, self.name, self.name)
-                )
+        # Inside the sandbox the launcher has already checked all this (and loading backends there is waste).
+        in_sandbox = os.environ.get(WORKLOAD_ENV)
+        if not in_sandbox:
+            self._refuse_combinations(step_name, decorators)
         self.step = step_name
         self.logger = logger
         self.environment = environment
         self.flow_datastore = flow_datastore
         self.backend_name, self.backend_source = resolve_backend(self.attributes["backend"])
-        # Inside the sandbox the launcher has already checked this (and loading backends there is waste).
-        in_sandbox = os.environ.get(WORKLOAD_ENV)
         options = self.attributes["options"]
         if flow_datastore.TYPE == "local" and not in_sandbox and not backend_shares_filesystem(self.backend_name, options):
             raise SandboxException(
@@ -205,12 +189,41 @@ class SandboxDecorator(StepDecorator):
             except Exception as err:
                 raise refused(err, step_name)
 
+    def _refuse_combinations(self, step_name, decorators):
+        """Launcher only: the step's other decorators that cannot go with a sandbox."""
+        from .sandbox_scheduled import is_pod_decorator
+        from .sandbox_schedulers import refuse_schedulers
+
+        # Argo Workflows / Step Functions / Airflow would run this step unsandboxed: refuse.
+        refuse_schedulers(self.name, step_name, decorators, os.path.basename(sys.argv[0]))
+        for deco in decorators:
+            if deco is self or is_pod_decorator(deco):  # a supported scheduler's pod: it launches our sandbox
+                continue
+            if deco.name in OTHER_COMPUTE or deco.name in SANDBOX_NAMES:
+                raise SandboxException(
+                    "Step *%s* has both @%s and @%s. A step runs on one compute backend: remove one of them."
+                    % (step_name, self.name, deco.name)
+                )
+            if deco.name == "parallel":
+                raise SandboxException(
+                    "Step *%s* uses @parallel, which @%s does not support (no multi-node sandboxes). "
+                    "Remove @%s from this step, or run it with @kubernetes/@batch." % (step_name, self.name, self.name)
+                )
+
     def runtime_init(self, flow, graph, package, run_id):
         """Launcher only: load the backend and check credentials before any upload."""
+        from metaflow_sandbox.plugins import freeze_discovery
+
+        from .sandbox_server import start_at_runtime_init
+
         self.flow = flow
         self.graph = graph
         self.package = package
         self.run_id = run_id
+        # First, so that its import of Metaflow (~0.5 s) overlaps the checks below and the start step.
+        # A check that fails ends the run, and the server with it.
+        start_at_runtime_init(self.step, run_id, trampoline_env(), self.logger)
+        freeze_discovery()  # the installed backends do not change during a run: read them once, not per check
         backend = load_backend(self.backend_name, backend_options(self.backend_name, self.attributes["options"]))
         try:
             backend.check_config()
@@ -222,9 +235,6 @@ class SandboxDecorator(StepDecorator):
         )
         self._refuse_at_launch(backend, graph)
         self._start_environment(backend)
-        from .sandbox_server import start_at_runtime_init
-
-        start_at_runtime_init(self.step, run_id, trampoline_env(), self.logger)
 
     def _start_environment(self, backend):
         """One build per distinct environment, started now in a thread: it overlaps the upload and the first tasks."""
