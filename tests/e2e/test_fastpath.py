@@ -130,7 +130,8 @@ def local(tmp_path):
 
 def _artifacts(t: Target, run) -> dict:
     code = (
-        "r = Run('FastPathFlow/%s'); d = r['join'].task.data; out = {k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox', 'launcher_modules')}; "
+        "r = Run('FastPathFlow/%s'); d = r['join'].task.data; "
+        "out = {k: getattr(d, k) for k in ('values', 'attempts', 'in_sandbox', 'launcher_modules', 'cpus')}; "
         "out['server_during_start'] = r['start'].task.data.server_during_start; emit(out)"
     )
     return t.client(code % run.run_id(), run)
@@ -150,6 +151,18 @@ def test_flow_on_the_fast_path_with_a_crash_and_a_retry(local):
     assert data["server_during_start"] is True  # started with the run: the first sandboxed task does not wait for it
     assert sum("line-2" in line for line in run.output.splitlines()) == 1  # live log, once
     assert "crashing on purpose" in run.output
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to spread sandboxes over")
+def test_concurrent_sandboxes_are_spread_over_the_cpus(local):
+    """Each task's trampoline places its own sandbox: the placement must see the others' (16 tasks on 2 CPUs
+    once landed 10 and 6, and the busier CPU set the run's wall time)."""
+    run = local.flow("fastpath_flow.py", "run", "--max-workers", "4", env={"FP_SLEEP": "3"})
+    assert run.returncode == 0, run.output[-6000:]
+    cpus = _artifacts(local, run)["cpus"]
+    assert all(len(c) == 1 for c in cpus), cpus
+    counts = [sum(c == [cpu] for c in cpus) for cpu in os.sched_getaffinity(0)]
+    assert max(counts) - min(counts) <= 1, "4 concurrent one-CPU sandboxes pinned to %s" % cpus
 
 
 def test_flow_on_the_fallback_path(local):

@@ -42,6 +42,7 @@ class FastPathFlow(FlowSpec):
         self.value = self.input * 10
         self.attempt = current.retry_count
         self.in_sandbox = os.environ.get("METAFLOW_SANDBOX_WORKLOAD")
+        self.cpus = sorted(os.sched_getaffinity(0))  # @sandbox's default cpu=1 pins the sandbox to one CPU
         # What the launcher already checked is not imported again in every task (pluggy and the core: ~30 ms).
         self.launcher_modules = sorted(m for m in sys.modules if m.split(".")[0] in ("metaflow_sandbox", "pluggy", "importlib_metadata"))
         self.next(self.join)
@@ -51,6 +52,7 @@ class FastPathFlow(FlowSpec):
         self.values = sorted(i.value for i in inputs)
         self.attempts = {i.input: i.attempt for i in inputs}
         self.in_sandbox = [i.in_sandbox for i in inputs]
+        self.cpus = [i.cpus for i in inputs]
         self.launcher_modules = sorted({m for i in inputs for m in i.launcher_modules})
         self.next(self.end)
 

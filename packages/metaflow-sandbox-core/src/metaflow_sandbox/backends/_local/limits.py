@@ -15,10 +15,9 @@ import signal
 import threading
 import time
 from itertools import count
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
-# Seeded per process: each Metaflow task has its own trampoline process, so a fixed start
-# would pin every concurrent sandbox to the same CPUs.
+# Breaks ties between equally used CPUs; seeded per process (each Metaflow task has its own trampoline).
 _next_cpu = count(os.getpid())
 _cpu_lock = threading.Lock()
 
@@ -31,8 +30,9 @@ def _reseed_after_fork() -> None:  # the fast path forks its trampolines from on
 os.register_at_fork(after_in_child=_reseed_after_fork)
 
 
-def pick_cpus(cpu: float | None) -> set[int] | None:
-    """ceil(cpu) CPUs of those this process may use, rotating so concurrent sandboxes spread out."""
+def pick_cpus(cpu: float | None, in_use: Mapping[int, int] | None = None) -> set[int] | None:
+    """ceil(cpu) CPUs of those this process may use: the ones the fewest live sandboxes are pinned to
+    (``in_use``: CPU -> how many, every process's), ties rotating so concurrent sandboxes spread out."""
     if not cpu or cpu <= 0 or not hasattr(os, "sched_getaffinity"):
         return None
     available = sorted(os.sched_getaffinity(0))
@@ -41,7 +41,9 @@ def pick_cpus(cpu: float | None) -> set[int] | None:
         return None
     with _cpu_lock:
         start = next(_next_cpu) % len(available)
-    return {available[(start + i) % len(available)] for i in range(n)}
+    load = in_use or {}
+    order = sorted(range(len(available)), key=lambda i: (load.get(available[i], 0), (i - start) % len(available)))
+    return {available[i] for i in order[:n]}
 
 
 def memory_cgroup_parent() -> tuple[int, str] | None:

@@ -9,7 +9,10 @@ line or their working directory.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import ctypes
+import fcntl
 import json
 import logging
 import os
@@ -56,6 +59,23 @@ def entries(base: str) -> Iterator[tuple[str, int, int, str]]:
         m = DIR_RE.match(name)
         if m:
             yield os.path.join(base, name), int(m.group(1)), int(m.group(2)), "local-" + m.group(3)
+
+
+@contextlib.contextmanager
+def placing(base: str) -> Iterator[collections.Counter]:
+    """Held while a new sandbox picks its CPUs and writes its state: yields how many live sandboxes (of every
+    process, under ``base``) are pinned to each CPU. Without it, each trampoline placed its sandbox alone
+    and 16 concurrent tasks on 2 CPUs could land 10 and 6 (the busier CPU then set the run's wall time)."""
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the base dir itself: no lock file left in it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        in_use: collections.Counter = collections.Counter()
+        for root, _, _, _ in entries(base):
+            for cpu in (read_state(root) or {}).get("cpus") or ():
+                in_use[cpu] += 1
+        yield in_use
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def find(base: str, sandbox_id: str) -> list[str]:

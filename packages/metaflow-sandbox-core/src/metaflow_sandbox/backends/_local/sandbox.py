@@ -67,7 +67,6 @@ class LocalSandbox:
         self.bwrap = bwrap
         self.labels = dict(spec.labels)
         self.memory_mb = spec.resources.memory_mb
-        self.cpus = limits.pick_cpus(spec.resources.cpu)
         self.pids_limit = options_.pids_limit(spec.options)
         self.disk_mb = options_.disk_mb(spec.options, spec.resources.disk_mb)
         self.cgroup: limits.MemoryCgroup | None = None
@@ -77,11 +76,17 @@ class LocalSandbox:
         self.mount_ns: int | None = None  # fd of the private mount namespace holding the binds (root launcher)
         if self.uid is not None and self.data == self.root and os.stat(base).st_mode & 0o711 != 0o711:
             os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
-        os.mkdir(self.root, 0o700)
-        try:  # the state first: from here on another process can list and destroy this sandbox
+        with ondisk.placing(base) as in_use:  # the state says which CPUs: the next sandbox picks others
+            self.cpus = limits.pick_cpus(spec.resources.cpu, in_use)
+            os.mkdir(self.root, 0o700)
             self.state: dict[str, Any] = {"id": self.sid, "owner": self.owner, "labels": self.labels, "workdir": self.layout.workdir}
-            self.state.update(cgroups=[], uid=self.uid, mounted=False, data=self.data)
-            ondisk.write_state(self.root, self.state)
+            self.state.update(cgroups=[], uid=self.uid, mounted=False, data=self.data, cpus=sorted(self.cpus or ()))
+            try:
+                ondisk.write_state(self.root, self.state)
+            except BaseException:
+                ondisk.remove(self.root, scan=False)
+                raise
+        try:  # the state first: from here on another process can list and destroy this sandbox
             if self.data != self.root:
                 os.mkdir(self.data, 0o700)
             self._make_cgroups(spec.options)
