@@ -1,7 +1,8 @@
 """The fast path: a thin client per task, one sandbox server per run that forks ready trampolines.
 
-The client is checked against a small stand-in server (what it sends, exit codes, signals, the
-fallback), then real flows on the `local` backend: through the server, with a crash and a retry;
+Both clients (bash, the default; Python where there is no bash) are checked against a small stand-in
+server (what it sends, exit codes, signals, the fallback; for the shell client the server's own
+reading of its request from /proc), then real flows on the `local` backend: through the server, with a crash and a retry;
 with the fast path turned off (today's trampoline); and with the server killed mid-run.
 """
 
@@ -19,11 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
+from metaflow_extensions.sandbox_core.plugins import sandbox_server
 from metaflow_sandbox import thin_client
 
 from .conftest import FLOWS, PYTHON, Target, base_env, child_pids, cmdline, local_leftovers
 
 CLIENT = thin_client.__file__
+SHELL_CLIENT = sandbox_server.client_path(shell=True)
+BASH = sandbox_server._bash()
+CLIENTS = ["shell", "python"]
+TOKEN = "t0ken"
 FAST_LINE = "fast path: trampoline ran"
 NOTICE = "fast path not used"
 
@@ -60,14 +66,71 @@ class StandInServer:
         conn.close()
 
 
-def _client(args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
-    argv = [PYTHON, "-S", "-X", "importtime", CLIENT] + args
+class StandInShellServer(StandInServer):
+    """The same for the shell client, over TCP: its request is read by the sandbox server's own code (from /proc),
+    and its "sig N" lines are passed on to the task, as the forked trampoline does to itself."""
+
+    def __init__(self, task_argv: list[str]):
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.path = str(self.listener.getsockname()[1])
+        self.task_argv = task_argv
+        self.request = {}
+        self.task = None
+        self.refused = ""
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        try:
+            self.request, fds = sandbox_server._receive_shell(conn, TOKEN)
+        except ValueError as err:  # as the sandbox server does: no answer, the connection closed
+            self.refused = str(err)
+            conn.close()
+            return
+        self.request["nfds"] = len(fds)
+        self.task = subprocess.Popen(self.task_argv, stdin=fds[0], stdout=fds[1], stderr=fds[2])
+        for fd in fds:
+            os.close(fd)
+        conn.sendall(b"pid %d\n" % self.task.pid)
+        threading.Thread(target=self.forward, args=(conn,), daemon=True).start()
+        code = self.task.wait()
+        conn.sendall(b"exit %d\n" % code)
+        conn.close()
+
+    def forward(self, conn) -> None:
+        for line in conn.makefile("rb"):
+            kind, _, value = line.decode().partition(" ")
+            if kind == "sig" and self.task.poll() is None:
+                self.task.send_signal(int(value))
+
+
+def _stand_in(kind: str, tmp_path: Path, task_argv: list[str]) -> StandInServer:
+    if kind == "shell":
+        if BASH is None:
+            pytest.skip("no bash here: the Python client is the one used")
+        return StandInShellServer(task_argv)
+    return StandInServer(str(tmp_path / "s.sock"), task_argv)
+
+
+def _client(kind: str, args: list[str], env: dict[str, str], **kw) -> subprocess.Popen:
+    if kind == "shell":
+        argv = [BASH, SHELL_CLIENT, PYTHON] + args
+    else:
+        argv = [PYTHON, "-S", "-X", "importtime", CLIENT] + args
     return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def _client_env(tmp_path: Path, sock: str, server_pid: int) -> dict[str, str]:
+def _client_env(tmp_path: Path, server: str, server_pid: int) -> dict[str, str]:
+    """``server``: the Python client's socket path, or the shell client's port (digits)."""
     env = base_env(tmp_path)
-    env.update(METAFLOW_SANDBOX_SERVER=sock, METAFLOW_SANDBOX_SERVER_PID=str(server_pid), METAFLOW_SANDBOX_LAUNCHER_PYTHON=PYTHON)
+    env.update(METAFLOW_SANDBOX_SERVER_PID=str(server_pid), METAFLOW_SANDBOX_LAUNCHER_PYTHON=PYTHON)
+    if server.isdigit():
+        env.update(METAFLOW_SANDBOX_SERVER_PORT=server, METAFLOW_SANDBOX_SERVER_TOKEN=TOKEN)
+    else:
+        env["METAFLOW_SANDBOX_SERVER"] = server
     return env
 
 
@@ -75,27 +138,43 @@ def _imported(stderr: str) -> list[str]:
     return [line.split("|")[-1].strip() for line in stderr.splitlines() if line.startswith("import time:")]
 
 
-def test_client_hands_over_its_task_and_exits_with_its_code(tmp_path):
-    sock = str(tmp_path / "s.sock")
-    server = StandInServer(sock, [sys.executable, "-c", "import sys; print('task output'); sys.exit(7)"])
-    proc = _client(["flow.py", "sandbox", "step", "work", "--run-id", "5"], _client_env(tmp_path, sock, os.getpid()), cwd=tmp_path)
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_client_hands_over_its_task_and_exits_with_its_code(tmp_path, kind):
+    server = _stand_in(kind, tmp_path, [sys.executable, "-c", "import sys; print('task output'); sys.exit(7)"])
+    argv = ["flow.py", "sandbox", "step", "work", "--run-id", "5", "--tag", "a b"]
+    proc = _client(kind, argv, _client_env(tmp_path, server.path, os.getpid()), cwd=tmp_path)
     out, err = proc.communicate(timeout=60)
     server.thread.join(10)
     assert proc.returncode == 7, err
     assert "task output" in out  # written by the task straight into the client's stdout
-    assert server.request["argv"] == ["flow.py", "sandbox", "step", "work", "--run-id", "5"]
+    assert server.request["argv"] == argv
     assert server.request["cwd"] == str(tmp_path) and server.request["nfds"] == 3
-    assert server.request["env"]["METAFLOW_SANDBOX_SERVER"] == sock
-    modules = _imported(err)
-    heavy = ("metaflow", "metaflow_sandbox", "site", "enum", "json", "collections")
-    assert "select" in modules and not [m for m in modules if m.split(".")[0] in heavy]
+    assert server.request["env"]["METAFLOW_SANDBOX_LAUNCHER_PYTHON"] == PYTHON
+    if kind == "python":
+        modules = _imported(err)
+        heavy = ("metaflow", "metaflow_sandbox", "site", "enum", "json", "collections")
+        assert "select" in modules and not [m for m in modules if m.split(".")[0] in heavy]
 
 
+def test_shell_client_with_a_wrong_token_gets_nothing(tmp_path):
+    if BASH is None:
+        pytest.skip("no bash here")
+    server = StandInShellServer([sys.executable, "-c", "print('must not run')"])
+    env = _client_env(tmp_path, server.path, os.getpid())
+    env["METAFLOW_SANDBOX_SERVER_TOKEN"] = "guessed"
+    proc = _client("shell", ["flow.py"], env)
+    out, err = proc.communicate(timeout=60)
+    server.thread.join(10)
+    assert server.refused == "wrong token"
+    assert server.task is None and "must not run" not in out  # refused: no task, no stdio handed over
+    assert proc.returncode == 1 and "lost this task" in err
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
-def test_client_forwards_signals_and_dies_the_task_s_death(tmp_path, signame):
-    sock = str(tmp_path / "s.sock")
-    server = StandInServer(sock, [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"])
-    proc = _client(["flow.py", "sandbox", "step", "work"], _client_env(tmp_path, sock, os.getpid()))
+def test_client_forwards_signals_and_dies_the_task_s_death(tmp_path, signame, kind):
+    server = _stand_in(kind, tmp_path, [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"])
+    proc = _client(kind, ["flow.py", "sandbox", "step", "work"], _client_env(tmp_path, server.path, os.getpid()))
     assert proc.stdout.readline().strip() == "up"
     proc.send_signal(getattr(signal, signame))
     proc.wait(20)
@@ -104,11 +183,18 @@ def test_client_forwards_signals_and_dies_the_task_s_death(tmp_path, signame):
     assert proc.returncode == -getattr(signal, signame)  # and the runtime sees the client die of it
 
 
-def test_client_falls_back_to_the_trampoline_with_a_notice(tmp_path):
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_client_falls_back_to_the_trampoline_with_a_notice(tmp_path, kind):
     dead = subprocess.Popen(["true"])
     dead.wait()
-    env = _client_env(tmp_path, str(tmp_path / "nothing.sock"), dead.pid)
-    proc = _client(["-c", "print('the trampoline ran')"], env)
+    if kind == "shell" and BASH is None:
+        pytest.skip("no bash here")
+    free = socket.socket()
+    free.bind(("127.0.0.1", 0))
+    port = str(free.getsockname()[1])
+    free.close()  # nothing listens there
+    env = _client_env(tmp_path, port if kind == "shell" else str(tmp_path / "nothing.sock"), dead.pid)
+    proc = _client(kind, ["-c", "print('the trampoline ran')"], env)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.strip() == "the trampoline ran"
@@ -137,9 +223,11 @@ def _artifacts(t: Target, run) -> dict:
     return t.client(code % run.run_id(), run)
 
 
-def test_flow_on_the_fast_path_with_a_crash_and_a_retry(local):
-    run = local.flow("fastpath_flow.py", "run", "--max-workers", "4", env={"FP_CRASH": "1"})
+@pytest.mark.parametrize("client", CLIENTS)
+def test_flow_on_the_fast_path_with_a_crash_and_a_retry(local, client):
+    run = local.flow("fastpath_flow.py", "run", "--max-workers", "4", env={"FP_CRASH": "1", "METAFLOW_SANDBOX_THIN_CLIENT": client})
     assert run.returncode == 0, run.output[-6000:]
+    assert run.output.count("%s client" % client) == 5, run.output[-6000:]  # METAFLOW_SANDBOX_THIN_CLIENT=python picks it
     assert NOTICE not in run.output and "fast path off" not in run.output
     # every attempt (4 tasks + the retry of the crashed one) ran as a forked trampoline
     assert run.output.count(FAST_LINE) == 5, run.output[-6000:]

@@ -413,11 +413,12 @@ def _selection(func):
 @sandbox.command(hidden=True, help="The run's sandbox server (the fast path). Used internally by Metaflow.")
 @click.option("--socket", "socket_path", required=True)
 @click.option("--launcher-pid", type=int, required=True)
+@click.option("--tcp-fd", type=int, default=None, help="An inherited listening socket for the shell client.")
 @click.pass_obj
-def serve(obj, socket_path, launcher_pid):
+def serve(obj, socket_path, launcher_pid, tcp_fd):
     from .sandbox_server import serve as run_server
 
-    sys.exit(run_server(obj, socket_path, launcher_pid))
+    sys.exit(run_server(obj, socket_path, launcher_pid, tcp_fd))
 
 
 @sandbox.command(help="Build (or find) the prepared environment of every sandboxed step, ahead of a run.")

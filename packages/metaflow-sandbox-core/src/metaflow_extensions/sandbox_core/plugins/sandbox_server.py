@@ -3,9 +3,11 @@
 A trampoline (`python flow.py sandbox step`) spends most of its ~250 ms and ~50 MB importing
 Metaflow and the backend SDK. The launcher starts one server per run (`flow.py <top-level
 options> sandbox serve`, its own session) at the first sandboxed task; it imports all of that once,
-then waits on a unix socket. Metaflow's runtime launches the thin client
-(`metaflow_sandbox/thin_client.py`, no Metaflow import) instead of the trampoline; the client sends
-its argv, environment, cwd and stdio fds, and the server forks a child that runs the flow file's
+then waits on a unix socket. Metaflow's runtime launches a thin client instead of
+the trampoline: `metaflow_sandbox/thin_client.sh` (bash, ~1 ms to start) where bash is, else
+`thin_client.py` (no Metaflow import, ~10 ms). The Python client sends its argv, environment, cwd
+and stdio fds over a unix socket; the shell client sends its pid and a token over TCP on 127.0.0.1,
+and the server reads the rest from /proc/<pid>. Either way the server forks a child that runs the flow file's
 code with that argv: exactly today's trampoline (CLI parse, `sandbox step`, retries, @catch, logs,
 metadata), minus the imports, writing straight into the runtime's pipes.
 
@@ -19,9 +21,12 @@ trampoline's exit status. Where the fast path cannot be used the client runs the
 
 import builtins
 import gc
+import hmac
 import marshal
 import os
+import secrets
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -37,11 +42,16 @@ from metaflow_sandbox.thin_client import MARSHAL_VERSION  # the client's request
 FAST_PATH_ENV = "METAFLOW_SANDBOX_FAST_PATH"
 SERVER_ENV = "METAFLOW_SANDBOX_SERVER"
 SERVER_PID_ENV = "METAFLOW_SANDBOX_SERVER_PID"
+PORT_ENV = "METAFLOW_SANDBOX_SERVER_PORT"  # the shell client's way in: TCP on 127.0.0.1
+TOKEN_ENV = "METAFLOW_SANDBOX_SERVER_TOKEN"  # ... and its proof that the pid it names is its own
+CLIENT_ENV = "METAFLOW_SANDBOX_THIN_CLIENT"  # "python": the Python client even where bash is (troubleshooting)
 # Read at run time from os.environ (the runtime sets them while the run goes on), not at import.
 # PYTHONNOUSERSITE: @pypi/@conda set it for the trampoline, which drops it when it re-execs with the launcher's Python.
 # METAFLOW_SANDBOX_ENVIRONMENT_REF: the task's prepared environment (sandbox_environments.REF_ENV), one per step.
 RUNTIME_ENV = {"METAFLOW_CODE_SHA", "METAFLOW_CODE_URL", "METAFLOW_CODE_DS", "METAFLOW_CODE_METADATA", SERVER_ENV, SERVER_PID_ENV,
-               "PYTHONNOUSERSITE", "METAFLOW_SANDBOX_ENVIRONMENT_REF"}
+               PORT_ENV, TOKEN_ENV, CLIENT_ENV, "PYTHONNOUSERSITE", "METAFLOW_SANDBOX_ENVIRONMENT_REF"}
+#: Signals a client may ask its task to get ("sig N"): the ones it forwards.
+FORWARDED = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 #: Seconds the server waits, when it is told to stop, for its forked trampolines to destroy their sandboxes
 #: (after an early report the runtime may already be ending the run).
 TEARDOWN_WAIT = 30.0
@@ -53,10 +63,18 @@ _server = None
 _early = None
 
 
-def client_path():
+def client_path(shell=False):
     from metaflow_sandbox import thin_client
 
-    return os.path.abspath(thin_client.__file__)
+    path = os.path.abspath(thin_client.__file__)
+    return os.path.join(os.path.dirname(path), "thin_client.sh") if shell else path
+
+
+def _bash():
+    """bash for the shell client (it needs /dev/tcp), or None: then the Python client."""
+    if os.environ.get(CLIENT_ENV, "").strip().lower() == "python":
+        return None
+    return shutil.which("bash")
 
 
 def unavailable_reason():
@@ -78,9 +96,12 @@ def fast_path_cli(cli_args, run_id, logger):
     server = _ensure_server(cli_args, run_id, logger)
     if server is None:
         return
-    cli_args.entrypoint[1:1] = ["-S", client_path()]
-    cli_args.env[SERVER_ENV] = server["path"]
-    cli_args.env[SERVER_PID_ENV] = str(server["proc"].pid)
+    if server["bash"]:
+        cli_args.entrypoint[:1] = [server["bash"], client_path(shell=True), cli_args.entrypoint[0]]
+    else:
+        cli_args.entrypoint[1:1] = ["-S", client_path()]
+    cli_args.env.update({SERVER_ENV: server["path"], SERVER_PID_ENV: str(server["proc"].pid), PORT_ENV: str(server["port"])})
+    cli_args.env[TOKEN_ENV] = server["token"]
 
 
 def start_at_runtime_init(step_name, run_id, task_env, logger):
@@ -165,14 +186,25 @@ def _start_server(cli_args, run_id):
     args.top_level_options = {k: v for k, v in cli_args.top_level_options.items() if k not in TASK_ONLY_OPTIONS}
     args.commands = ["sandbox", "serve"]
     args.command_args = []
-    args.command_options = {"socket": path, "launcher-pid": str(os.getpid())}
+    # Made here, so that its port is known before the server has started; connections wait in its backlog.
+    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(512)
+    port = tcp.getsockname()[1]
+    args.command_options = {"socket": path, "launcher-pid": str(os.getpid()), "tcp-fd": str(tcp.fileno())}
+    token = secrets.token_hex(16)
     env = server_env(cli_args.env, run_id)
-    with open(path + ".log", "ab") as log:
-        proc = subprocess.Popen(
-            args.get_args(), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True, start_new_session=True
-        )
+    env[TOKEN_ENV] = token
+    try:
+        with open(path + ".log", "ab") as log:
+            proc = subprocess.Popen(
+                args.get_args(), env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True,
+                pass_fds=[tcp.fileno()], start_new_session=True,
+            )
+    finally:
+        tcp.close()  # the server's copy is the one that accepts
     atexit.register(stop_server)
-    return {"proc": proc, "path": path}
+    return {"proc": proc, "path": path, "port": port, "token": token, "bash": _bash()}
 
 
 def _sweep(directory):
@@ -224,7 +256,7 @@ def stop_server():
 # ---------------------------------------------------------------- server side
 
 
-def serve(obj, path, launcher_pid):
+def serve(obj, path, launcher_pid, tcp_fd=None):
     """`flow.py sandbox serve`: preload, then fork a trampoline per request until the launcher is gone."""
     _die_with_parent(launcher_pid)
     _preload(obj)
@@ -233,7 +265,8 @@ def serve(obj, path, launcher_pid):
         code = compile(f.read(), flow_file, "exec")
     gc.collect()
     gc.freeze()  # keep the collector from touching (and so copying) the shared pages in every child
-    Server(path, code, flow_file, launcher_pid).run()
+    tcp = socket.socket(fileno=tcp_fd) if tcp_fd is not None else None
+    Server(path, code, flow_file, launcher_pid, tcp).run()
     return 0
 
 
@@ -305,9 +338,44 @@ def _send(conn, message):
         pass  # the client is gone; its task learns it from the closed connection
 
 
+def _receive_shell(conn, token):
+    """A request from the shell client: a line "TOKEN PID"; the rest is read from /proc/PID, as the
+    client's own user may (argv, environment, cwd), and its stdin/stdout/stderr are opened there.
+    The token must also be in that process's environment: the pid named is the sender's own."""
+    line = b""
+    while not line.endswith(b"\n"):  # a byte at a time: what follows ("sig N") is the task's to read
+        more = conn.recv(1)
+        if not more or len(line) > 200:
+            raise ValueError("no request line")
+        line += more
+    sent, _, pid = line.decode("ascii", "replace").strip().partition(" ")
+    if not token or not hmac.compare_digest(sent.encode(), token.encode()):
+        raise ValueError("wrong token")
+    proc = "/proc/%d" % int(pid)
+    with open(proc + "/environ", "rb") as f:
+        env = dict(os.fsdecode(item).partition("=")[::2] for item in f.read().split(b"\0") if b"=" in item)
+    if not hmac.compare_digest(env.get(TOKEN_ENV, "").encode(), token.encode()):
+        raise ValueError("process %s did not send this request" % pid)
+    with open(proc + "/cmdline", "rb") as f:
+        argv = [os.fsdecode(arg) for arg in f.read().split(b"\0")[:-1]]
+    request = {"argv": argv[3:], "env": env, "cwd": os.readlink(proc + "/cwd"), "pid": int(pid)}  # bash, script, python, then the task's
+    fds = []
+    try:
+        for n, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+            fds.append(os.open("%s/fd/%d" % (proc, n), mode | os.O_NONBLOCK | os.O_CLOEXEC))  # a pipe's end, not a copy
+            os.set_blocking(fds[-1], True)
+    except OSError:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return request, fds
+
+
 class Server:
-    def __init__(self, path, code, flow_file, launcher_pid):
+    def __init__(self, path, code, flow_file, launcher_pid, tcp=None):
         self.path = path
+        self.tcp = tcp  # the shell client's listener (None: Python clients only)
+        self.token = os.environ.get(TOKEN_ENV, "")
         self.code = code
         self.flow_file = flow_file
         self.launcher_pid = launcher_pid
@@ -326,19 +394,21 @@ class Server:
         finally:
             os.umask(old)
         listener.listen(512)
+        self.listeners = [listener] + ([self.tcp] if self.tcp is not None else [])
         try:
-            self._fork_spare(listener)
+            self._fork_spare()
             while os.getppid() == self.launcher_pid:
-                ready, _, _ = select.select([listener] + list(self.tasks), [], [], 1.0)
+                ready, _, _ = select.select(self.listeners + list(self.tasks), [], [], 1.0)
                 for item in ready:
-                    if item is listener:
-                        self._accept(listener)
+                    if item in self.listeners:
+                        self._accept(item)
                     else:
                         self._reap(item)
                 if not ready:
-                    self._fork_spare(listener)  # e.g. one that could not take its task
+                    self._fork_spare()  # e.g. one that could not take its task
         finally:
-            listener.close()
+            for sock in self.listeners:
+                sock.close()
             self._drop_spare()
             self._wait_for_teardowns(TEARDOWN_WAIT)
             for leftover in (self.path, self.path + ".log"):
@@ -355,7 +425,7 @@ class Server:
             return
         try:
             conn.settimeout(10.0)
-            request, fds = _receive(conn)
+            request, fds = _receive(conn) if listener.family == socket.AF_UNIX else _receive_shell(conn, self.token)
             conn.settimeout(None)
         except Exception as err:
             print("bad request: %s" % err, file=sys.stderr)
@@ -374,19 +444,19 @@ class Server:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request, fds, conn, self.code, self.flow_file, self._inherited(listener))  # never returns
+                _child(request, fds, conn, self.code, self.flow_file, self._inherited())  # never returns
         for fd in fds:
             os.close(fd)
         self.tasks[os.pidfd_open(pid)] = (pid, conn)
         _send(conn, {"pid": pid})
-        self._fork_spare(listener)
+        self._fork_spare()
 
-    def _inherited(self, listener):
-        """The server's fds a forked child must close: the listener, other tasks' pidfds and connections, the spare's socket."""
-        fds = [listener.fileno()] + list(self.tasks) + [c.fileno() for _, c in self.tasks.values()]
+    def _inherited(self):
+        """The server's fds a forked child must close: the listeners, other tasks' pidfds and connections, the spare's socket."""
+        fds = [sock.fileno() for sock in self.listeners] + list(self.tasks) + [c.fileno() for _, c in self.tasks.values()]
         return fds + ([self.spare[1].fileno()] if self.spare else [])
 
-    def _fork_spare(self, listener):
+    def _fork_spare(self):
         """Fork the next task's trampoline ahead of its request: the fork (a few ms for this process) is then
         off the task's path. It waits for its request and fds from the server and exits if the server goes."""
         if self.spare is not None:
@@ -396,7 +466,7 @@ class Server:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            inherited = self._inherited(listener) + [ours.fileno()]
+            inherited = self._inherited() + [ours.fileno()]
             _spare(theirs, self.code, self.flow_file, inherited)  # never returns
         theirs.close()
         self.spare = (pid, ours)
@@ -501,7 +571,8 @@ def _child(request, fds, conn, code, flow_file, inherited):
         try:
             log_fd = os.dup(sys.stderr.fileno())  # the server's log: where a teardown after an early report writes
             _become_task(request, fds, inherited)
-            _early = {"conn": conn, "log_fd": log_fd, "reported": None, "started": time.monotonic()}
+            client = "python client" if conn.family == socket.AF_UNIX else "shell client"
+            _early = {"conn": conn, "log_fd": log_fd, "reported": None, "started": time.monotonic(), "client": client}
             _watch_client(conn)
             exit_code = _run_flow_file(code, flow_file)
         except BaseException:
@@ -534,7 +605,8 @@ def report_early(exit_code):
         except Exception:
             pass
     _early["reported"] = exit_code
-    _debug_line("fast path: trampoline ran %.3fs (reported before the sandbox's teardown)" % (time.monotonic() - _early["started"]))
+    ran = time.monotonic() - _early["started"]
+    _debug_line("fast path: trampoline ran %.3fs, %s (reported before the sandbox's teardown)" % (ran, _early["client"]))
     devnull = os.open(os.devnull, os.O_RDONLY)
     for target, fd in ((0, devnull), (1, _early["log_fd"]), (2, _early["log_fd"])):
         os.dup2(fd, target)  # the runtime's pipes close with the client: it sees the task end
@@ -575,9 +647,11 @@ def _rebind_stdio():
 
 
 def _watch_client(conn):
-    """The client's connection closes when it dies, by any signal: end the task, which destroys its sandbox."""
+    """The client's connection closes when it dies, by any signal: end the task, which destroys its sandbox.
+    The shell client forwards its signals as lines "sig N" (the Python one signals the task itself)."""
 
     def watch():
+        pending = b""
         while True:
             try:
                 data = conn.recv(4096)
@@ -587,6 +661,12 @@ def _watch_client(conn):
                 if _early is None or _early["reported"] is None:  # after an early report the client just left
                     os.kill(os.getpid(), signal.SIGTERM)
                 return
+            pending += data
+            while b"\n" in pending:
+                line, pending = pending.split(b"\n", 1)
+                kind, _, value = line.decode("ascii", "replace").partition(" ")
+                if kind == "sig" and value.strip().isdigit() and int(value) in FORWARDED:
+                    os.kill(os.getpid(), int(value))
 
     threading.Thread(target=watch, name="sandbox-client-watch", daemon=True).start()
 
@@ -610,7 +690,7 @@ def _run_flow_file(code, flow_file):
         return 1
     finally:
         if _early is None or _early["reported"] is None:
-            _debug_line("fast path: trampoline ran %.3fs" % (time.monotonic() - started))
+            _debug_line("fast path: trampoline ran %.3fs, %s" % (time.monotonic() - started, _early["client"] if _early else "?"))
 
 
 def _debug_line(line):
