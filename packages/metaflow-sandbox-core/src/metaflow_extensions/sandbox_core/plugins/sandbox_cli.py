@@ -414,11 +414,12 @@ def _selection(func):
 @click.option("--socket", "socket_path", required=True)
 @click.option("--launcher-pid", type=int, required=True)
 @click.option("--tcp-fd", type=int, default=None, help="An inherited listening socket for the shell client.")
+@click.option("--backend-settings", default=None, help="Every installed backend's settings (names), as the launcher found them.")
 @click.pass_obj
-def serve(obj, socket_path, launcher_pid, tcp_fd):
+def serve(obj, socket_path, launcher_pid, tcp_fd, backend_settings):
     from .sandbox_server import serve as run_server
 
-    sys.exit(run_server(obj, socket_path, launcher_pid, tcp_fd))
+    sys.exit(run_server(obj, socket_path, launcher_pid, tcp_fd, backend_settings))
 
 
 @sandbox.command(help="Build (or find) the prepared environment of every sandboxed step, ahead of a run.")

@@ -164,6 +164,9 @@ class SandboxDecorator(StepDecorator):
         # Inside the sandbox the launcher has already checked all this (and loading backends there is waste).
         in_sandbox = os.environ.get(WORKLOAD_ENV)
         if not in_sandbox:
+            from metaflow_sandbox.plugins import freeze_discovery
+
+            freeze_discovery()  # the installed backends do not change while this command runs: read them once
             self._refuse_combinations(step_name, decorators)
         self.step = step_name
         self.logger = logger
@@ -212,8 +215,6 @@ class SandboxDecorator(StepDecorator):
 
     def runtime_init(self, flow, graph, package, run_id):
         """Launcher only: load the backend and check credentials before any upload."""
-        from metaflow_sandbox.plugins import freeze_discovery
-
         from .sandbox_server import start_at_runtime_init
 
         self.flow = flow
@@ -223,7 +224,6 @@ class SandboxDecorator(StepDecorator):
         # First, so that its import of Metaflow (~0.5 s) overlaps the checks below and the start step.
         # A check that fails ends the run, and the server with it.
         start_at_runtime_init(self.step, run_id, trampoline_env(), self.logger)
-        freeze_discovery()  # the installed backends do not change during a run: read them once, not per check
         backend = load_backend(self.backend_name, backend_options(self.backend_name, self.attributes["options"]))
         try:
             backend.check_config()

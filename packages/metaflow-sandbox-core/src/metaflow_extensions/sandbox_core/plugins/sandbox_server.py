@@ -191,7 +191,10 @@ def _start_server(cli_args, run_id):
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(512)
     port = tcp.getsockname()[1]
+    from .sandbox_task import backend_settings
+
     args.command_options = {"socket": path, "launcher-pid": str(os.getpid()), "tcp-fd": str(tcp.fileno())}
+    args.command_options["backend-settings"] = ",".join(sorted(backend_settings())) or ","
     token = secrets.token_hex(16)
     env = server_env(cli_args.env, run_id)
     env[TOKEN_ENV] = token
@@ -256,9 +259,13 @@ def stop_server():
 # ---------------------------------------------------------------- server side
 
 
-def serve(obj, path, launcher_pid, tcp_fd=None):
+def serve(obj, path, launcher_pid, tcp_fd=None, backend_settings=None):
     """`flow.py sandbox serve`: preload, then fork a trampoline per request until the launcher is gone."""
     _die_with_parent(launcher_pid)
+    if backend_settings is not None:
+        from .sandbox_task import preset_backend_settings
+
+        preset_backend_settings(backend_settings.split(","))
     _preload(obj)
     flow_file = os.path.abspath(sys.argv[0])
     with open(flow_file, "rb") as f:
