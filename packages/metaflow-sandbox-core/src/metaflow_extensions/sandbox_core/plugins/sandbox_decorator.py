@@ -294,7 +294,9 @@ class SandboxDecorator(StepDecorator):
             # The fast path: a thin client asks the run's sandbox server to fork this trampoline.
             from .sandbox_server import fast_path_cli
 
-            fast_path_cli(cli_args, self.run_id, self.logger)
+            # @pypi/@conda may point entrypoint[0] at their interpreter after this hook: only the Python client runs under any Python.
+            shell = not any(d.name in ("pypi", "conda") for d in self.graph[self.step].decorators)
+            fast_path_cli(cli_args, self.run_id, self.logger, shell=shell)
 
     def runtime_finished(self, exception):
         """A sandbox that could not start (e.g. an unknown template) ends the run with its reason and fix,

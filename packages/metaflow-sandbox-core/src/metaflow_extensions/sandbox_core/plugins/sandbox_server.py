@@ -71,10 +71,34 @@ def client_path(shell=False):
 
 
 def _bash():
-    """bash for the shell client (it needs /dev/tcp), or None: then the Python client."""
+    """bash for the shell client, or None: then the Python client."""
     if os.environ.get(CLIENT_ENV, "").strip().lower() == "python":
         return None
     return shutil.which("bash")
+
+
+def _bash_with_tcp(tcp):
+    """bash, if it can connect to ``tcp`` (a listener nobody accepts on yet) through /dev/tcp: not every
+    bash is built with it, and without it the shell client would wait for the server in vain."""
+    bash = _bash()
+    if bash is None:
+        return None
+    probe = 'exec 3<>"/dev/tcp/127.0.0.1/$1"'
+    try:
+        done = subprocess.run([bash, "-c", probe, "probe", str(tcp.getsockname()[1])], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    tcp.settimeout(5.0)
+    try:
+        tcp.accept()[0].close()  # the probe's connection: not a request for the server
+    except OSError:
+        return None
+    finally:
+        tcp.settimeout(None)
+    return bash
 
 
 def unavailable_reason():
@@ -91,12 +115,13 @@ def unavailable_reason():
 # ---------------------------------------------------------------- launcher side
 
 
-def fast_path_cli(cli_args, run_id, logger):
-    """In runtime_step_cli: run the task through the thin client, starting the run's server once."""
+def fast_path_cli(cli_args, run_id, logger, shell=True):
+    """In runtime_step_cli: run the task through the thin client, starting the run's server once.
+    ``shell``: the bash client may be used (its command line must keep bash first)."""
     server = _ensure_server(cli_args, run_id, logger)
     if server is None:
         return
-    if server["bash"]:
+    if server["bash"] and shell:
         cli_args.entrypoint[:1] = [server["bash"], client_path(shell=True), cli_args.entrypoint[0]]
     else:
         cli_args.entrypoint[1:1] = ["-S", client_path()]
@@ -191,6 +216,7 @@ def _start_server(cli_args, run_id):
     tcp.bind(("127.0.0.1", 0))
     tcp.listen(512)
     port = tcp.getsockname()[1]
+    bash = _bash_with_tcp(tcp)
     from .sandbox_task import backend_settings
 
     args.command_options = {"socket": path, "launcher-pid": str(os.getpid()), "tcp-fd": str(tcp.fileno())}
@@ -207,7 +233,7 @@ def _start_server(cli_args, run_id):
     finally:
         tcp.close()  # the server's copy is the one that accepts
     atexit.register(stop_server)
-    return {"proc": proc, "path": path, "port": port, "token": token, "bash": _bash()}
+    return {"proc": proc, "path": path, "port": port, "token": token, "bash": bash}
 
 
 def _sweep(directory):
