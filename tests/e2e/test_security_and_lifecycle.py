@@ -105,7 +105,9 @@ def test_interrupt_destroys_the_sandbox(target, sig):
                 break
             time.sleep(0.5)
         assert "out-line-4" in logs.stdout, logs.output[-2000:]
-        assert proc.poll() is None, "the step must still be running"
+        if proc.poll() is not None:  # say why the run ended early: its whole output
+            output = "".join(lines)[-3000:] + proc.stdout.read()[-6000:]
+            raise AssertionError("the step must still be running; the run ended with %s:\n%s" % (proc.returncode, output))
         os.killpg(proc.pid, sig)
         rest, _ = proc.communicate(timeout=60)
     finally:
