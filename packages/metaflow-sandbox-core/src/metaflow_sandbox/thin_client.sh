@@ -66,8 +66,9 @@ while :; do
     fi
     [ $status -gt 128 ] || break  # end of the connection; above 128: a timeout, or a signal we forwarded
     if [ -z "$told_launcher_gone" ]; then
-        read -r -u 4 _ _ _ parent _ 4</proc/$$/stat
-        if [ "$parent" != "$launcher" ]; then  # the launcher died: end the task, which destroys its sandbox
+        # The launcher died (we were reparented): end the task, which destroys its sandbox. Only on a read
+        # that succeeded: a signal cutting it short must not look like a new parent.
+        if read -r -u 4 _ _ _ parent _ 4</proc/$$/stat && [ -n "$launcher" ] && [ "$parent" != "$launcher" ]; then
             told_launcher_gone=1
             forward 15
         fi
