@@ -38,15 +38,21 @@ class StandInServer:
     """Accepts one request like the sandbox server: records it, starts `task_argv` as the task, reports its end."""
 
     def __init__(self, path: str, task_argv: list[str]):
+        self.listener = self.listen(path)
         self.path = path
         self.task_argv = task_argv
         self.request: dict = {}
         self.task: subprocess.Popen | None = None
-        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(path)
-        self.listener.listen(1)
+        self.refused = ""
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
+
+    @staticmethod
+    def listen(path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+        sock.listen(1)
+        return sock
 
     def serve(self) -> None:
         conn, _ = self.listener.accept()
@@ -71,21 +77,24 @@ class StandInShellServer(StandInServer):
     and its "sig N" lines are passed on to the task, as the forked trampoline does to itself."""
 
     def __init__(self, task_argv: list[str]):
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(1)
+        super().__init__("", task_argv)
         self.path = str(self.listener.getsockname()[1])
-        self.task_argv = task_argv
-        self.request = {}
-        self.task = None
-        self.refused = ""
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+
+    @staticmethod
+    def listen(path: str) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        return sock
 
     def serve(self) -> None:
         conn, _ = self.listener.accept()
         try:
             self.request, fds = sandbox_server._receive_shell(conn, TOKEN)
+        except sandbox_server.StdioUnusable as err:  # as the sandbox server does: the client runs the trampoline
+            conn.sendall(b"fallback %s\n" % str(err).encode())
+            conn.close()
+            return
         except ValueError as err:  # as the sandbox server does: no answer, the connection closed
             self.refused = str(err)
             conn.close()
@@ -154,6 +163,27 @@ def test_client_hands_over_its_task_and_exits_with_its_code(tmp_path, kind):
         modules = _imported(err)
         heavy = ("metaflow", "metaflow_sandbox", "site", "enum", "json", "collections")
         assert "select" in modules and not [m for m in modules if m.split(".")[0] in heavy]
+
+
+def test_shell_client_whose_stdout_is_a_socket_runs_the_trampoline(tmp_path):
+    """Its stdio cannot be opened through /proc: the server answers "fallback", as the Python client falls back
+    where it cannot pass its fds; the trampoline then runs with the client's own stdio, after a notice."""
+    if BASH is None:
+        pytest.skip("no bash here")
+    server = StandInShellServer([sys.executable, "-c", "print('must not run')"])
+    ours, theirs = socket.socketpair()
+    proc = subprocess.Popen([BASH, SHELL_CLIENT, PYTHON, "-c", "print('the trampoline ran')"],
+                            env=_client_env(tmp_path, server.path, os.getpid()), stdout=theirs, stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    err = proc.communicate(timeout=60)[1]
+    server.thread.join(10)
+    out = b""
+    while chunk := ours.recv(4096):
+        out += chunk
+    assert proc.returncode == 0, err
+    assert server.task is None and out.decode().strip() == "the trampoline ran"
+    notices = [line for line in err.splitlines() if NOTICE in line]
+    assert len(notices) == 1 and "cannot be opened through /proc" in notices[0], err
 
 
 def test_shell_client_with_a_wrong_token_gets_nothing(tmp_path):

@@ -125,8 +125,8 @@ def fast_path_cli(cli_args, run_id, logger, shell=True):
         cli_args.entrypoint[:1] = [server["bash"], client_path(shell=True), cli_args.entrypoint[0]]
     else:
         cli_args.entrypoint[1:1] = ["-S", client_path()]
-    cli_args.env.update({SERVER_ENV: server["path"], SERVER_PID_ENV: str(server["proc"].pid), PORT_ENV: str(server["port"])})
-    cli_args.env[TOKEN_ENV] = server["token"]
+    cli_args.env.update({SERVER_ENV: server["path"], SERVER_PID_ENV: str(server["proc"].pid)})
+    cli_args.env.update({PORT_ENV: str(server["port"]), TOKEN_ENV: server["token"]})
 
 
 def start_at_runtime_init(step_name, run_id, task_env, logger):
@@ -204,6 +204,8 @@ def _start_server(cli_args, run_id):
 
     from metaflow_sandbox.lifeline import new_socket_path
 
+    from .sandbox_task import backend_settings
+
     path = new_socket_path().replace(".sock", ".srv")
     _sweep(os.path.dirname(path))
     args = copy.copy(cli_args)
@@ -217,8 +219,6 @@ def _start_server(cli_args, run_id):
     tcp.listen(512)
     port = tcp.getsockname()[1]
     bash = _bash_with_tcp(tcp)
-    from .sandbox_task import backend_settings
-
     args.command_options = {"socket": path, "launcher-pid": str(os.getpid()), "tcp-fd": str(tcp.fileno())}
     args.command_options["backend-settings"] = ",".join(sorted(backend_settings())) or ","
     token = secrets.token_hex(16)
@@ -371,6 +371,11 @@ def _send(conn, message):
         pass  # the client is gone; its task learns it from the closed connection
 
 
+class StdioUnusable(Exception):
+    """An authentic request whose stdin/stdout/stderr cannot be opened through /proc (e.g. a socket):
+    the client runs the trampoline itself, as the Python client does where it cannot pass them."""
+
+
 def _receive_shell(conn, token):
     """A request from the shell client: a line "TOKEN PID"; the rest is read from /proc/PID, as the
     client's own user may (argv, environment, cwd), and its stdin/stdout/stderr are opened there.
@@ -397,10 +402,10 @@ def _receive_shell(conn, token):
         for n, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
             fds.append(os.open("%s/fd/%d" % (proc, n), mode | os.O_NONBLOCK | os.O_CLOEXEC))  # a pipe's end, not a copy
             os.set_blocking(fds[-1], True)
-    except OSError:
+    except OSError as err:
         for fd in fds:
             os.close(fd)
-        raise
+        raise StdioUnusable("its stdin/stdout/stderr cannot be opened through /proc (%s)" % err.strerror) from None
     return request, fds
 
 
@@ -460,6 +465,10 @@ class Server:
             conn.settimeout(10.0)
             request, fds = _receive(conn) if listener.family == socket.AF_UNIX else _receive_shell(conn, self.token)
             conn.settimeout(None)
+        except StdioUnusable as err:
+            _send(conn, {"fallback": err})
+            conn.close()
+            return
         except Exception as err:
             print("bad request: %s" % err, file=sys.stderr)
             conn.close()

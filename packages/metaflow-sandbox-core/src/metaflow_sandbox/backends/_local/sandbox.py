@@ -76,7 +76,9 @@ class LocalSandbox:
         self.mount_ns: int | None = None  # fd of the private mount namespace holding the binds (root launcher)
         if self.uid is not None and self.data == self.root and os.stat(base).st_mode & 0o711 != 0o711:
             os.chmod(base, 0o711)  # the sandbox's uid must reach its own dir; names stay unlistable
-        with ondisk.placing(base) as in_use:  # the state says which CPUs: the next sandbox picks others
+        # The state first: from here on another process can list and destroy this sandbox. It says which
+        # CPUs this one is pinned to, so the next sandbox picks others.
+        with ondisk.placing(base) as in_use:
             self.cpus = limits.pick_cpus(spec.resources.cpu, in_use)
             os.mkdir(self.root, 0o700)
             self.state: dict[str, Any] = {"id": self.sid, "owner": self.owner, "labels": self.labels, "workdir": self.layout.workdir}
@@ -86,7 +88,7 @@ class LocalSandbox:
             except BaseException:
                 ondisk.remove(self.root, scan=False)
                 raise
-        try:  # the state first: from here on another process can list and destroy this sandbox
+        try:
             if self.data != self.root:
                 os.mkdir(self.data, 0o700)
             self._make_cgroups(spec.options)
